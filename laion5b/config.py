@@ -1,0 +1,144 @@
+"""Typed settings: the values of setting.py, each overridable by a ``LAION_<NAME>`` environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from laion5b.keys import Keys
+
+ENV_PREFIX = "LAION_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the suite; defaults live in setting.py only."""
+
+    redis_ip: str
+    redis_port: int
+    redis_db: int
+    redis_pass: str = field(repr=False)
+    redis_tls: bool
+    redis_tls_ca: str
+    parquet_dir: str
+    addtask_threshold: int
+    addtask_batch: int
+    done_path: str
+    store_dir: str
+    thread_num: int
+    host_id: str
+    heartbeat_ttl: int
+    max_attempts: int
+    connect_timeout: float
+    read_timeout: float
+    download_timeout: float
+    max_image_bytes: int
+    max_redirects: int
+    user_agent: str
+    disallowed_header_directives: list[str]
+    allowed_networks: list[str]
+    fsync_images: bool
+    log_dir: str
+    monitor_disk: str
+    monitor_interval: int
+    stop_threshold: float
+    min_free_gb: float
+    store_error_dir: str
+    min_success_ratio: float
+    keys: Keys = field(default_factory=Keys)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+_AT_LEAST_ONE = (
+    "addtask_threshold",
+    "addtask_batch",
+    "thread_num",
+    "heartbeat_ttl",
+    "max_attempts",
+    "max_image_bytes",
+    "monitor_interval",
+)
+_POSITIVE = ("connect_timeout", "read_timeout", "download_timeout")
+_NOT_NEGATIVE = ("redis_db", "max_redirects", "stop_threshold", "min_free_gb", "min_success_ratio")
+
+
+def _validate(config: Config) -> None:
+    for name in _AT_LEAST_ONE:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)!r}")
+    for name in _POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be greater than 0, got {getattr(config, name)!r}")
+    for name in _NOT_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(config, name)!r}")
+    if not 0 < config.redis_port < 65536:
+        raise ConfigError(f"redis_port must be between 1 and 65535, got {config.redis_port!r}")
+    if config.min_success_ratio > 1:
+        raise ConfigError(f"min_success_ratio must be between 0 and 1, got {config.min_success_ratio!r}")
+    for network in config.allowed_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"allowed_networks: {network!r} is not a network such as 127.0.0.0/8") from None
+    for name in ("redis_ip", "store_dir", "user_agent"):
+        if not getattr(config, name):
+            raise ConfigError(f"{name} must not be empty")
+
+
+def load(module: types.ModuleType, environ: Mapping[str, str] | None = None) -> Config:
+    """Read every setting from ``module`` (setting.py), apply ``LAION_*`` overrides, convert and validate."""
+    environ = os.environ if environ is None else environ
+    hints = get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(Config):
+        if item.name == "keys":
+            continue
+        variable = ENV_PREFIX + item.name.upper()
+        if variable in environ:
+            values[item.name] = _convert(variable, environ[variable], hints[item.name])
+        elif hasattr(module, item.name):
+            values[item.name] = _convert(item.name, getattr(module, item.name), hints[item.name])
+        else:
+            raise ConfigError(f"setting {item.name!r} is missing from {module.__name__} and {variable} is not set")
+    values["host_id"] = values["host_id"] or socket.gethostname()
+    if hasattr(module, "RedisKey"):
+        values["keys"] = Keys.from_redis_key(module.RedisKey)
+    return Config(**values)
+
+
+def _convert(source: str, value: Any, kind: Any) -> Any:
+    """Convert ``value`` (a string from the environment, or a Python value) to ``kind``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{source}: {value!r} is not a boolean (use 1/0/true/false/yes/no)")
+    if kind == list[str]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(item).strip() for item in items if str(item).strip()]
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: {value!r} is not a number")
+        try:
+            return kind(str(value).strip().replace("_", "")) if isinstance(value, str) else kind(value)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{source}: {value!r} is not {noun}") from None
+    return str(value)

@@ -1,0 +1,93 @@
+"""Every Redis key name of the suite, built in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The original suite's key names (from setting.RedisKey) and the keys this port adds beside them.
+
+    Added keys live under the task key's name as a namespace, so two deployments that use different task keys
+    on one Redis never touch each other's state.
+    """
+
+    task: str = "laion5b_task"
+    tongji_all: str = "laion5b_tongji_all"
+    error: str = "laion5b_task_error"
+    tongji_error: str = "laion5b_tongji_error"
+    tongji_succ: str = "laion5b_tongji_succ"
+    tongji_disk: str = "tongji_worker_disk"
+
+    @classmethod
+    def from_redis_key(cls, redis_key: type) -> Keys:
+        """Build from a class shaped like setting.RedisKey."""
+        return cls(
+            task=redis_key.task_key,
+            tongji_all=redis_key.tongji_all,
+            error=redis_key.error_key,
+            tongji_error=redis_key.tongji_error,
+            tongji_succ=redis_key.tongji_succ,
+            tongji_disk=redis_key.tongji_disk,
+        )
+
+    @property
+    def tongji_bytes(self) -> str:
+        """Counter: bytes of stored images."""
+        return f"{self.task}:bytes"
+
+    @property
+    def tongji_total(self) -> str:
+        """Counter: rows the producer expects to have added once every known file is queued."""
+        return f"{self.task}:total"
+
+    @property
+    def started(self) -> str:
+        """Unix time of the first task added (for rates since start)."""
+        return f"{self.task}:started"
+
+    @property
+    def host_counters(self) -> str:
+        """Hash: ``<host_id>:succ``, ``<host_id>:error``, ``<host_id>:bytes`` per download host."""
+        return f"{self.task}:hosts"
+
+    @property
+    def workers(self) -> str:
+        """Set: identities of workers that may hold leases."""
+        return f"{self.task}:workers"
+
+    @property
+    def producer(self) -> str:
+        """String with a TTL: present while add_task.py runs."""
+        return f"{self.task}:producer"
+
+    @property
+    def positions(self) -> str:
+        """Hash: parquet file -> rows of it already added (resume point after a crash)."""
+        return f"{self.task}:position"
+
+    @property
+    def reap_lock(self) -> str:
+        """Short lock taken by the worker that returns dead workers' leases to the queue."""
+        return f"{self.task}:reap_lock"
+
+    def lease(self, worker: str) -> str:
+        """List: tasks held by one worker."""
+        return f"{self.task}:lease:{worker}"
+
+    def heartbeat(self, worker: str) -> str:
+        """String with a TTL: the live process that owns a worker identity."""
+        return f"{self.task}:worker:{worker}"
+
+    def host_record(self, host_id: str) -> str:
+        """Hash with a TTL: the latest machine sample published by monitor_disk.py."""
+        return f"{self.task}:host:{host_id}"
+
+    def disk_timestamp_field(self, host_id: str) -> str:
+        """Field of ``tongji_disk`` holding when ``host_id``'s used GB was measured."""
+        return f"{host_id}:ts"
+
+    def error_processing(self, saver: str) -> str:
+        """List: error records one save_error_task.py instance is writing to disk."""
+        return f"{self.error}:processing:{saver}"

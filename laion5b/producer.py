@@ -1,0 +1,207 @@
+"""Queueing the rows of parquet files as tasks: batched, exactly once, resumable after a crash."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from laion5b import parquet
+from laion5b.keys import Keys
+from laion5b.parquet import ParquetError, Row, SourceFile
+from laion5b.redisconn import retrying
+from laion5b.tasks import Task, safe_id, url_problem
+
+log = logging.getLogger(__name__)
+
+PRODUCER_TTL = 30
+THRESHOLD_POLL = 1.0
+BAD_URL = "bad_url"
+
+# Queues one batch only if the file's recorded position is still where this batch starts, so a batch re-sent
+# after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions.
+# ARGV: file key, start, end, number of tasks, then the tasks, then the error records. Returns the position.
+# Pushes go in chunks of 1000 values, under Lua's limit on unpacked values.
+_PUSH_BATCH = """
+local position = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+if position ~= tonumber(ARGV[2]) then return position end
+local tasks = tonumber(ARGV[4])
+local total = #ARGV - 4
+for first = 5, 4 + tasks, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 1000 - 1, 4 + tasks)))
+end
+for first = 5 + tasks, 4 + total, 1000 do
+  redis.call('LPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 1000 - 1, 4 + total)))
+end
+redis.call('INCRBY', KEYS[3], total)
+if total > tasks then redis.call('INCRBY', KEYS[4], total - tasks) end
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+return tonumber(ARGV[3])
+"""
+
+
+@dataclass
+class Progress:
+    """What the producer has done in this run."""
+
+    rows: int = 0
+    failed_files: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        return self.rows / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class Producer:
+    """Pushes every row of every parquet file not yet done into the task queue, under a queue-length threshold."""
+
+    client: redis.Redis
+    keys: Keys
+    parquet_dir: Path
+    done_path: Path
+    threshold: int
+    batch_size: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    progress: Progress = field(default_factory=Progress)
+    on_batch: Callable[[Progress, SourceFile], None] = lambda progress, source: None
+
+    def __post_init__(self) -> None:
+        self._push = self.client.register_script(_PUSH_BATCH)
+        self._heartbeat_at = 0.0
+
+    def run(self) -> Progress:
+        """Queue everything; return what was done (``failed_files`` lists files that could not be read)."""
+        todo = [source for source in parquet.find_files(self.parquet_dir) if source.key not in self._done()]
+        sizes = self._record_total(todo)
+        for source in todo:
+            if self.stop.is_set():
+                break
+            if source.key in sizes:
+                self._queue_file(source)
+        self._call(lambda: self.client.delete(self.keys.producer), "producer_stop")
+        return self.progress
+
+    def _done(self) -> set[str]:
+        if not self.done_path.exists():
+            return set()
+        return {line.strip() for line in self.done_path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+    def _record_total(self, todo: Iterable[SourceFile]) -> dict[str, int]:
+        """Record how many rows the queue will have received once every file is done; return readable sizes."""
+        positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
+        sizes = {}
+        for source in todo:
+            try:
+                sizes[source.key] = parquet.count_rows(source.path)
+            except ParquetError as error:
+                self._fail(source, error)
+        remaining = sum(rows - int(positions.get(key, 0)) for key, rows in sizes.items())
+
+        def record() -> None:
+            added = int(self.client.get(self.keys.tongji_all) or 0)
+            pipe = self.client.pipeline()
+            pipe.set(self.keys.tongji_total, added + remaining)
+            pipe.set(self.keys.started, f"{time.time():.3f}", nx=True)
+            pipe.set(self.keys.producer, os.getpid(), ex=PRODUCER_TTL)
+            pipe.execute()
+
+        self._call(record, "record_total")
+        log.info("producer_start files=%d rows_to_queue=%d", len(sizes), remaining)
+        return sizes
+
+    def _queue_file(self, source: SourceFile) -> None:
+        start = int(self._call(lambda: self.client.hget(self.keys.positions, source.key), "read_position") or 0)
+        log.info("file_start file=%s subset=%s part=%s from_row=%d", source.key, source.subset, source.part, start)
+        try:
+            for rows in parquet.read_rows(source.path, start, self.batch_size):
+                if not self._push_batch(source, rows):
+                    return
+        except ParquetError as error:
+            self._fail(source, error)
+            return
+        with self.done_path.open("a", encoding="utf-8") as done:
+            done.write(source.key + "\n")
+            done.flush()
+            os.fsync(done.fileno())
+        self._call(lambda: self.client.hdel(self.keys.positions, source.key), "clear_position")
+        log.info("file_done file=%s", source.key)
+
+    def _push_batch(self, source: SourceFile, rows: list[Row]) -> bool:
+        """Queue one batch; False when this run must stop working on the file."""
+        self._wait_below_threshold()
+        if self.stop.is_set():
+            return False
+        tasks, errors = encode_rows(source, rows)
+        start, end = rows[0].row, rows[-1].row + 1
+        args = [source.key, start, end, len(tasks), *tasks, *errors]
+        keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions]
+        position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
+        if position != end:
+            log.error("position_conflict file=%s expected=%d found=%d: is another add_task.py running?",
+                      source.key, start, position)  # fmt: skip
+            self.progress.failed_files.append(source.key)
+            return False
+        self.progress.rows += len(rows)
+        self.on_batch(self.progress, source)
+        return True
+
+    def _wait_below_threshold(self) -> None:
+        waiting = False
+        while not self.stop.is_set():
+            self._beat()
+            queued = self._call(lambda: self.client.llen(self.keys.task), "queue_length")
+            if queued < self.threshold:
+                break
+            if not waiting:
+                log.info("queue_full queued=%d threshold=%d waiting", queued, self.threshold)
+                waiting = True
+            self.stop.wait(THRESHOLD_POLL)
+        if waiting:
+            log.info("queue_below_threshold resuming")
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now - self._heartbeat_at >= PRODUCER_TTL / 3:
+            self._call(lambda: self.client.set(self.keys.producer, os.getpid(), ex=PRODUCER_TTL), "heartbeat")
+            self._heartbeat_at = now
+
+    def _fail(self, source: SourceFile, error: Exception) -> None:
+        log.error("file_failed %s", error)
+        self.progress.failed_files.append(source.key)
+
+    def _call(self, call, what: str):
+        return retrying(call, what, self.stop)
+
+
+def encode_rows(source: SourceFile, rows: list[Row]) -> tuple[list[str], list[str]]:
+    """Tasks for rows with usable URLs, error records (``bad_url``) for the others."""
+    tasks, errors = [], []
+    for row in rows:
+        task = Task(
+            id=safe_id(row.row if row.sample_id is None else row.sample_id),
+            url=row.url.strip() if isinstance(row.url, str) else "",
+            subset=source.subset,
+            part=source.part,
+            row=row.row,
+            text=row.text,
+        )
+        problem = url_problem(row.url)
+        if problem is None:
+            tasks.append(task.encode())
+        else:
+            errors.append(task.error_record(BAD_URL, problem, worker="add_task"))
+    return tasks, errors
+
+
+def show_progress(progress: Progress, source: SourceFile) -> None:
+    """Redraw one progress line on a terminal."""
+    sys.stderr.write(f"\rqueued {progress.rows:,} rows  {progress.rate():,.0f} rows/s  file {source.key}\x1b[K")
+    sys.stderr.flush()

@@ -1,0 +1,127 @@
+"""The task record and the error record: encoding, decoding, sample ids, status words."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MAX_ID_CHARS = 128
+MAX_URL_CHARS = 4096
+TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns"})
+TRANSIENT_CODES = frozenset({408, 429})
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_UNSAFE_CHARS = frozenset("/\\" + "".join(map(chr, range(32))) + "\x7f")
+
+Status = int | str
+"""An HTTP status code, or one of the status words (``timeout``, ``not_image``, ...)."""
+
+
+class BadTask(ValueError):
+    """A queued entry that is not a task this suite can work on."""
+
+
+@dataclass(slots=True)
+class Task:
+    """One image to download: where its row came from, and how often it was tried."""
+
+    id: str
+    url: str
+    subset: str
+    part: str
+    row: int
+    text: str | None = None
+    attempts: int = 0
+
+    def encode(self) -> str:
+        """The JSON text stored in Redis."""
+        return _ENCODE({k: v for k, v in asdict(self).items() if v is not None})
+
+    def error_record(self, status: Status, error_msg: str, worker: str) -> str:
+        """The flat JSON error record for this task, with a unique ``record_id``."""
+        record: dict[str, Any] = {k: v for k, v in asdict(self).items() if v is not None}
+        record.update(
+            status=status,
+            error_msg=error_msg,
+            worker=worker,
+            ts=round(time.time(), 3),
+            record_id=os.urandom(8).hex(),
+        )
+        return _ENCODE(record)
+
+
+def decode(raw: str | bytes) -> Task:
+    """Parse a task from Redis; raise BadTask with a one-line reason when it is not one."""
+    try:
+        fields = json.loads(raw)
+        task = Task(
+            id=fields["id"],
+            url=fields["url"],
+            subset=fields["subset"],
+            part=fields["part"],
+            row=fields["row"],
+            text=fields.get("text"),
+            attempts=fields.get("attempts", 0),
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        raise BadTask(f"not a task: {type(error).__name__}: {error}") from None
+    if not isinstance(task.row, int) or not isinstance(task.attempts, int) or task.row < 0:
+        raise BadTask("not a task: row and attempts must be whole numbers")
+    if not all(isinstance(value, str) for value in (task.id, task.url, task.subset, task.part)):
+        raise BadTask("not a task: id, url, subset and part must be strings")
+    if safe_id(task.id) != task.id or not _safe_folder(task.subset) or safe_id(task.part) != task.part:
+        raise BadTask("not a task: id, subset or part would leave the store folder")
+    return task
+
+
+def safe_id(value: object) -> str:
+    """The sample id as a file name: kept when safe, else ``sha1-`` + the SHA-1 of its text."""
+    text = _id_text(value)
+    if _is_safe_name(text):
+        return text
+    return "sha1-" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _id_text(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _is_safe_name(text: str) -> bool:
+    return (
+        0 < len(text) <= MAX_ID_CHARS
+        and text not in (".", "..")
+        and ".." not in text
+        and not text.startswith(".")
+        and not _UNSAFE_CHARS.intersection(text)
+    )
+
+
+def _safe_folder(subset: str) -> bool:
+    """A subset is a relative folder of one or more safe names."""
+    return all(_is_safe_name(name) for name in subset.split("/"))
+
+
+def url_problem(url: object) -> str | None:
+    """Why ``url`` cannot be queued, or None when it is an http(s) URL of sane length."""
+    if not isinstance(url, str) or not url.strip():
+        return "missing or empty URL"
+    if len(url) > MAX_URL_CHARS:
+        return f"URL longer than {MAX_URL_CHARS} characters"
+    scheme = url.strip().split(":", 1)[0].lower()
+    if scheme not in ("http", "https") or "://" not in url:
+        return f"URL scheme {scheme[:20]!r} is not http or https"
+    return None
+
+
+def is_transient(status: Status) -> bool:
+    """Whether a failure may succeed when tried again later."""
+    if isinstance(status, int):
+        return status >= 500 or status in TRANSIENT_CODES
+    return status in TRANSIENT_WORDS

@@ -1,0 +1,59 @@
+"""Settings of laion5b-downloader.
+
+Edit the values here, or override any of them with an environment variable named ``LAION_`` + the setting's name
+upper-cased (``LAION_REDIS_IP``, ``LAION_THREAD_NUM``, ...). Keep secrets such as ``redis_pass`` out of this file:
+set ``LAION_REDIS_PASS`` in the environment instead. Lists are comma-separated, booleans accept 1/0/true/false/yes/no.
+"""
+
+# --- Redis, shared by every machine ---
+redis_ip = "127.0.0.1"  # address of the Redis server
+redis_port = 6379  # port of the Redis server
+redis_db = 0  # Redis database number
+redis_pass = ""  # Redis password; set LAION_REDIS_PASS instead of writing it here
+redis_tls = False  # connect to Redis over TLS
+redis_tls_ca = ""  # CA bundle that signs the Redis server's certificate (empty: the system's)
+
+
+class RedisKey:
+    """Names of the Redis keys that the original suite used; dashboards read them."""
+
+    task_key = "laion5b_task"  # list: the task queue
+    tongji_all = "laion5b_tongji_all"  # counter: tasks added (queued or rejected as bad rows)
+    error_key = "laion5b_task_error"  # list: error records waiting for save_error_task.py
+    tongji_error = "laion5b_tongji_error"  # counter: tasks that ended as an error record
+    tongji_succ = "laion5b_tongji_succ"  # counter: tasks that ended as a stored image
+    tongji_disk = "tongji_worker_disk"  # hash: host_id -> used GB of the download disk
+
+
+# --- add_task.py: the producer ---
+parquet_dir = "./parquet"  # folder holding the parquet URL lists (searched recursively)
+addtask_threshold = 5_000_000  # keep the queue at or under this many tasks
+addtask_batch = 10_000  # rows pushed to Redis in one transaction
+done_path = "./done_part.txt"  # parquet files fully queued, one path a line
+
+# --- downloader.py: the workers ---
+store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>
+thread_num = 32  # download threads per downloader process
+host_id = ""  # name of this machine in Redis (empty: the hostname); must differ between machines
+heartbeat_ttl = 30  # seconds after which a silent worker counts as dead and its tasks return to the queue
+max_attempts = 3  # tries of a task that fails transiently (timeout, connection, dns, 5xx, 408, 429)
+connect_timeout = 5.0  # seconds to open a connection
+read_timeout = 10.0  # seconds of silence allowed while reading a response
+download_timeout = 30.0  # seconds for a whole download, body included
+max_image_bytes = 32 * 1024 * 1024  # larger bodies are cut off and recorded as too_large
+max_redirects = 5  # redirects followed per image
+user_agent = "laion5b-downloader/0.1 (+image dataset download; honours X-Robots-Tag noai)"  # HTTP User-Agent
+disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
+allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127.0.0.0/8 for a local test server
+fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)
+log_dir = "./logs"  # rotating log file per process (empty: stderr only)
+
+# --- disk guard and monitor_disk.py ---
+monitor_disk = "."  # path whose disk usage is watched and published
+monitor_interval = 60  # seconds between two disk samples published by monitor_disk.py
+stop_threshold = 5000  # GB used on monitor_disk above which workers stop taking tasks
+min_free_gb = 50  # GB free on monitor_disk under which workers stop taking tasks
+
+# --- save_error_task.py and speed.py ---
+store_error_dir = "./error_task/"  # error records are saved here as YYYYMMDD_<hour // 4>.txt
+min_success_ratio = 0.5  # speed.py flags an interval whose success ratio falls under this

@@ -1,0 +1,42 @@
+"""Fixtures: a real redis-server per test, environments for the scripts, and the loopback image server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server of this test's own, stopped by PID afterwards."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def script_env(redis_server: RedisServer, tmp_path: Path) -> dict[str, str]:
+    """Environment for running the suite's scripts against this test's Redis and folders."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LAION_")}
+    env.update(redis_server.environ())
+    env.update(
+        LAION_PARQUET_DIR=str(tmp_path / "parquet"),
+        LAION_DONE_PATH=str(tmp_path / "done_part.txt"),
+        LAION_STORE_DIR=str(tmp_path / "images"),
+        LAION_STORE_ERROR_DIR=str(tmp_path / "error_task"),
+        LAION_LOG_DIR="",
+        LAION_MONITOR_DISK=str(tmp_path),
+        LAION_HOST_ID="testhost",
+        LAION_MIN_FREE_GB="0",
+        PYTHONPATH=str(ROOT),
+    )
+    return env

@@ -1,0 +1,51 @@
+"""Helpers for tests: paths, script command lines, and LAION-shaped parquet files written with pyarrow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "tests" / "data" / "laion_sample_10000.parquet"
+
+
+def run_script(name: str) -> list[str]:
+    """The command line that runs one of the suite's scripts with this interpreter."""
+    return [sys.executable, str(ROOT / name)]
+
+
+def write_original(path: Path, urls: list, texts: list | None = None, sample_ids: list | None = None, **kw) -> Path:
+    """A parquet file with the original LAION columns (URL, TEXT, SAMPLE_ID, WIDTH, HEIGHT, ...)."""
+    n = len(urls)
+    columns = {
+        "SAMPLE_ID": sample_ids if sample_ids is not None else [float(1000 + i) for i in range(n)],
+        "URL": urls,
+        "TEXT": texts if texts is not None else [f"caption {i}" for i in range(n)],
+        "HEIGHT": [256] * n,
+        "WIDTH": [256] * n,
+        "LICENSE": ["?"] * n,
+        "NSFW": ["UNLIKELY"] * n,
+        "similarity": [0.3] * n,
+    }
+    return _write(path, columns, **kw)
+
+
+def write_wide(path: Path, urls: list, hashes: list | None = None, **kw) -> Path:
+    """A parquet file of the merged wide table (url, hash, image_suffix, ...)."""
+    n = len(urls)
+    columns = {
+        "url": urls,
+        "hash": hashes if hashes is not None else [f"{i:032x}" for i in range(n)],
+        "image_suffix": ["jpg"] * n,
+        "caption": [f"wide caption {i}" for i in range(n)],
+    }
+    return _write(path, columns, **kw)
+
+
+def _write(path: Path, columns: dict, row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
