@@ -1,0 +1,260 @@
+"""The reliable queue: tasks move atomically into a worker's lease list and leave it only with their outcome.
+
+Every step is one Lua script, so it is atomic in Redis and safe to send again after a lost reply:
+- ``claim`` moves up to N tasks from the queue into the worker's lease list and keeps its heartbeat alive;
+- ``finish`` records a batch of outcomes, each only if its task is still in the lease list (LREM returned 1),
+  together with its counters, its error record or its retry, so no task is ever counted twice;
+- ``reap`` returns the leases of a worker whose heartbeat has expired to the queue, exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psutil
+import redis
+
+from laion5b.keys import Keys
+
+STORED, FAILED, RETRY, RETURN = "s", "e", "r", "q"
+"""Outcome kinds: stored (payload: bytes), failed (payload: error record), retry later (payload: the task with
+its attempt count raised, pushed to the queue's tail), returned untouched (to the queue's head)."""
+
+# Keeps the heartbeat of KEYS[hb] owned by ARGV token; fails when another live process owns the identity.
+_TOUCH = """
+local function touch(hb, workers, token, ttl, worker)
+  local current = redis.call('GET', hb)
+  if current and current ~= token then return false end
+  redis.call('SET', hb, token, 'EX', ttl)
+  if not current then redis.call('SADD', workers, worker) end
+  return true
+end
+"""
+
+# KEYS: heartbeat, lease, queue, workers. ARGV: token, ttl, worker, token it may replace ('' for none).
+_REGISTER = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[4] then return current end
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+return moved
+"""
+
+# KEYS: queue, lease, heartbeat, workers. ARGV: count, token, ttl, worker. Returns the tasks, or false.
+_CLAIM = (
+    _TOUCH
+    + """
+if not touch(KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4]) then return false end
+local tasks = redis.call('RPOP', KEYS[1], ARGV[1])
+if not tasks then return {} end
+for first = 1, #tasks, 1000 do
+  redis.call('LPUSH', KEYS[2], unpack(tasks, first, math.min(first + 999, #tasks)))
+end
+return tasks
+"""
+)
+
+# KEYS: lease, queue, error list, succ counter, error counter, bytes counter, host counters, heartbeat, workers.
+# ARGV: host, token, ttl, worker, then (kind, task, payload) triples. Returns how many outcomes were applied.
+_FINISH = (
+    _TOUCH
+    + """
+local stored, failed, bytes, applied = 0, 0, 0, 0
+for i = 5, #ARGV, 3 do
+  local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('LREM', KEYS[1], 1, task) == 1 then
+    applied = applied + 1
+    if kind == 's' then
+      stored = stored + 1
+      bytes = bytes + tonumber(payload)
+    elseif kind == 'e' then
+      failed = failed + 1
+      redis.call('LPUSH', KEYS[3], payload)
+    elseif kind == 'r' then
+      redis.call('LPUSH', KEYS[2], payload)
+    else
+      redis.call('RPUSH', KEYS[2], task)
+    end
+  end
+end
+if stored > 0 then
+  redis.call('INCRBY', KEYS[4], stored)
+  redis.call('INCRBY', KEYS[6], bytes)
+  redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':succ', stored)
+  redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':bytes', bytes)
+end
+if failed > 0 then
+  redis.call('INCRBY', KEYS[5], failed)
+  redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':error', failed)
+end
+touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4])
+return applied
+"""
+)
+
+# KEYS: heartbeat, workers. ARGV: token, ttl, worker. Returns 1, or 0 when another process owns the identity.
+_HEARTBEAT = _TOUCH + "\nreturn touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0\n"
+
+# KEYS: heartbeat, lease, queue, workers. ARGV: worker. Returns the tasks returned, or -1 when it is alive.
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+redis.call('SREM', KEYS[4], ARGV[1])
+return moved
+"""
+
+# KEYS: heartbeat, lease, queue, workers. ARGV: token, worker. Gives the identity up and returns its leases.
+_RETIRE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[4], ARGV[2])
+return moved
+"""
+
+
+class IdentityInUse(RuntimeError):
+    """Another live process already works under this worker identity."""
+
+
+class IdentityLost(RuntimeError):
+    """Another process took this worker identity over while this one was running."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a worker identity: a process on a host, told apart from a later process with the same PID."""
+
+    host: str
+    pid: int
+    started: float
+
+    @classmethod
+    def this_process(cls, host: str) -> Owner:
+        return cls(host, os.getpid(), psutil.Process().create_time())
+
+    @classmethod
+    def parse(cls, token: str) -> Owner | None:
+        host, _, rest = token.rpartition("|")
+        pid, _, started = rest.partition("@")
+        try:
+            return cls(host, int(pid), float(started))
+        except ValueError:
+            return None
+
+    def token(self) -> str:
+        return f"{self.host}|{self.pid}@{self.started:.2f}"
+
+    def is_alive_here(self) -> bool:
+        """Whether this owner is a running (not zombie) process of this machine."""
+        try:
+            process = psutil.Process(self.pid)
+            return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - self.started) < 0.01
+        except psutil.Error:
+            return False
+
+
+class Leases:
+    """One worker's side of the reliable queue."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, host_id: str, worker: str, ttl: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.host_id = host_id
+        self.worker = worker
+        self.ttl = ttl
+        self.owner = Owner.this_process(host_id)
+        self.token = self.owner.token()
+        self.lease_key = keys.lease(worker)
+        self.heartbeat_key = keys.heartbeat(worker)
+        self._register = client.register_script(_REGISTER)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._reap = client.register_script(_REAP)
+        self._retire = client.register_script(_RETIRE)
+
+    def register(self) -> int:
+        """Take the identity, returning a dead predecessor's leases to the queue; return how many were returned.
+
+        Raise IdentityInUse when a live process holds it (on another host, a live heartbeat is taken as alive).
+        """
+        keys = [self.heartbeat_key, self.lease_key, self.keys.task, self.keys.workers]
+        result = self._register(keys=keys, args=[self.token, self.ttl, self.worker, ""])
+        if not isinstance(result, str):
+            return int(result)
+        if result == self.token:
+            return 0
+        holder = Owner.parse(result)
+        if holder is None or holder.host != self.host_id or holder.is_alive_here():
+            raise IdentityInUse(f"worker {self.worker} is already running (owner {result})")
+        result = self._register(keys=keys, args=[self.token, self.ttl, self.worker, result])
+        if isinstance(result, str):
+            raise IdentityInUse(f"worker {self.worker} was taken by {result} while starting")
+        return int(result)
+
+    def claim(self, count: int) -> list[str]:
+        """Move up to ``count`` tasks from the queue into this worker's lease list."""
+        keys = [self.keys.task, self.lease_key, self.heartbeat_key, self.keys.workers]
+        tasks = self._claim(keys=keys, args=[count, self.token, self.ttl, self.worker])
+        if tasks is None:
+            raise IdentityLost(f"worker {self.worker} was taken over by another process")
+        return tasks
+
+    def finish(self, outcomes: Sequence[tuple[str, str, str | int]]) -> int:
+        """Record (kind, task, payload) outcomes of held tasks; return how many were still held and so applied."""
+        keys = [
+            self.lease_key,
+            self.keys.task,
+            self.keys.error,
+            self.keys.tongji_succ,
+            self.keys.tongji_error,
+            self.keys.tongji_bytes,
+            self.keys.host_counters,
+            self.heartbeat_key,
+            self.keys.workers,
+        ]
+        args: list[str | int] = [self.host_id, self.token, self.ttl, self.worker]
+        for outcome in outcomes:
+            args.extend(outcome)
+        return int(self._finish(keys=keys, args=args))
+
+    def heartbeat(self) -> None:
+        """Keep the identity alive; raise IdentityLost when another process has taken it."""
+        keys = [self.heartbeat_key, self.keys.workers]
+        if not self._heartbeat(keys=keys, args=[self.token, self.ttl, self.worker]):
+            raise IdentityLost(f"worker {self.worker} was taken over by another process")
+
+    def strays(self, held: Iterable[str]) -> list[str]:
+        """Tasks in this worker's lease list that it does not hold (a lost reply, or Redis replaying old writes)."""
+        leased = Counter(self.client.lrange(self.lease_key, 0, -1))
+        leased.subtract(Counter(held))
+        return [task for task, count in leased.items() for _ in range(count) if count > 0]
+
+    def retire(self) -> int:
+        """Give the identity up, returning every task still leased to the queue."""
+        keys = [self.heartbeat_key, self.lease_key, self.keys.task, self.keys.workers]
+        return int(self._retire(keys=keys, args=[self.token, self.worker]))
+
+    def reap(self) -> int:
+        """Return the leases of every worker whose heartbeat expired; one worker at a time does it (a lock)."""
+        if not self.client.set(self.keys.reap_lock, self.token, nx=True, ex=max(2, self.ttl // 3)):
+            return 0
+        workers = sorted(self.client.smembers(self.keys.workers))
+        pipe = self.client.pipeline(transaction=False)
+        for worker in workers:
+            pipe.exists(self.keys.heartbeat(worker))
+        alive = pipe.execute()
+        returned = 0
+        for worker, exists in zip(workers, alive, strict=True):
+            if not exists:
+                keys = [self.keys.heartbeat(worker), self.keys.lease(worker), self.keys.task, self.keys.workers]
+                returned += max(0, int(self._reap(keys=keys, args=[worker])))
+        return returned
