@@ -125,3 +125,17 @@ def is_transient(status: Status) -> bool:
     if isinstance(status, int):
         return status >= 500 or status in TRANSIENT_CODES
     return status in TRANSIENT_WORDS
+
+
+def bad_task_record(raw: str, error_msg: str, worker: str) -> str:
+    """The error record of a queued entry that is not a task: it keeps the entry as given."""
+    return _ENCODE(
+        {
+            "raw": raw[:MAX_URL_CHARS],
+            "status": "bad_task",
+            "error_msg": error_msg,
+            "worker": worker,
+            "ts": round(time.time(), 3),
+            "record_id": os.urandom(8).hex(),
+        }
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from tests.http_fixtures import image_server  # noqa: F401
 from tests.redis_server import RedisServer
 
 

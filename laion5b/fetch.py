@@ -1,0 +1,414 @@
+"""HTTP download of one image with limits: timeouts, total deadline, byte cap, redirects, opt-out, address guard.
+
+``Fetcher.fetch`` returns a ``Fetched`` value for every per-URL problem; its ``status`` is None on success, the HTTP
+code for a final status >= 300, or one of the words timeout, connection, dns, ssl, not_image, too_large, disallowed,
+blocked_address, redirects and bad_url. The address guard lives in the connection layer: every connection resolves
+its host with the policy's resolver and connects only to an address that is public or inside ``allowed_networks``,
+so redirects, IP literals and DNS names pointing at private ranges are all refused before any packet is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3 import PoolManager
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.response import HTTPResponse
+
+from laion5b.imageformat import image_extension
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], list[str]]
+
+MAX_URL_CHARS = 8192  # longer URLs are bad_url: servers refuse request lines much past 8 KiB anyway
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024  # decoded bytes asked for per read: bounds the memory a gzip bomb can claim per step
+_MAGIC_BYTES = 256  # the body is checked for an image signature once this much of it has arrived
+_DRAIN_BYTES = 64 * 1024  # unwanted bodies (redirects, errors) up to this size are read so the connection is reused
+_DRAIN_SECONDS = 1.0  # ... but for no longer than this
+_MESSAGE_CHARS = 200
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_TOKENS = re.compile(r"[\s,:;]+")
+_USERINFO = re.compile(r"//[^/@\s]*@")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # after requests' IDNA encoding; no %, no spaces
+_ACCEPT = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"
+_TIMEOUT_ERRORS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+_SSL_ERRORS = (requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError, ssl.CertificateError)
+_URL_ERRORS = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+    urllib3.exceptions.LocationValueError,
+    http.client.InvalidURL,
+    UnicodeError,
+)
+_EXPECTED_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+    ValueError,
+)
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits of one download; the worker builds it from the settings."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    download_timeout: float = 30.0  # total deadline for the whole download incl. body and redirects
+    max_bytes: int = 32 * 1024 * 1024  # body cap after content decoding (gzip bombs -> too_large)
+    max_redirects: int = 5
+    user_agent: str = "laion5b-downloader"
+    disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+    allowed_networks: tuple[Network, ...] = ()
+    resolver: Resolver | None = None  # host, port -> IP strings; None = socket.getaddrinfo; gaierror = DNS failure
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Outcome of one fetch: image bytes and extension, or a status and a short one-line message."""
+
+    data: bytes | None
+    extension: str | None
+    status: int | str | None
+    error_msg: str = ""
+
+
+class BlockedAddress(Exception):
+    """The host has no address that the policy allows connecting to."""
+
+
+class _Failure(Exception):
+    """A per-URL outcome decided by this module, carried out of nested helpers."""
+
+    def __init__(self, status: int | str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for a globally routable unicast address; IPv6 forms that embed an IPv4 address are judged by it."""
+    if ip.version == 6:
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _is_public(embedded)
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
+
+
+def _getaddrinfo(host: str, port: int) -> list[str]:
+    """The system resolver: every address of ``host`` in the system's preference order, without duplicates."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _ip_literal(host: str) -> str | None:
+    """The normalised address if ``host`` is an IP literal, else None."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+class _AddressGuard:
+    """Resolves a host and keeps only the addresses that may be connected to."""
+
+    def __init__(self, allowed_networks: tuple[Network, ...], resolver: Resolver) -> None:
+        self._allowed_networks = allowed_networks
+        self._resolver = resolver
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """Allowed addresses of ``host``; raise BlockedAddress if none, socket.gaierror if it does not resolve."""
+        host = host.strip("[]")
+        literal = _ip_literal(host)
+        if literal is not None:
+            candidates = [literal]
+        else:
+            host.encode("idna")  # over-long or empty labels raise UnicodeError, as getaddrinfo would
+            if not _HOSTNAME.fullmatch(host):
+                raise urllib3.exceptions.LocationParseError(f"host name {host!r}")
+            candidates = self._resolver(host, port)
+        allowed = [address for address in candidates if self._allows(ipaddress.ip_address(address))]
+        if not allowed:
+            raise BlockedAddress(f"refused to connect to {', '.join(candidates[:4]) or 'no address'}")
+        return allowed
+
+    def _allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        mapped = ip.ipv4_mapped if ip.version == 6 else None
+        for network in self._allowed_networks:
+            if ip in network or (mapped is not None and mapped in network):
+                return True
+        return _is_public(ip)
+
+
+def _guarded_connect(conn: HTTPConnection, guard: _AddressGuard) -> socket.socket:
+    """Open the TCP connection of ``conn`` to an allowed address of its host (replaces urllib3's _new_conn)."""
+    try:
+        addresses = guard.addresses(conn._dns_host, conn.port)
+    except socket.gaierror as exc:
+        raise urllib3.exceptions.NameResolutionError(conn.host, conn, exc) from exc
+    error: OSError | None = None
+    for address in addresses:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            for option in conn.socket_options or ():
+                sock.setsockopt(*option)
+            if isinstance(conn.timeout, int | float):
+                sock.settimeout(conn.timeout)
+            sock.connect((address, conn.port))
+            return sock
+        except TimeoutError as exc:  # no next address: the deadline would not allow another connect timeout
+            sock.close()
+            message = f"connect to {address} port {conn.port} timed out (connect timeout={conn.timeout})"
+            raise urllib3.exceptions.ConnectTimeoutError(message) from exc
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise urllib3.exceptions.NewConnectionError(conn, f"Failed to establish a new connection: {error}") from error
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    """An HTTP connection that only connects to addresses its guard allows."""
+
+    def __init__(self, *args: Any, guard: _AddressGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def _new_conn(self) -> socket.socket:
+        return _guarded_connect(self, self._guard)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    """An HTTPS connection that only connects to addresses its guard allows; SNI and the cert use the URL host."""
+
+    def __init__(self, *args: Any, guard: _AddressGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def _new_conn(self) -> socket.socket:
+        return _guarded_connect(self, self._guard)
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedPoolManager(PoolManager):
+    """A pool manager whose pools hand their connections the address guard."""
+
+    def __init__(self, guard: _AddressGuard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+        self._guard = guard
+
+    def _new_pool(
+        self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
+    ) -> HTTPConnectionPool:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        pool.conn_kw["guard"] = self._guard
+        return pool
+
+
+class _GuardedAdapter(HTTPAdapter):
+    """A requests adapter on the guarded pool manager: one idle connection per host, a few hosts, no retries."""
+
+    def __init__(self, guard: _AddressGuard) -> None:
+        self._guard = guard  # read by init_poolmanager, which HTTPAdapter.__init__ calls
+        super().__init__(pool_connections=8, pool_maxsize=1, max_retries=0)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        self._pool_connections = connections
+        self._pool_maxsize = maxsize
+        self._pool_block = block
+        self.poolmanager = _GuardedPoolManager(
+            self._guard, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
+
+
+class Fetcher:
+    """One per thread: owns one requests.Session (connection reuse)."""
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self._policy = policy
+        self._disallowed = frozenset(directive.lower() for directive in policy.disallowed_directives)
+        adapter = _GuardedAdapter(_AddressGuard(policy.allowed_networks, policy.resolver or _getaddrinfo))
+        self._session = requests.Session()
+        self._session.trust_env = False  # no proxies, netrc or CA bundle from the environment
+        self._session.headers = CaseInsensitiveDict(
+            {"User-Agent": policy.user_agent, "Accept": _ACCEPT, "Accept-Encoding": "gzip, deflate"}
+        )
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def fetch(self, url: str) -> Fetched:
+        """Download one image; every per-URL problem comes back as a status, never as an exception."""
+        deadline = time.monotonic() + self._policy.download_timeout
+        try:
+            return self._follow(url, deadline)
+        except _Failure as exc:
+            return Fetched(None, None, exc.status, _one_line(str(exc), url))
+        except BlockedAddress as exc:
+            return Fetched(None, None, "blocked_address", _one_line(str(exc), url))
+        except _EXPECTED_ERRORS as exc:
+            return Fetched(None, None, _status_word(exc), _describe(exc, url))
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._session.close()
+
+    def _follow(self, url: str, deadline: float) -> Fetched:
+        """Request ``url`` and follow its redirects by hand, each target checked like the first URL."""
+        seen = {url}
+        while True:
+            response = self._send(url, deadline)
+            try:
+                location = response.headers.get("location") if response.status_code in _REDIRECT_CODES else None
+                if not location:
+                    return self._image(response, deadline)
+                self._drain(response, deadline)
+            finally:
+                response.close()
+            try:
+                url = urljoin(url, location.encode("latin-1").decode("utf-8"))
+            except ValueError as exc:  # undecodable Location or an unparsable target such as http://[::1
+                raise _Failure("bad_url", f"bad redirect target: {exc}") from exc
+            if url in seen:
+                raise _Failure("redirects", "redirect loop")
+            if len(seen) > self._policy.max_redirects:
+                raise _Failure("redirects", f"more than {self._policy.max_redirects} redirects")
+            seen.add(url)
+
+    def _send(self, url: str, deadline: float) -> requests.Response:
+        """Send one GET without following redirects; the response body is left unread."""
+        if len(url) > MAX_URL_CHARS:
+            raise _Failure("bad_url", f"URL longer than {MAX_URL_CHARS} characters")
+        if not url.lstrip()[:8].lower().startswith(("http://", "https://")):
+            raise _Failure("bad_url", "not an http(s) URL")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Failure("timeout", f"no response within {self._policy.download_timeout:g} s")
+        request = requests.PreparedRequest()
+        request.prepare(method="GET", url=url, headers=self._session.headers)
+        timeout = (min(self._policy.connect_timeout, remaining), min(self._policy.read_timeout, remaining))
+        adapter = self._session.get_adapter(request.url)
+        return adapter.send(request, stream=True, timeout=timeout, verify=True, cert=None, proxies={})
+
+    def _image(self, response: requests.Response, deadline: float) -> Fetched:
+        """Turn a final response into a Fetched: check status, opt-out and size, then read and identify the body."""
+        status = response.status_code
+        if status >= 300:
+            self._drain(response, deadline)
+            raise _Failure(status, f"HTTP {status} {response.reason or ''}".rstrip())
+        robots = response.headers.get("x-robots-tag")
+        if robots and not self._disallowed.isdisjoint(_TOKENS.split(robots.lower())):
+            raise _Failure("disallowed", f"X-Robots-Tag: {robots}")
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self._policy.max_bytes:
+            raise _Failure("too_large", f"Content-Length {length} > {self._policy.max_bytes}")
+        data = _read_body(response.raw, self._policy.max_bytes, deadline, self._policy.read_timeout, image=True)
+        extension = image_extension(data)
+        if extension is None:
+            raise _Failure("not_image", "body is not a known image format")
+        return Fetched(data, extension, None)
+
+    def _drain(self, response: requests.Response, deadline: float) -> None:
+        """Read a small unwanted body so that its connection can be reused; anything else is left to close()."""
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) <= _DRAIN_BYTES:
+            deadline = min(deadline, time.monotonic() + _DRAIN_SECONDS)
+            with contextlib.suppress(_Failure, *_EXPECTED_ERRORS):
+                _read_body(response.raw, _DRAIN_BYTES, deadline, self._policy.read_timeout, image=False)
+
+
+def _read_body(raw: HTTPResponse, limit: int, deadline: float, read_timeout: float, *, image: bool) -> bytes:
+    """Read the decoded body in chunks, shrinking the socket timeout so the deadline holds even for trickles."""
+    sock = raw.connection.sock if raw.connection is not None else None
+    body = bytearray()
+    checked = not image
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Failure("timeout", f"body not complete by the deadline ({len(body)} bytes read)")
+        if sock is not None and remaining < read_timeout:
+            sock.settimeout(remaining)
+        chunk = raw.read1(_CHUNK, decode_content=True)
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise _Failure("too_large", f"body larger than {limit} bytes")
+        if not checked and len(body) >= _MAGIC_BYTES:
+            if image_extension(bytes(body[:_MAGIC_BYTES])) is None:
+                raise _Failure("not_image", "body is not a known image format")
+            checked = True
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: causes, urllib3 reasons, requests' wrapped exceptions and contexts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        yield current
+        inner = [current.__cause__, getattr(current, "reason", None), *current.args[:1], current.__context__]
+        current = next((item for item in inner if isinstance(item, BaseException)), None)
+
+
+def _status_word(exc: BaseException) -> str:
+    """Map a requests/urllib3/socket exception to its status word."""
+    # urllib3's NewConnectionError (refused, unreachable) subclasses ConnectTimeoutError: judge it by its cause
+    chain = [item for item in _causes(exc) if not isinstance(item, urllib3.exceptions.NewConnectionError)]
+    for word, kinds in (
+        ("blocked_address", BlockedAddress),
+        ("dns", socket.gaierror),
+        ("timeout", _TIMEOUT_ERRORS),
+        ("ssl", _SSL_ERRORS),
+        ("bad_url", _URL_ERRORS),
+    ):
+        if any(isinstance(item, kinds) for item in chain):
+            return word
+    return "connection"
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """One short line naming the innermost urllib3 exception (else the root cause), without URL credentials."""
+    chain = list(_causes(exc))
+    named = [  # urllib3's messages say what failed and where; MaxRetryError only wraps another one
+        item
+        for item in chain
+        if isinstance(item, urllib3.exceptions.HTTPError) and not isinstance(item, urllib3.exceptions.MaxRetryError)
+    ]
+    subject = named[-1] if named else chain[-1]
+    return _one_line(f"{type(subject).__name__}: {subject}" if str(subject) else type(subject).__name__, url)
+
+
+def _one_line(text: str, url: str) -> str:
+    """``text`` on one line, at most 200 characters, with userinfo and the URL's password removed."""
+    text = _USERINFO.sub("//***@", " ".join(text.split()))
+    with contextlib.suppress(ValueError):
+        password = urlsplit(url).password
+        if password:
+            text = text.replace(password, "***").replace(unquote(password), "***")
+    return text[:_MESSAGE_CHARS]

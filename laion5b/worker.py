@@ -1,0 +1,344 @@
+"""One downloader process: a main thread that talks to Redis in batches, and a pool of download threads."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from laion5b.config import Config
+from laion5b.disk import DiskGuard
+from laion5b.fetch import Fetcher, FetchPolicy
+from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
+from laion5b.redisconn import retrying
+from laion5b.store import Store
+from laion5b.tasks import BadTask, Task, bad_task_record, decode, is_transient
+
+log = logging.getLogger(__name__)
+
+Outcome = tuple[str, str, str | int]
+"""(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
+
+FLUSH_AFTER = 0.2
+IDLE_POLL = 0.5
+DISK_CHECK_EVERY = 10.0
+DISK_RECHECK_MAX = 30.0
+SUMMARY_EVERY = 30.0
+DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def fetch_policy(config: Config, resolver: Callable[[str, int], list[str]] | None = None) -> FetchPolicy:
+    """The fetch limits that the settings ask for."""
+    return FetchPolicy(
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        download_timeout=config.download_timeout,
+        max_bytes=config.max_image_bytes,
+        max_redirects=config.max_redirects,
+        user_agent=config.user_agent,
+        disallowed_directives=frozenset(d.lower() for d in config.disallowed_header_directives),
+        allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
+        resolver=resolver,
+    )
+
+
+@dataclass
+class Tally:
+    """What this process did since it started, for its summary log lines."""
+
+    stored: int = 0
+    failed: int = 0
+    retried: int = 0
+    returned: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, outcome: Outcome) -> None:
+        kind, _, payload = outcome
+        if kind == STORED:
+            self.stored += 1
+            self.bytes += int(payload)
+        elif kind == FAILED:
+            self.failed += 1
+        elif kind == RETRY:
+            self.retried += 1
+        else:
+            self.returned += 1
+
+
+class Worker:
+    """Takes tasks from Redis, downloads and stores them with ``thread_num`` threads, records every outcome."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        config: Config,
+        name: str,
+        stop: threading.Event,
+        until_empty: bool = False,
+        resolver: Callable[[str, int], list[str]] | None = None,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.keys = config.keys
+        self.identity = f"{config.host_id}:{name}"
+        self.stop = stop
+        self.until_empty = until_empty
+        self.policy = fetch_policy(config, resolver)
+        self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
+        self.store = Store(Path(config.store_dir), config.host_id, name, config.fsync_images)
+        self.guard = DiskGuard(
+            client,
+            config.keys,
+            config.host_id,
+            config.monitor_disk,
+            config.stop_threshold,
+            config.min_free_gb,
+            config.monitor_interval,
+        )
+        self.threads: list[threading.Thread] = []
+        self.todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.held: Counter[str] = Counter()
+        self.held_count = 0
+        self.pending: list[Outcome] = []
+        self.pending_since = 0.0
+        self.pause_reason: str | None = None
+        self.disk_alarm = threading.Event()
+        self.tally = Tally()
+        self._next: dict[str, float] = {}
+
+    # --- life cycle ---
+
+    def run(self) -> None:
+        """Work until stopped (or, with ``until_empty``, until no task remains anywhere)."""
+        returned = self._redis(self.leases.register, "register")
+        log.info("worker_start worker=%s threads=%d returned_from_predecessor=%d", self.identity,
+                 self.config.thread_num, returned)  # fmt: skip
+        self.store.open()
+        for number in range(self.config.thread_num):
+            thread = threading.Thread(target=self._download_loop, name=f"download-{number}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        try:
+            self._main_loop()
+        finally:
+            self._shut_down()
+
+    def _main_loop(self) -> None:
+        while not self.stop.is_set():
+            self._collect(timeout=IDLE_POLL if self.held_count == 0 else 0.05)
+            now = time.monotonic()
+            if self.pending and (
+                len(self.pending) >= max(1, self.config.thread_num // 2)
+                or now - self.pending_since >= FLUSH_AFTER
+                or len(self.pending) == self.held_count
+            ):
+                self._record()
+            self._periodic(now)
+            claimed = 0
+            if self.pause_reason is None and self.held_count <= self.config.thread_num:
+                claimed = self._claim(2 * self.config.thread_num - self.held_count)
+            if self.until_empty and claimed == 0 and self.held_count == 0 and self._nothing_left():
+                log.info("queue_drained worker=%s", self.identity)
+                return
+
+    def _shut_down(self) -> None:
+        unstarted = []
+        while True:
+            try:
+                raw = self.todo.get_nowait()
+            except queue.Empty:
+                break
+            if raw is not None:
+                unstarted.append(raw)
+        for raw in unstarted:
+            self.done.put((RETURN, raw, ""))
+        for _ in self.threads:
+            self.todo.put(None)
+        deadline = time.monotonic() + self.config.download_timeout + 5
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._collect(timeout=0)
+        try:
+            if self.pending:
+                self._record()
+            returned = self._redis(self.leases.retire, "retire")
+        except redis.RedisError as error:
+            log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
+                      error)  # fmt: skip
+            returned = -1
+        self.store.close()
+        log.info(
+            "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d",
+            self.identity,
+            self.tally.stored,
+            self.tally.failed,
+            self.tally.retried,
+            returned,
+        )
+
+    # --- Redis side (main thread only) ---
+
+    def _redis(self, call, what: str):
+        return retrying(call, what, self.stop if what not in ("retire", "finish") else None)
+
+    def _claim(self, count: int) -> int:
+        tasks = self._redis(lambda: self.leases.claim(count), "claim")
+        for raw in tasks:
+            self.held[raw] += 1
+            self.todo.put(raw)
+        self.held_count += len(tasks)
+        return len(tasks)
+
+    def _collect(self, timeout: float) -> None:
+        """Move finished outcomes from the download threads into the batch waiting to be recorded."""
+        try:
+            outcome = self.done.get(timeout=timeout) if timeout > 0 else self.done.get_nowait()
+        except queue.Empty:
+            return
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        while True:
+            self.pending.append(outcome)
+            try:
+                outcome = self.done.get_nowait()
+            except queue.Empty:
+                return
+
+    def _record(self) -> None:
+        batch, self.pending = self.pending, []
+        applied = self._redis(lambda: self.leases.finish(batch), "finish")
+        for outcome in batch:
+            raw = outcome[1]
+            self.held[raw] -= 1
+            if self.held[raw] <= 0:
+                del self.held[raw]
+            self.tally.add(outcome)
+        self.held_count -= len(batch)
+        if applied < len(batch):
+            log.warning("lease_lost worker=%s outcomes=%d applied=%d: another worker recovered these tasks",
+                        self.identity, len(batch), applied)  # fmt: skip
+
+    def _periodic(self, now: float) -> None:
+        ttl = self.config.heartbeat_ttl
+        if self._due("heartbeat", now, ttl / 3):
+            self._redis(self.leases.heartbeat, "heartbeat")
+        if self._due("reap", now, ttl / 2):
+            self._return_strays()
+            self._reap()
+        recheck = min(DISK_RECHECK_MAX, self.config.monitor_interval)
+        if self.disk_alarm.is_set() or self._due("disk", now, recheck if self.pause_reason else DISK_CHECK_EVERY):
+            self.disk_alarm.clear()
+            self._check_disk()
+        if self._due("summary", now, SUMMARY_EVERY):
+            elapsed = max(now - self.tally.started, 1e-9)
+            log.info(
+                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d paused=%s",
+                self.identity,
+                (self.tally.stored + self.tally.failed) / elapsed,
+                self.tally.stored,
+                self.tally.failed,
+                self.tally.retried,
+                self.held_count,
+                self.pause_reason is not None,
+            )
+
+    def _due(self, what: str, now: float, every: float) -> bool:
+        if now < self._next.get(what, 0.0):
+            return False
+        self._next[what] = now + every
+        return True
+
+    def _return_strays(self) -> None:
+        strays = self._redis(lambda: self.leases.strays(self.held.elements()), "strays")
+        if strays:
+            returned = self._redis(lambda: self.leases.finish([(RETURN, raw, "") for raw in strays]), "finish")
+            log.warning("strays_returned worker=%s tasks=%d", self.identity, returned)
+
+    def _check_disk(self) -> None:
+        try:
+            reason = self._redis(self.guard.full_reason, "disk_check")
+        except OSError as error:
+            reason = f"cannot measure {self.config.monitor_disk}: {error}"
+        if reason and self.pause_reason is None:
+            log.warning("disk_pause worker=%s reason=%s", self.identity, reason)
+        elif reason is None and self.pause_reason is not None:
+            log.info("disk_resume worker=%s", self.identity)
+        self.pause_reason = reason
+
+    def _nothing_left(self) -> bool:
+        """True when no producer runs and no task is queued or leased by any worker."""
+
+        def check() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.exists(self.keys.producer)
+            pipe.llen(self.keys.task)
+            pipe.smembers(self.keys.workers)
+            producing, queued, workers = pipe.execute()
+            if producing or queued:
+                return False
+            pipe = self.client.pipeline(transaction=False)
+            for worker in workers:
+                pipe.llen(self.keys.lease(worker))
+            return not any(pipe.execute())
+
+        if self._redis(check, "drain_check"):
+            return True
+        self._reap()
+        return False
+
+    def _reap(self) -> None:
+        reaped = self._redis(self.leases.reap, "reap")
+        if reaped:
+            log.info("leases_recovered worker=%s tasks=%d", self.identity, reaped)
+
+    # --- download threads ---
+
+    def _download_loop(self) -> None:
+        fetcher = Fetcher(self.policy)
+        try:
+            while (raw := self.todo.get()) is not None:
+                self.done.put(self._process(raw, fetcher))
+        finally:
+            fetcher.close()
+
+    def _process(self, raw: str, fetcher: Fetcher) -> Outcome:
+        try:
+            task = decode(raw)
+        except BadTask as error:
+            log.debug("bad_task worker=%s error=%s", self.identity, error)
+            return FAILED, raw, bad_task_record(raw, str(error), self.identity)
+        try:
+            if self.store.existing(task) is not None:
+                return STORED, raw, 0
+            fetched = fetcher.fetch(task.url)
+            if fetched.status is not None:
+                return self._failure(task, raw, fetched.status, fetched.error_msg)
+            self.store.save(task, fetched.data, fetched.extension)
+            return STORED, raw, len(fetched.data)
+        except OSError as error:
+            if error.errno in DISK_FULL_ERRORS:
+                self.disk_alarm.set()
+                return RETURN, raw, ""
+            log.error("store_failed worker=%s id=%s error=%s", self.identity, task.id, error)
+            return self._failure(task, raw, "store_error", str(error)[:200])
+        except Exception as error:
+            log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
+            return self._failure(task, raw, "internal_error", f"{type(error).__name__}: {error}"[:200])
+
+    def _failure(self, task: Task, raw: str, status: int | str, error_msg: str) -> Outcome:
+        task.attempts += 1
+        if is_transient(status) and task.attempts < self.config.max_attempts:
+            return RETRY, raw, task.encode()
+        log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
+        return FAILED, raw, task.error_record(status, error_msg, self.identity)

@@ -1,0 +1,260 @@
+"""downloader.py as users run it: real processes, a real Redis, the loopback image server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from laion5b.disk import publish_used
+from laion5b.keys import Keys
+from laion5b.tasks import Task
+from tests.helpers import run_script
+from tools.image_server import image_bytes
+
+KEYS = Keys()
+
+
+@pytest.fixture
+def env(script_env: dict[str, str]) -> dict[str, str]:
+    return {
+        **script_env,
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_THREAD_NUM": "8",
+        "LAION_HEARTBEAT_TTL": "3",
+        "LAION_CONNECT_TIMEOUT": "2",
+        "LAION_READ_TIMEOUT": "2",
+        "LAION_DOWNLOAD_TIMEOUT": "4",
+        "LAION_MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+    }
+
+
+def queue_urls(client, urls: list[str], subset: str = "s", part: str = "p") -> list[Task]:
+    """Queue one task per URL the way add_task.py does, counting them in tongji_all."""
+    tasks = [Task(id=f"id{row}", url=url, subset=subset, part=part, row=row) for row, url in enumerate(urls)]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    client.incrby(KEYS.tongji_all, len(tasks))
+    return tasks
+
+
+def run_worker(env: dict[str, str], name: str = "0", *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*run_script("downloader.py"), name, "--until-empty", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_worker(env: dict[str, str], name: str = "0", *args: str) -> subprocess.Popen:
+    return subprocess.Popen([*run_script("downloader.py"), name, *args], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def errors_by_id(client) -> dict[str, dict]:
+    records = [json.loads(raw) for raw in client.lrange(KEYS.error, 0, -1)]
+    ids = Counter(record["id"] for record in records)
+    assert all(count == 1 for count in ids.values()), f"duplicate error records: {ids.most_common(3)}"
+    return {record["id"]: record for record in records}
+
+
+def stored_files(store_dir: Path) -> list[Path]:
+    return [p for p in store_dir.rglob("*") if p.is_file() and ".tmp" not in p.parts]
+
+
+def assert_books_balance(client, store_dir: Path, total: int) -> None:
+    succeeded, failed = int(client.get(KEYS.tongji_succ) or 0), int(client.get(KEYS.tongji_error) or 0)
+    assert succeeded + failed == total == int(client.get(KEYS.tongji_all))
+    assert len(stored_files(store_dir)) == succeeded
+    assert len(errors_by_id(client)) == failed
+    assert client.llen(KEYS.task) == 0
+    assert all(client.llen(KEYS.lease(worker)) == 0 for worker in client.smembers(KEYS.workers))
+    assert not [p for p in (store_dir / ".tmp").rglob("*") if p.is_file()], "temporary files left behind"
+
+
+def test_every_format_and_every_failure_kind(redis_server, env, image_server):
+    cases = {
+        "jpg": ("/img/a.jpg", "jpg"),
+        "png": ("/img/b.png", "png"),
+        "gif": ("/img/c.gif", "gif"),
+        "webp": ("/img/d.webp", "webp"),
+        "bmp": ("/img/e.bmp", "bmp"),
+        "tiff": ("/img/f.tiff", "tiff"),
+        "avif": ("/img/g.avif", "avif"),
+        "wrongtype": ("/wrongtype/h.jpg", "jpg"),
+        "redirected": ("/redirect/3/i.jpg", "jpg"),
+        "404": ("/status/404", 404),
+        "403": ("/status/403", 403),
+        "500": ("/status/500", 500),
+        "html": ("/html", "not_image"),
+        "notimage": ("/notimage", "not_image"),
+        "optout": ("/optout/noai/j.jpg", "disallowed"),
+        "loop": ("/loop", "redirects"),
+        "toomany": ("/redirect/6/k.jpg", "redirects"),
+        "huge": ("/huge/100", "too_large"),
+        "bomb": ("/gzipbomb", "too_large"),
+        "trickle": ("/trickle", "timeout"),
+        "reset": ("/reset", "connection"),
+        "metadata": ("/redirect-to?url=http://169.254.169.254/latest/meta-data/", "blocked_address"),
+    }
+    client = redis_server.client()
+    urls = [image_server.url(path) for path, _ in cases.values()]
+    urls.append("ftp://127.0.0.1/x.jpg")
+    tasks = queue_urls(client, urls)
+    result = run_worker(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    store = Path(env["LAION_STORE_DIR"])
+    errors = errors_by_id(client)
+    for task, (name, (_, expected)) in zip(tasks, cases.items(), strict=False):
+        if isinstance(expected, str) and expected in ("jpg", "png", "gif", "webp", "bmp", "tiff", "avif"):
+            file = store / "s" / "p" / "00000" / f"{task.id}.{expected}"
+            assert file.is_file(), f"{name}: not stored"
+            assert task.id not in errors
+        else:
+            assert errors[task.id]["status"] == expected, f"{name}: {errors[task.id]}"
+            assert errors[task.id]["url"] == task.url
+    assert errors[tasks[-1].id]["status"] == "bad_url"
+    assert errors[tasks[cases_index(cases, "500")].id]["attempts"] == 3
+    assert_books_balance(client, store, len(urls))
+    assert int(client.get(KEYS.tongji_bytes)) == sum(f.stat().st_size for f in stored_files(store))
+
+
+def cases_index(cases: dict, name: str) -> int:
+    return list(cases).index(name)
+
+
+def test_stored_bytes_are_what_the_server_sent(redis_server, env, image_server):
+    client = redis_server.client()
+    tasks = queue_urls(client, [image_server.url(f"/img/n{i}.jpg") for i in range(40)])
+    assert run_worker(env).returncode == 0
+    for i, task in enumerate(tasks):
+        stored = Path(env["LAION_STORE_DIR"]) / "s" / "p" / "00000" / f"{task.id}.jpg"
+        assert stored.read_bytes() == image_bytes(f"n{i}", "jpg")
+
+
+def test_private_addresses_are_refused_by_default(redis_server, env, image_server):
+    client = redis_server.client()
+    queue_urls(client, [image_server.url("/img/a.jpg")])
+    served = image_server.requests
+    result = run_worker({**env, "LAION_ALLOWED_NETWORKS": ""})
+    assert result.returncode == 0
+    assert [r["status"] for r in errors_by_id(client).values()] == ["blocked_address"]
+    assert image_server.requests == served
+
+
+def test_a_repeated_task_finds_its_file_and_counts_once(redis_server, env, image_server):
+    client = redis_server.client()
+    queue_urls(client, [image_server.url("/img/a.jpg")])
+    assert run_worker(env).returncode == 0
+    served = image_server.requests
+    queue_urls(client, [image_server.url("/img/a.jpg")])
+    assert run_worker(env).returncode == 0
+    assert image_server.requests == served
+    assert int(client.get(KEYS.tongji_succ)) == 2
+    assert len(stored_files(Path(env["LAION_STORE_DIR"]))) == 1
+
+
+def test_bad_queue_entries_become_error_records(redis_server, env, image_server):
+    client = redis_server.client()
+    client.lpush(KEYS.task, "not json", '{"id": "../../x", "url": "http://a", "subset": "s", "part": "p", "row": 0}')
+    client.incrby(KEYS.tongji_all, 2)
+    assert run_worker(env).returncode == 0
+    records = [json.loads(raw) for raw in client.lrange(KEYS.error, 0, -1)]
+    assert sorted(r["status"] for r in records) == ["bad_task", "bad_task"]
+    assert int(client.get(KEYS.tongji_error)) == 2
+
+
+def test_kill_9_mid_run_loses_and_doubles_nothing(redis_server, env, image_server):
+    client = redis_server.client()
+    paths = [f"/slow/0.3/k{i}.jpg" if i % 10 else "/status/404" for i in range(400)]
+    total = len(queue_urls(client, [image_server.url(path) for path in paths]))
+    worker = start_worker(env, "0")
+    deadline = time.monotonic() + 60
+    while int(client.get(KEYS.tongji_succ) or 0) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.llen(KEYS.lease("testhost:0")) > 0, "the kill must land while tasks are leased"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    result = run_worker(env, "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "returned_from_predecessor=" in result.stderr
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+
+
+def test_a_dead_workers_leases_are_recovered_by_another(redis_server, env, image_server):
+    client = redis_server.client()
+    total = len(queue_urls(client, [image_server.url(f"/slow/0.2/d{i}.jpg") for i in range(100)]))
+    worker = start_worker(env, "doomed")
+    deadline = time.monotonic() + 60
+    while client.llen(KEYS.lease("testhost:doomed")) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    result = run_worker(env, "survivor")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "leases_recovered" in result.stderr
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+
+
+def test_second_live_process_with_the_same_identity_is_refused(redis_server, env, image_server):
+    first = start_worker(env, "same")
+    client = redis_server.client()
+    deadline = time.monotonic() + 30
+    while not client.exists(KEYS.heartbeat("testhost:same")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = subprocess.run([*run_script("downloader.py"), "same"], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert "identity_in_use" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+
+
+def test_sigterm_returns_held_tasks(redis_server, env, image_server):
+    client = redis_server.client()
+    total = len(queue_urls(client, [image_server.url(f"/slow/1/t{i}.jpg") for i in range(50)]))
+    worker = start_worker({**env, "LAION_THREAD_NUM": "2"}, "0")
+    deadline = time.monotonic() + 30
+    while client.llen(KEYS.lease("testhost:0")) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    done = int(client.get(KEYS.tongji_succ) or 0)
+    assert client.llen(KEYS.task) + done == total
+    assert client.llen(KEYS.lease("testhost:0")) == 0
+    assert not client.exists(KEYS.heartbeat("testhost:0"))
+    assert not list((Path(env["LAION_STORE_DIR"]) / ".tmp").rglob("*.*"))
+
+
+def test_redis_restart_mid_run(redis_server, env, image_server):
+    client = redis_server.client()
+    total = len(queue_urls(client, [image_server.url(f"/slow/0.1/r{i}.jpg") for i in range(300)]))
+    worker = start_worker(env, "0", "--until-empty")
+    deadline = time.monotonic() + 60
+    while int(client.get(KEYS.tongji_succ) or 0) < 30 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    redis_server.restart()
+    assert worker.wait(timeout=120) == 0
+    client = redis_server.client()
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+
+
+def test_disk_guard_pauses_and_resumes(redis_server, env, image_server):
+    client = redis_server.client()
+    publish_used(client, KEYS, "testhost", 10**9)
+    total = len(queue_urls(client, [image_server.url(f"/img/g{i}.jpg") for i in range(20)]))
+    worker = start_worker({**env, "LAION_MONITOR_INTERVAL": "1", "LAION_STOP_THRESHOLD": "100"}, "0", "--until-empty")
+    for _ in range(6):
+        publish_used(client, KEYS, "testhost", 10**9)
+        time.sleep(0.5)
+    assert client.llen(KEYS.task) == total, "a paused worker takes no task"
+    publish_used(client, KEYS, "testhost", 0)
+    assert worker.wait(timeout=60) == 0
+    stderr = worker.stderr.read()
+    assert "disk_pause" in stderr and "disk_resume" in stderr
+    assert int(client.get(KEYS.tongji_succ)) == total

@@ -1,0 +1,421 @@
+"""Loopback HTTP server of real images and misbehaving responses, for tests, the demo and benchmarks.
+
+Standard library only. Import it (``ImageServer(port=0).start()``) or run it:
+``python3 tools/image_server.py --port 8765``. HTTP/1.1 with keep-alive; every path is deterministic.
+
+Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of ``FORMATS``):
+  /img/<name>.<ext>[?size=N]     200, the bytes of ``image_bytes(name, ext, N)`` (N defaults to 20000);
+                                 every image response carries ``X-Content-SHA256`` (hex digest of the body)
+  /status/<code>                 that status with a short body (429 adds ``Retry-After: 1``)
+  /slow/<seconds>/<name>.<ext>   sleeps, then serves the image
+  /trickle                       200 image/jpeg, a JPEG header, then 1 byte every 0.5 s until the client leaves
+  /endless                       200 image/jpeg, a JPEG header, then zeros as fast as possible, no end
+  /huge/<MB>[?chunked=1]         200 image/jpeg of MB MiB (JPEG header + zeros), streamed, with a Content-Length
+                                 (or chunked transfer encoding)
+  /gzipbomb                      200 image/jpeg, Content-Encoding: gzip, decoding to a JPEG header + 100 MiB zeros
+  /redirect/<n>/<name>.<ext>     302 to /redirect/<n-1>/...; /redirect/0/<name>.<ext> serves the image
+  /loop                          302 to itself
+  /redirect-to?url=U[&status=S]  redirect (302 or S) to any URL U
+  /html                          200 text/html page
+  /optout/<directive>/<name>.<ext>  the image with ``X-Robots-Tag: <directive>``
+  /wrongtype/<name>.<ext>        the image with ``Content-Type: text/html``
+  /reset                         resets the connection (RST, SO_LINGER 0) without answering
+  /truncated                     200 image/jpeg announcing 20000 bytes, then closing after 1000 of them
+  /badgzip                       200 image/jpeg, Content-Encoding: gzip, but the body is a plain JPEG
+  /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
+Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import itertools
+import logging
+import random
+import socket
+import struct
+import sys
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+FORMATS = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "avif": "image/avif",
+    "heic": "image/heic",
+}
+MAX_IMAGE_SIZE = 64 * 1024 * 1024
+GZIP_BOMB_MB = 100
+_IMAGES = Path(__file__).resolve().with_name("images")
+_LABEL = b"laion5b-test-image:"
+_JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+_BLOCK = 64 * 1024
+_ZEROS = bytes(_BLOCK)
+
+log = logging.getLogger(__name__)
+
+
+def image_bytes(name: str, ext: str = "jpg", size: int = 20000) -> bytes:
+    """A valid image of format ``ext`` that embeds ``name``, padded to about ``size`` bytes (exact for most)."""
+    if ext not in FORMATS:
+        raise ValueError(f"unknown image format {ext!r}")
+    base = _asset(ext)
+    label = _LABEL + name.encode("utf-8") + b"\x00"
+    return _EMBEDDERS[ext](base, label, size - len(base))
+
+
+@functools.cache
+def _asset(ext: str) -> bytes:
+    return (_IMAGES / f"tiny.{ext}").read_bytes()
+
+
+def _padded(label: bytes, length: int) -> bytes:
+    return label.ljust(length, b"\x00")
+
+
+def _embed_jpeg(base: bytes, label: bytes, extra: int) -> bytes:
+    """COM segments right after SOI; each holds at most 65533 bytes plus a 4-byte marker and length."""
+    count = max(1, -(-extra // 65537))
+    payload = _padded(label, extra - 4 * count)
+    bounds = [len(payload) * index // count for index in range(count + 1)]
+    parts = (payload[start:end] for start, end in itertools.pairwise(bounds))
+    segments = b"".join(b"\xff\xfe" + (len(part) + 2).to_bytes(2, "big") + part for part in parts)
+    return base[:2] + segments + base[2:]
+
+
+def _embed_png(base: bytes, label: bytes, extra: int) -> bytes:
+    """A private ancillary chunk ``laIn`` right after IHDR (8-byte signature + 25-byte IHDR chunk)."""
+    data = _padded(label, extra - 12)
+    chunk = len(data).to_bytes(4, "big") + b"laIn" + data + zlib.crc32(b"laIn" + data).to_bytes(4, "big")
+    return base[:33] + chunk + base[33:]
+
+
+def _embed_gif(base: bytes, label: bytes, extra: int) -> bytes:
+    """A comment extension before the trailer, in sub-blocks of at most 255 bytes."""
+    room = extra - 3  # introducer, label byte and terminator
+    data = _padded(label, room - -(-room // 256))  # each 255 data bytes take one length byte
+    blocks = b"".join(bytes([len(data[i : i + 255])]) + data[i : i + 255] for i in range(0, len(data), 255))
+    return base[:-1] + b"\x21\xfe" + blocks + b"\x00" + base[-1:]
+
+
+def _embed_webp(base: bytes, label: bytes, extra: int) -> bytes:
+    """An unknown chunk ``LAIN`` appended to an extended (VP8X) WebP; readers must skip it. Chunks are even-sized."""
+    data = _padded(label, extra - 8)
+    body = base[12:] + b"LAIN" + len(data).to_bytes(4, "little") + data + b"\x00" * (len(data) % 2)
+    return b"RIFF" + (len(body) + 4).to_bytes(4, "little") + b"WEBP" + body
+
+
+def _embed_bmp(base: bytes, label: bytes, extra: int) -> bytes:
+    """A gap before the pixel array, which the file header's pixel offset then skips."""
+    data = _padded(label, extra)
+    offset = int.from_bytes(base[10:14], "little")
+    header = (
+        b"BM" + (len(base) + len(data)).to_bytes(4, "little") + base[6:10] + (offset + len(data)).to_bytes(4, "little")
+    )
+    return header + base[14:offset] + data + base[offset:]
+
+
+def _embed_tail(base: bytes, label: bytes, extra: int) -> bytes:
+    """Trailing bytes: TIFF readers follow offsets and never look at them."""
+    return base + _padded(label, extra)
+
+
+def _embed_isobmff(base: bytes, label: bytes, extra: int) -> bytes:
+    """A top-level ``free`` box appended to an AVIF or HEIF file."""
+    data = _padded(label, extra - 8)
+    return base + (len(data) + 8).to_bytes(4, "big") + b"free" + data
+
+
+_EMBEDDERS = {
+    "jpg": _embed_jpeg,
+    "png": _embed_png,
+    "gif": _embed_gif,
+    "webp": _embed_webp,
+    "bmp": _embed_bmp,
+    "tiff": _embed_tail,
+    "avif": _embed_isobmff,
+    "heic": _embed_isobmff,
+}
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """Gzip of a JPEG header followed by GZIP_BOMB_MB MiB of zeros (about 100 KB), computed once."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [compressor.compress(_JPEG_HEAD)]
+    megabyte = bytes(1024 * 1024)
+    parts.extend(compressor.compress(megabyte) for _ in range(GZIP_BOMB_MB))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+class _Server(ThreadingHTTPServer):
+    """The threading server plus what ImageServer reports and needs to stop quickly."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _Handler)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.connections = 0
+        self.sockets: set[socket.socket] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            self.connections += 1
+            self.sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.lock:
+            self.sockets.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet about clients that reset their connection; print anything else (a bug)."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Dispatches GET /<route>/<rest> to the route_<route> method (see _ROUTES)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = 60  # an idle keep-alive connection ends after this
+    server: _Server
+
+    def log_message(self, *args: Any) -> None:
+        """Silence the per-request log line."""
+
+    def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.requests += 1
+        parts = urlsplit(self.path)
+        route, _, rest = unquote(parts.path).lstrip("/").partition("/")
+        query = dict(parse_qsl(parts.query))
+        handler = _ROUTES.get(route)
+        try:
+            if handler is None:
+                self._reply(404, b"not found\n")
+            else:
+                handler(self, rest, query)
+        except (KeyError, ValueError) as exc:  # a malformed path such as /huge/abc or /redirect-to without url
+            self._reply(400, f"bad request: {exc}\n".encode())
+        except OSError:  # the client went away
+            self.close_connection = True
+
+    def _reply(
+        self, status: int, body: bytes, content_type: str = "text/plain", headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if status in (204, 304):
+            self.end_headers()
+            return
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _image(self, rest: str, query: dict[str, str], **headers: str) -> None:
+        name, _, ext = rest.rpartition(".")
+        if ext not in FORMATS or not name:
+            self._reply(404, b"unknown image\n")
+            return
+        size = min(int(query.get("size", 20000)), MAX_IMAGE_SIZE)
+        body = image_bytes(name, ext, size)
+        content_type = headers.pop("content_type", FORMATS[ext])
+        headers["X-Content-SHA256"] = hashlib.sha256(body).hexdigest()
+        self._reply(200, body, content_type, headers)
+
+    def _stream_start(self, headers: dict[str, str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+
+    def route_img(self, rest: str, query: dict[str, str]) -> None:
+        self._image(rest, query)
+
+    def route_status(self, rest: str, query: dict[str, str]) -> None:
+        code = int(rest)
+        if not 200 <= code <= 599:
+            raise ValueError(f"status {code} is out of range")
+        self._reply(code, f"status {code}\n".encode(), headers={"Retry-After": "1"} if code == 429 else None)
+
+    def route_slow(self, rest: str, query: dict[str, str]) -> None:
+        seconds, _, image = rest.partition("/")
+        if not self.server.stopping.wait(float(seconds)):
+            self._image(image, query)
+
+    def route_trickle(self, rest: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        self._stream_start({"Connection": "close"})
+        self.wfile.write(_JPEG_HEAD)
+        while not self.server.stopping.wait(0.5):
+            self.wfile.write(b"\x00")
+
+    def route_endless(self, rest: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        self._stream_start({"Connection": "close"})
+        self.wfile.write(_JPEG_HEAD)
+        while not self.server.stopping.is_set():
+            self.wfile.write(_ZEROS)
+
+    def route_huge(self, rest: str, query: dict[str, str]) -> None:
+        remaining = int(rest) * 1024 * 1024 - len(_JPEG_HEAD)
+        chunked = query.get("chunked") == "1"
+        self._stream_start({"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(int(rest) << 20)})
+        write = self._write_chunk if chunked else self.wfile.write
+        write(_JPEG_HEAD)
+        while remaining > 0 and not self.server.stopping.is_set():
+            write(_ZEROS[: min(remaining, _BLOCK)])
+            remaining -= _BLOCK
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def route_gzipbomb(self, rest: str, query: dict[str, str]) -> None:
+        self._reply(200, gzip_bomb(), "image/jpeg", {"Content-Encoding": "gzip"})
+
+    def route_redirect(self, rest: str, query: dict[str, str]) -> None:
+        hops, _, image = rest.partition("/")
+        if int(hops) <= 0:
+            self._image(image, query)
+        else:
+            self._reply(302, b"redirect\n", headers={"Location": f"/redirect/{int(hops) - 1}/{quote(image)}"})
+
+    def route_loop(self, rest: str, query: dict[str, str]) -> None:
+        self._reply(302, b"redirect\n", headers={"Location": "/loop"})
+
+    def route_redirect_to(self, rest: str, query: dict[str, str]) -> None:
+        self._reply(int(query.get("status", 302)), b"redirect\n", headers={"Location": query["url"]})
+
+    def route_html(self, rest: str, query: dict[str, str]) -> None:
+        self._reply(200, b"<!doctype html><html><body><p>not an image</p></body></html>\n", "text/html")
+
+    def route_optout(self, rest: str, query: dict[str, str]) -> None:
+        directive, _, image = rest.partition("/")
+        self._image(image, query, **{"X-Robots-Tag": directive})
+
+    def route_wrongtype(self, rest: str, query: dict[str, str]) -> None:
+        self._image(rest, query, content_type="text/html")
+
+    def route_reset(self, rest: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()  # the socket closes for real only once its file objects are closed
+        self.connection.close()  # with linger 0 and no FIN sent yet, the kernel answers with RST
+
+    def route_truncated(self, rest: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        self._stream_start({"Content-Length": "20000"})
+        self.wfile.write(image_bytes("truncated")[:1000])
+
+    def route_badgzip(self, rest: str, query: dict[str, str]) -> None:
+        self._reply(200, image_bytes("badgzip"), "image/jpeg", {"Content-Encoding": "gzip"})
+
+    def route_notimage(self, rest: str, query: dict[str, str]) -> None:
+        self._reply(200, b"NOTIMAGE" + random.Random(rest).randbytes(4088), "image/jpeg")
+
+
+_ROUTES = {
+    "img": _Handler.route_img,
+    "status": _Handler.route_status,
+    "slow": _Handler.route_slow,
+    "trickle": _Handler.route_trickle,
+    "endless": _Handler.route_endless,
+    "huge": _Handler.route_huge,
+    "gzipbomb": _Handler.route_gzipbomb,
+    "redirect": _Handler.route_redirect,
+    "loop": _Handler.route_loop,
+    "redirect-to": _Handler.route_redirect_to,
+    "html": _Handler.route_html,
+    "optout": _Handler.route_optout,
+    "wrongtype": _Handler.route_wrongtype,
+    "reset": _Handler.route_reset,
+    "truncated": _Handler.route_truncated,
+    "badgzip": _Handler.route_badgzip,
+    "notimage": _Handler.route_notimage,
+}
+
+
+class ImageServer:
+    """The server on a background thread; port 0 picks a free port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = _Server((host, port))
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.host = host
+        self.port: int = self._server.server_address[1]
+
+    @property
+    def requests(self) -> int:
+        """Requests received so far."""
+        return self._server.requests
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far."""
+        return self._server.connections
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` (which starts with a slash) on this server."""
+        return f"http://{self.host}:{self.port}{path}"
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, end streaming responses and close every open connection."""
+        self._server.stopping.set()
+        self._server.shutdown()
+        with self._server.lock:
+            sockets = list(self._server.sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                sock.shutdown(socket.SHUT_RDWR)
+        self._server.server_close()
+        self._thread.join()
+
+
+def main() -> None:
+    """Run the server in the foreground until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = ImageServer(args.host, args.port)
+    server.start()
+    log.info("serving images on %s", server.url("/"))
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
