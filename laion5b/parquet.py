@@ -6,7 +6,9 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,8 +37,7 @@ class SourceFile:
     part: str
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One row: its 0-based position in the file, its sample id (None: use the position), URL and caption."""
 
     row: int
@@ -87,20 +88,25 @@ def read_rows(path: Path, start: int, batch_size: int) -> Iterator[list[Row]]:
     position = first_row
     batches = parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=list(columns.values()))
     for batch in _read_or_raise(batches, path):
-        values = {name: batch.column(column).to_pylist() for name, column in columns.items()}
         skip = max(0, start - position)
-        rows = [
-            Row(
-                row=position + i,
-                sample_id=values["id"][i] if "id" in values else None,
-                url=values["url"][i],
-                text=_text(values["text"][i]) if "text" in values else None,
-            )
-            for i in range(skip, batch.num_rows)
-        ]
+        count = batch.num_rows - skip
         position += batch.num_rows
-        if rows:
-            yield rows
+        if count <= 0:
+            continue
+        values = {name: batch.column(column).slice(skip).to_pylist() for name, column in columns.items()}
+        first = position - count
+        yield list(
+            map(
+                Row._make,
+                zip(
+                    range(first, position),
+                    values.get("id") or repeat(None, count),
+                    values["url"],
+                    map(_text, values["text"]) if "text" in values else repeat(None, count),
+                    strict=False,
+                ),
+            )
+        )
 
 
 def _open(path: Path) -> pq.ParquetFile:

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class Producer:
 
     def __post_init__(self) -> None:
         self._push = self.client.register_script(_PUSH_BATCH)
+        self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
         self._heartbeat_at = 0.0
 
     def run(self) -> Progress:
@@ -86,6 +88,7 @@ class Producer:
                 break
             if source.key in sizes:
                 self._queue_file(source)
+        self._pusher.shutdown()
         self._call(lambda: self.client.delete(self.keys.producer), "producer_stop")
         return self.progress
 
@@ -120,12 +123,22 @@ class Producer:
     def _queue_file(self, source: SourceFile) -> None:
         start = int(self._call(lambda: self.client.hget(self.keys.positions, source.key), "read_position") or 0)
         log.info("file_start file=%s subset=%s part=%s from_row=%d", source.key, source.subset, source.part, start)
+        in_flight: Future[bool] | None = None
         try:
             for rows in parquet.read_rows(source.path, start, self.batch_size):
-                if not self._push_batch(source, rows):
+                batch = Batch.of(source, rows)
+                if in_flight is not None and not in_flight.result():
                     return
+                self._wait_below_threshold()
+                if self.stop.is_set():
+                    return
+                in_flight = self._pusher.submit(self._push_batch, source, batch)
         except ParquetError as error:
             self._fail(source, error)
+            return
+        finally:
+            complete = in_flight is None or in_flight.result()
+        if not complete or self.stop.is_set():
             return
         with self.done_path.open("a", encoding="utf-8") as done:
             done.write(source.key + "\n")
@@ -134,22 +147,17 @@ class Producer:
         self._call(lambda: self.client.hdel(self.keys.positions, source.key), "clear_position")
         log.info("file_done file=%s", source.key)
 
-    def _push_batch(self, source: SourceFile, rows: list[Row]) -> bool:
-        """Queue one batch; False when this run must stop working on the file."""
-        self._wait_below_threshold()
-        if self.stop.is_set():
-            return False
-        tasks, errors = encode_rows(source, rows)
-        start, end = rows[0].row, rows[-1].row + 1
-        args = [source.key, start, end, len(tasks), *tasks, *errors]
+    def _push_batch(self, source: SourceFile, batch: Batch) -> bool:
+        """Queue one batch (in the pusher thread, while the next one is read); False when the file must stop."""
+        args = [source.key, batch.start, batch.end, len(batch.tasks), *batch.tasks, *batch.errors]
         keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions]
         position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
-        if position != end:
+        if position != batch.end:
             log.error("position_conflict file=%s expected=%d found=%d: is another add_task.py running?",
-                      source.key, start, position)  # fmt: skip
+                      source.key, batch.start, position)  # fmt: skip
             self.progress.failed_files.append(source.key)
             return False
-        self.progress.rows += len(rows)
+        self.progress.rows += batch.end - batch.start
         self.on_batch(self.progress, source)
         return True
 
@@ -181,24 +189,28 @@ class Producer:
         return retrying(call, what, self.stop)
 
 
-def encode_rows(source: SourceFile, rows: list[Row]) -> tuple[list[str], list[str]]:
-    """Tasks for rows with usable URLs, error records (``bad_url``) for the others."""
-    tasks, errors = [], []
-    for row in rows:
-        task = Task(
-            id=safe_id(row.row if row.sample_id is None else row.sample_id),
-            url=row.url.strip() if isinstance(row.url, str) else "",
-            subset=source.subset,
-            part=source.part,
-            row=row.row,
-            text=row.text,
-        )
-        problem = url_problem(row.url)
-        if problem is None:
-            tasks.append(task.encode())
-        else:
-            errors.append(task.error_record(BAD_URL, problem, worker="add_task"))
-    return tasks, errors
+@dataclass(frozen=True)
+class Batch:
+    """Rows ``start`` to ``end`` of a file, encoded: tasks for usable URLs, ``bad_url`` error records for others."""
+
+    start: int
+    end: int
+    tasks: list[str]
+    errors: list[str]
+
+    @classmethod
+    def of(cls, source: SourceFile, rows: list[Row]) -> Batch:
+        tasks, errors = [], []
+        subset, part = source.subset, source.part
+        for row, sample_id, url, text in rows:
+            problem = url_problem(url)
+            task = Task(safe_id(row if sample_id is None else sample_id),
+                        url.strip() if problem is None else str(url or ""), subset, part, row, text)  # fmt: skip
+            if problem is None:
+                tasks.append(task.encode())
+            else:
+                errors.append(task.error_record(BAD_URL, problem, worker="add_task"))
+        return cls(rows[0].row, rows[-1].row + 1, tasks, errors)
 
 
 def show_progress(progress: Progress, source: SourceFile) -> None:

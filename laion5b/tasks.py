@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 MAX_ID_CHARS = 128
@@ -14,7 +15,7 @@ MAX_URL_CHARS = 4096
 TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns"})
 TRANSIENT_CODES = frozenset({408, 429})
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_UNSAFE_CHARS = frozenset("/\\" + "".join(map(chr, range(32))) + "\x7f")
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.|^\.")
 
 Status = int | str
 """An HTTP status code, or one of the status words (``timeout``, ``not_image``, ...)."""
@@ -36,13 +37,22 @@ class Task:
     text: str | None = None
     attempts: int = 0
 
+    def fields(self) -> dict[str, Any]:
+        """The task as a flat dict, without empty fields."""
+        fields: dict[str, Any] = {"id": self.id, "url": self.url, "subset": self.subset, "part": self.part}
+        fields["row"] = self.row
+        if self.text is not None:
+            fields["text"] = self.text
+        fields["attempts"] = self.attempts
+        return fields
+
     def encode(self) -> str:
         """The JSON text stored in Redis."""
-        return _ENCODE({k: v for k, v in asdict(self).items() if v is not None})
+        return _ENCODE(self.fields())
 
     def error_record(self, status: Status, error_msg: str, worker: str) -> str:
         """The flat JSON error record for this task, with a unique ``record_id``."""
-        record: dict[str, Any] = {k: v for k, v in asdict(self).items() if v is not None}
+        record = self.fields()
         record.update(
             status=status,
             error_msg=error_msg,
@@ -79,6 +89,8 @@ def decode(raw: str | bytes) -> Task:
 
 def safe_id(value: object) -> str:
     """The sample id as a file name: kept when safe, else ``sha1-`` + the SHA-1 of its text."""
+    if type(value) is int and value >= 0:
+        return str(value)
     text = _id_text(value)
     if _is_safe_name(text):
         return text
@@ -86,7 +98,7 @@ def safe_id(value: object) -> str:
 
 
 def _id_text(value: object) -> str:
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and value >= 0:
         return str(int(value))
     if isinstance(value, bytes):
         return value.hex()
@@ -94,13 +106,7 @@ def _id_text(value: object) -> str:
 
 
 def _is_safe_name(text: str) -> bool:
-    return (
-        0 < len(text) <= MAX_ID_CHARS
-        and text not in (".", "..")
-        and ".." not in text
-        and not text.startswith(".")
-        and not _UNSAFE_CHARS.intersection(text)
-    )
+    return 0 < len(text) <= MAX_ID_CHARS and _UNSAFE.search(text) is None
 
 
 def _safe_folder(subset: str) -> bool:
