@@ -6,16 +6,17 @@ import signal
 import sys
 import threading
 import types
+from collections.abc import Mapping
 
 from laion5b import config
 
 EXIT_USAGE = 2
 
 
-def load_settings(module: types.ModuleType) -> config.Config:
+def load_settings(module: types.ModuleType, environ: Mapping[str, str] | None = None) -> config.Config:
     """The settings of ``module`` with their ``LAION_*`` overrides; exit 2 with one line when one is bad."""
     try:
-        return config.load(module)
+        return config.load(module, environ)
     except config.ConfigError as error:
         print(f"error: bad setting: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

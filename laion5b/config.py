@@ -57,6 +57,7 @@ class Config:
     min_free_gb: float
     store_error_dir: str
     min_success_ratio: float
+    demo_port: int
     keys: Keys = field(default_factory=Keys)
 
     def __post_init__(self) -> None:
@@ -86,8 +87,9 @@ def _validate(config: Config) -> None:
     for name in _NOT_NEGATIVE:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(config, name)!r}")
-    if not 0 < config.redis_port < 65536:
-        raise ConfigError(f"redis_port must be between 1 and 65535, got {config.redis_port!r}")
+    for name in ("redis_port", "demo_port"):
+        if not 0 < getattr(config, name) < 65536:
+            raise ConfigError(f"{name} must be between 1 and 65535, got {getattr(config, name)!r}")
     if config.min_success_ratio > 1:
         raise ConfigError(f"min_success_ratio must be between 0 and 1, got {config.min_success_ratio!r}")
     for network in config.allowed_networks:

@@ -91,3 +91,12 @@ class Keys:
     def error_processing(self, saver: str) -> str:
         """List: error records one save_error_task.py instance is writing to disk."""
         return f"{self.error}:processing:{saver}"
+
+    def error_saver(self, saver: str) -> str:
+        """String with a TTL: the live save_error_task.py process that owns the name ``saver``."""
+        return f"{self.error}:saver:{saver}"
+
+    @property
+    def requeued(self) -> str:
+        """Hash: ``<host_id>:<error file path>`` -> JSON ``{selector: byte offset}`` of what requeue handled."""
+        return f"{self.error}:requeued"
