@@ -35,10 +35,12 @@ def main() -> int:
         parser.error("--interval must be greater than 0")
     config = cli.load_settings(setting)
     setup("speed", config.log_dir)
-    client = redisconn.connect(config)
-    client.connection_pool.connection_kwargs.update(socket_timeout=QUICK_TIMEOUT, socket_connect_timeout=QUICK_TIMEOUT)
+    client = redisconn.connect(config, timeout=QUICK_TIMEOUT)
     try:
         first = _snapshot(client, config)
+    except redis.AuthenticationError as error:
+        log.error("redis_auth_failed redis=%s error=%s", redisconn.describe(config), error)
+        return cli.EXIT_USAGE
     except redis.RedisError as error:
         log.error("redis_unreachable redis=%s error=%s", redisconn.describe(config), " ".join(str(error).split()))
         return cli.EXIT_USAGE

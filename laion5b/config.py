@@ -80,26 +80,33 @@ _NOT_NEGATIVE = ("redis_db", "max_redirects", "stop_threshold", "min_free_gb", "
 def _validate(config: Config) -> None:
     for name in _AT_LEAST_ONE:
         if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)!r}")
+            raise ConfigError(f"{_named(name)} must be at least 1, got {getattr(config, name)!r}")
     for name in _POSITIVE:
         if getattr(config, name) <= 0:
-            raise ConfigError(f"{name} must be greater than 0, got {getattr(config, name)!r}")
+            raise ConfigError(f"{_named(name)} must be greater than 0, got {getattr(config, name)!r}")
     for name in _NOT_NEGATIVE:
         if getattr(config, name) < 0:
-            raise ConfigError(f"{name} must not be negative, got {getattr(config, name)!r}")
+            raise ConfigError(f"{_named(name)} must not be negative, got {getattr(config, name)!r}")
     for name in ("redis_port", "demo_port"):
         if not 0 < getattr(config, name) < 65536:
-            raise ConfigError(f"{name} must be between 1 and 65535, got {getattr(config, name)!r}")
+            raise ConfigError(f"{_named(name)} must be between 1 and 65535, got {getattr(config, name)!r}")
     if config.min_success_ratio > 1:
-        raise ConfigError(f"min_success_ratio must be between 0 and 1, got {config.min_success_ratio!r}")
+        raise ConfigError(f"{_named('min_success_ratio')} must be between 0 and 1, got {config.min_success_ratio!r}")
     for network in config.allowed_networks:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
-            raise ConfigError(f"allowed_networks: {network!r} is not a network such as 127.0.0.0/8") from None
+            raise ConfigError(
+                f"{_named('allowed_networks')}: {network!r} is not a network such as 127.0.0.0/8"
+            ) from None
     for name in ("redis_ip", "store_dir", "user_agent"):
         if not getattr(config, name):
-            raise ConfigError(f"{name} must not be empty")
+            raise ConfigError(f"{_named(name)} must not be empty")
+
+
+def _named(setting: str) -> str:
+    """A setting's name with the variable that overrides it, for messages."""
+    return f"{setting} ({ENV_PREFIX}{setting.upper()})"
 
 
 def load(module: types.ModuleType, environ: Mapping[str, str] | None = None) -> Config:

@@ -24,8 +24,8 @@ FATAL = (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOf
 MAX_BACKOFF = 30.0
 
 
-def connect(config: Config) -> redis.Redis:
-    """A client for the configured Redis; no connection is made until the first command."""
+def connect(config: Config, timeout: float = 30.0) -> redis.Redis:
+    """A client for the configured Redis, waiting at most ``timeout`` seconds for an answer; connects lazily."""
     return redis.Redis(
         host=config.redis_ip,
         port=config.redis_port,
@@ -33,8 +33,8 @@ def connect(config: Config) -> redis.Redis:
         password=config.redis_pass or None,
         ssl=config.redis_tls,
         ssl_ca_certs=config.redis_tls_ca or None,
-        socket_timeout=30,
-        socket_connect_timeout=5,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 5.0),
         health_check_interval=30,
         decode_responses=True,
         retry=Retry(NoBackoff(), 0),

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_ID_CHARS = 128
+MAX_ID_BYTES = 200
+"""File names are limited to 255 bytes: an id whose UTF-8 form is longer than this is hashed too."""
+HASHED_PREFIX = "sha1-"
 MAX_URL_CHARS = 4096
 TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns"})
 TRANSIENT_CODES = frozenset({408, 429})
@@ -82,19 +85,22 @@ def decode(raw: str | bytes) -> Task:
         raise BadTask("not a task: row and attempts must be whole numbers")
     if not all(isinstance(value, str) for value in (task.id, task.url, task.subset, task.part)):
         raise BadTask("not a task: id, url, subset and part must be strings")
-    if safe_id(task.id) != task.id or not _safe_folder(task.subset) or safe_id(task.part) != task.part:
+    if not (_is_safe_name(task.id) and _is_safe_name(task.part) and _safe_folder(task.subset)):
         raise BadTask("not a task: id, subset or part would leave the store folder")
     return task
 
 
 def safe_id(value: object) -> str:
-    """The sample id as a file name: kept when safe, else ``sha1-`` + the SHA-1 of its text."""
+    """The sample id as a file name: kept when safe, else ``sha1-`` + the SHA-1 of its text.
+
+    Ids that already start with ``sha1-`` are hashed too, so two distinct ids never share a name.
+    """
     if type(value) is int and value >= 0:
         return str(value)
     text = _id_text(value)
-    if _is_safe_name(text):
+    if _is_safe_name(text) and not text.startswith(HASHED_PREFIX):
         return text
-    return "sha1-" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return HASHED_PREFIX + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _id_text(value: object) -> str:
@@ -106,7 +112,11 @@ def _id_text(value: object) -> str:
 
 
 def _is_safe_name(text: str) -> bool:
-    return 0 < len(text) <= MAX_ID_CHARS and _UNSAFE.search(text) is None
+    return (
+        0 < len(text) <= MAX_ID_CHARS
+        and len(text.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES
+        and _UNSAFE.search(text) is None
+    )
 
 
 def _safe_folder(subset: str) -> bool:

@@ -64,11 +64,15 @@ def test_environment_overrides(variable, value, field, expected):
     [
         ("LAION_THREAD_NUM", "many", "LAION_THREAD_NUM: 'many' is not an integer"),
         ("LAION_FSYNC_IMAGES", "perhaps", "LAION_FSYNC_IMAGES: 'perhaps' is not a boolean"),
-        ("LAION_THREAD_NUM", "0", "thread_num must be at least 1"),
-        ("LAION_REDIS_PORT", "70000", "redis_port must be between 1 and 65535"),
-        ("LAION_DOWNLOAD_TIMEOUT", "-1", "download_timeout must be greater than 0"),
-        ("LAION_ALLOWED_NETWORKS", "not-a-net", "allowed_networks: 'not-a-net' is not a network"),
-        ("LAION_MIN_SUCCESS_RATIO", "2", "min_success_ratio must be between 0 and 1"),
+        ("LAION_THREAD_NUM", "0", "thread_num (LAION_THREAD_NUM) must be at least 1"),
+        ("LAION_REDIS_PORT", "70000", "redis_port (LAION_REDIS_PORT) must be between 1 and 65535"),
+        ("LAION_DOWNLOAD_TIMEOUT", "-1", "download_timeout (LAION_DOWNLOAD_TIMEOUT) must be greater than 0"),
+        (
+            "LAION_ALLOWED_NETWORKS",
+            "not-a-net",
+            "allowed_networks (LAION_ALLOWED_NETWORKS): 'not-a-net' is not a network",
+        ),
+        ("LAION_MIN_SUCCESS_RATIO", "2", "min_success_ratio (LAION_MIN_SUCCESS_RATIO) must be between 0 and 1"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):

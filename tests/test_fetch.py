@@ -625,3 +625,16 @@ def test_tls_uses_the_url_host_for_sni_and_certificate(
     assert_failed(result, "ssl")
     assert "certificate" in result.error_msg.lower()
     assert names == ["images.test"]
+
+
+def test_idna_host_is_resolved_in_its_ascii_form(image_server: ImageServer, fetch_with) -> None:
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    fetch = fetch_with(resolver=resolver)
+    result = fetch(f"http://bücher.test:{image_server.port}/img/idna.jpg")
+    assert_image(result, image_bytes("idna", "jpg"), "jpg")
+    assert asked == ["xn--bcher-kva.test"]
