@@ -246,6 +246,19 @@ class _GuardedAdapter(HTTPAdapter):
             self._guard, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
         )
 
+    def build_response(self, req: requests.PreparedRequest, resp: HTTPResponse) -> requests.Response:
+        """HTTPAdapter's response without its cookie extraction: the fetcher never sends cookies, so it skips
+        parsing Set-Cookie headers into a jar that nothing reads (and the text-encoding guess nothing uses)."""
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url  # type: ignore[assignment]
+        response.request = req
+        response.connection = self
+        return response
+
 
 class Fetcher:
     """One per thread: owns one requests.Session (connection reuse)."""
@@ -309,8 +322,7 @@ class Fetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Failure("timeout", f"no response within {self._policy.download_timeout:g} s")
-        request = requests.PreparedRequest()
-        request.prepare(method="GET", url=url, headers=self._session.headers)
+        request = _prepare(url, self._session.headers)
         timeout = (min(self._policy.connect_timeout, remaining), min(self._policy.read_timeout, remaining))
         adapter = self._session.get_adapter(request.url)
         return adapter.send(request, stream=True, timeout=timeout, verify=True, cert=None, proxies={})
@@ -340,6 +352,18 @@ class Fetcher:
             deadline = min(deadline, time.monotonic() + _DRAIN_SECONDS)
             with contextlib.suppress(_Failure, *_EXPECTED_ERRORS):
                 _read_body(response.raw, _DRAIN_BYTES, deadline, self._policy.read_timeout, image=False)
+
+
+def _prepare(url: str, headers: CaseInsensitiveDict) -> requests.PreparedRequest:
+    """``PreparedRequest.prepare(method="GET", url=url, headers=headers)`` less its cookie step: no jar is ever
+    passed, so that step only built an empty jar per request and asked it for a Cookie header it never has."""
+    request = requests.PreparedRequest()
+    request.prepare_method("GET")
+    request.prepare_url(url, None)
+    request.prepare_headers(headers)
+    request.prepare_body(None, None)
+    request.prepare_auth(None, url)  # user:password in the URL becomes Basic auth, as in prepare()
+    return request
 
 
 def _read_body(raw: HTTPResponse, limit: int, deadline: float, read_timeout: float, *, image: bool) -> bytes:

@@ -4,6 +4,7 @@ Every step is one Lua script, so it is atomic in Redis and safe to send again af
 - ``claim`` moves up to N tasks from the queue into the worker's lease list and keeps its heartbeat alive;
 - ``finish`` records a batch of outcomes, each only if its task is still in the lease list (LREM returned 1),
   together with its counters, its error record or its retry, so no task is ever counted twice;
+- ``exchange`` does both in one script (``claim`` and ``finish`` are its two halves): one round trip per batch;
 - ``reap`` returns the leases of a worker whose heartbeat has expired to the queue, exactly once.
 """
 
@@ -45,55 +46,60 @@ redis.call('SADD', KEYS[4], ARGV[3])
 return moved
 """
 
-# KEYS: queue, lease, heartbeat, workers. ARGV: count, token, ttl, worker. Returns the tasks, or false.
-_CLAIM = (
-    _TOUCH
-    + """
-if not touch(KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4]) then return false end
-local tasks = redis.call('RPOP', KEYS[1], ARGV[1])
-if not tasks then return {} end
-for first = 1, #tasks, 1000 do
-  redis.call('LPUSH', KEYS[2], unpack(tasks, first, math.min(first + 999, #tasks)))
-end
-return tasks
-"""
-)
-
-# KEYS: lease, queue, error list, succ counter, error counter, bytes counter, host counters, heartbeat, workers.
-# ARGV: host, token, ttl, worker, then (kind, task, payload) triples. Returns how many outcomes were applied.
-_FINISH = (
-    _TOUCH
-    + """
-local stored, failed, bytes, applied = 0, 0, 0, 0
-for i = 5, #ARGV, 3 do
-  local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('LREM', KEYS[1], 1, task) == 1 then
-    applied = applied + 1
-    if kind == 's' then
-      stored = stored + 1
-      bytes = bytes + tonumber(payload)
-    elseif kind == 'e' then
-      failed = failed + 1
-      redis.call('LPUSH', KEYS[3], payload)
-    elseif kind == 'r' then
-      redis.call('LPUSH', KEYS[2], payload)
-    else
-      redis.call('RPUSH', KEYS[2], task)
+# Records (kind, task, payload) triples from ARGV[first] on, each only if its task is still in the lease list.
+_RECORD = """
+local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, first)
+  local stored, failed, bytes, applied = 0, 0, 0, 0
+  for i = first, #ARGV, 3 do
+    local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    if redis.call('LREM', lease, 1, task) == 1 then
+      applied = applied + 1
+      if kind == 's' then
+        stored = stored + 1
+        bytes = bytes + tonumber(payload)
+      elseif kind == 'e' then
+        failed = failed + 1
+        redis.call('LPUSH', errors, payload)
+      elseif kind == 'r' then
+        redis.call('LPUSH', queue, payload)
+      else
+        redis.call('RPUSH', queue, task)
+      end
     end
   end
+  if stored > 0 then
+    redis.call('INCRBY', succ_key, stored)
+    redis.call('INCRBY', bytes_key, bytes)
+    redis.call('HINCRBY', hosts, host .. ':succ', stored)
+    redis.call('HINCRBY', hosts, host .. ':bytes', bytes)
+  end
+  if failed > 0 then
+    redis.call('INCRBY', error_key, failed)
+    redis.call('HINCRBY', hosts, host .. ':error', failed)
+  end
+  return applied
 end
-if stored > 0 then
-  redis.call('INCRBY', KEYS[4], stored)
-  redis.call('INCRBY', KEYS[6], bytes)
-  redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':succ', stored)
-  redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':bytes', bytes)
+"""
+
+# Records outcomes, then claims tasks, in one round trip. KEYS: lease, queue, error list, succ counter,
+# error counter, bytes counter, host counters, heartbeat, workers. ARGV: host, token, ttl, worker, count, then triples.
+# Returns {applied, 1, claimed tasks...}, or {applied, 0} when another process owns the identity (nothing claimed).
+_EXCHANGE = (
+    _TOUCH
+    + _RECORD
+    + """
+local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], 6)
+if not touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4]) then return {applied, 0} end
+local reply = {applied, 1}
+local count = tonumber(ARGV[5])
+if count < 1 then return reply end
+local tasks = redis.call('RPOP', KEYS[2], count)
+if not tasks then return reply end
+for first = 1, #tasks, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(tasks, first, math.min(first + 999, #tasks)))
 end
-if failed > 0 then
-  redis.call('INCRBY', KEYS[5], failed)
-  redis.call('HINCRBY', KEYS[7], ARGV[1] .. ':error', failed)
-end
-touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4])
-return applied
+for i = 1, #tasks do reply[i + 2] = tasks[i] end
+return reply
 """
 )
 
@@ -174,9 +180,19 @@ class Leases:
         self.token = self.owner.token()
         self.lease_key = keys.lease(worker)
         self.heartbeat_key = keys.heartbeat(worker)
+        self._finish_keys = [
+            self.lease_key,
+            keys.task,
+            keys.error,
+            keys.tongji_succ,
+            keys.tongji_error,
+            keys.tongji_bytes,
+            keys.host_counters,
+            self.heartbeat_key,
+            keys.workers,
+        ]
         self._register = client.register_script(_REGISTER)
-        self._claim = client.register_script(_CLAIM)
-        self._finish = client.register_script(_FINISH)
+        self._exchange = client.register_script(_EXCHANGE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._reap = client.register_script(_REAP)
         self._retire = client.register_script(_RETIRE)
@@ -202,29 +218,24 @@ class Leases:
 
     def claim(self, count: int) -> list[str]:
         """Move up to ``count`` tasks from the queue into this worker's lease list."""
-        keys = [self.keys.task, self.lease_key, self.heartbeat_key, self.keys.workers]
-        tasks = self._claim(keys=keys, args=[count, self.token, self.ttl, self.worker])
-        if tasks is None:
-            raise IdentityLost(f"worker {self.worker} was taken over by another process")
-        return tasks
+        return self.exchange((), count)[1]
 
     def finish(self, outcomes: Sequence[tuple[str, str, str | int]]) -> int:
         """Record (kind, task, payload) outcomes of held tasks; return how many were still held and so applied."""
-        keys = [
-            self.lease_key,
-            self.keys.task,
-            self.keys.error,
-            self.keys.tongji_succ,
-            self.keys.tongji_error,
-            self.keys.tongji_bytes,
-            self.keys.host_counters,
-            self.heartbeat_key,
-            self.keys.workers,
-        ]
-        args: list[str | int] = [self.host_id, self.token, self.ttl, self.worker]
+        return self.exchange(outcomes, 0)[0]
+
+    def exchange(self, outcomes: Sequence[tuple[str, str, str | int]], count: int) -> tuple[int, list[str]]:
+        """Record ``outcomes``, then claim up to ``count`` tasks, in one round trip: (outcomes applied, tasks claimed).
+
+        Raise IdentityLost (after recording) when another process owns this worker's identity.
+        """
+        args: list[str | int] = [self.host_id, self.token, self.ttl, self.worker, count]
         for outcome in outcomes:
             args.extend(outcome)
-        return int(self._finish(keys=keys, args=args))
+        reply = self._exchange(keys=self._finish_keys, args=args)
+        if not reply[1]:
+            raise IdentityLost(f"worker {self.worker} was taken over by another process")
+        return int(reply[0]), reply[2:]
 
     def heartbeat(self) -> None:
         """Keep the identity alive; raise IdentityLost when another process has taken it."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -16,7 +18,9 @@ log = logging.getLogger(__name__)
 
 FILES_PER_FOLDER = 10_000
 TEMP_FOLDER = ".tmp"
+LISTING_MAX_AGE = 10.0  # seconds a folder listing answers existing() before the folder is listed again
 _KNOWN_FOLDERS_LIMIT = 100_000
+_LISTED_FOLDERS_LIMIT = 32  # listings kept (each at most about FILES_PER_FOLDER names), oldest dropped first
 
 
 def image_folder(store_dir: Path, task: Task) -> Path:
@@ -25,13 +29,20 @@ def image_folder(store_dir: Path, task: Task) -> Path:
 
 
 class Store:
-    """Stores images under ``store_dir``; one instance per worker process, shared by its threads."""
+    """Stores images under ``store_dir``; one instance per worker process, shared by its threads.
+
+    Paths are plain strings inside: pathlib costs more than the system calls on this per-image path.
+    """
 
     def __init__(self, store_dir: Path, host_id: str, worker_name: str, fsync: bool) -> None:
         self.store_dir = store_dir
         self.fsync = fsync
         self.temp_dir = temp_root(store_dir, host_id) / f"{_file_safe(worker_name)}.{os.getpid()}"
-        self._known_folders: set[Path] = set()
+        self._root = os.fspath(store_dir)
+        self._temp = os.fspath(self.temp_dir)
+        self._known_folders: set[str] = set()
+        self._listings: dict[str, tuple[float, set[str]]] = {}
+        self._listing_lock = threading.Lock()
 
     def open(self) -> None:
         """Create this worker's empty temporary folder, removing those of dead workers of this host."""
@@ -44,33 +55,61 @@ class Store:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def existing(self, task: Task) -> Path | None:
-        """The stored file of this task, if an earlier try stored it."""
-        folder = image_folder(self.store_dir, task)
-        if folder not in self._known_folders and not folder.is_dir():
-            return None
+        """The stored file of this task, if an earlier try stored it.
+
+        Answered from a listing of the image's folder, taken at most LISTING_MAX_AGE seconds ago and kept up to date
+        with this process's own saves: one system call per folder instead of one per extension per image. A file
+        that another process stored since the listing is missed, which costs one redundant download, never a
+        wrong count (the task's outcome is recorded once either way, and the file is replaced atomically).
+        """
+        folder = self._folder(task)
+        names = self._listing(folder)
         for extension in EXTENSIONS:
-            path = folder / f"{task.id}.{extension}"
-            if path.exists():
-                return path
+            name = f"{task.id}.{extension}"
+            if name in names:
+                return Path(folder, name)
         return None
 
     def save(self, task: Task, data: bytes, extension: str) -> Path:
         """Write ``data`` to a temporary file and rename it to its final name; return that name."""
-        folder = image_folder(self.store_dir, task)
+        folder = self._folder(task)
         if folder not in self._known_folders:
-            folder.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             if len(self._known_folders) >= _KNOWN_FOLDERS_LIMIT:
                 self._known_folders.clear()
             self._known_folders.add(folder)
-        final = folder / f"{task.id}.{extension}"
-        temporary = self.temp_dir / f"{task.subset.replace('/', '_')}.{task.part}.{task.id}.{extension}"
+        name = f"{task.id}.{extension}"
+        final = f"{folder}/{name}"
+        temporary = f"{self._temp}/{threading.get_ident()}.{extension}"
         with open(temporary, "wb") as file:
             file.write(data)
             if self.fsync:
                 file.flush()
                 os.fsync(file.fileno())
         os.replace(temporary, final)
-        return final
+        listed = self._listings.get(folder)
+        if listed is not None:
+            listed[1].add(name)
+        return Path(final)
+
+    def _folder(self, task: Task) -> str:
+        return f"{self._root}/{task.subset}/{task.part}/{task.row // FILES_PER_FOLDER:05d}"
+
+    def _listing(self, folder: str) -> set[str]:
+        now = time.monotonic()
+        listed = self._listings.get(folder)
+        if listed is not None and now - listed[0] <= LISTING_MAX_AGE:
+            return listed[1]
+        try:
+            names = set(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            names = set()
+        with self._listing_lock:  # the only place that adds or drops listings
+            self._listings.pop(folder, None)
+            while len(self._listings) >= _LISTED_FOLDERS_LIMIT:
+                del self._listings[next(iter(self._listings))]
+            self._listings[folder] = (now, names)
+        return names
 
 
 def temp_root(store_dir: Path, host_id: str) -> Path:

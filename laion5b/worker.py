@@ -29,7 +29,10 @@ Outcome = tuple[str, str, str | int]
 """(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
 
 FLUSH_AFTER = 0.2
+CLAIM_RETRY = 0.2
+TICK = 0.01
 IDLE_POLL = 0.5
+DRAIN_POLL = 0.1
 DISK_CHECK_EVERY = 10.0
 DISK_RECHECK_MAX = 30.0
 SUMMARY_EVERY = 30.0
@@ -115,7 +118,9 @@ class Worker:
         self.pause_reason: str | None = None
         self.disk_alarm = threading.Event()
         self.tally = Tally()
+        self.round_trips = 0
         self._next: dict[str, float] = {}
+        self._next_claim = 0.0
 
     # --- life cycle ---
 
@@ -135,22 +140,29 @@ class Worker:
             self._shut_down()
 
     def _main_loop(self) -> None:
+        threads = self.config.thread_num
+        idle = DRAIN_POLL if self.until_empty else IDLE_POLL
         while not self.stop.is_set():
-            self._collect(timeout=IDLE_POLL if self.held_count == 0 else 0.05)
             now = time.monotonic()
-            if self.pending and (
-                len(self.pending) >= max(1, self.config.thread_num // 2)
+            self._periodic(now)
+            # Tasks not yet finished: running, or waiting in self.todo. Keep 2 x thread_num of them, topping up once
+            # half a thread_num is missing, so the threads never wait on Redis; outcomes ride along in the same call.
+            room = 2 * threads - (self.held_count - len(self.pending)) if self.pause_reason is None else 0
+            want = room >= max(1, threads // 2) and now >= self._next_claim
+            flush = bool(self.pending) and (
+                len(self.pending) >= threads
                 or now - self.pending_since >= FLUSH_AFTER
                 or len(self.pending) == self.held_count
-            ):
-                self._record()
-            self._periodic(now)
+            )
             claimed = 0
-            if self.pause_reason is None and self.held_count <= self.config.thread_num:
-                claimed = self._claim(2 * self.config.thread_num - self.held_count)
+            if want or flush:
+                claimed = self._exchange(room)
+                if claimed < room:  # the queue ran dry: ask again later, not at every tick
+                    self._next_claim = now + CLAIM_RETRY
             if self.until_empty and claimed == 0 and self.held_count == 0 and self._nothing_left():
                 log.info("queue_drained worker=%s", self.identity)
                 return
+            self._collect(idle if self.held_count == 0 else TICK)
 
     def _shut_down(self) -> None:
         unstarted = []
@@ -168,7 +180,7 @@ class Worker:
         deadline = time.monotonic() + self.config.download_timeout + 5
         for thread in self.threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._collect(timeout=0)
+        self._collect(0)
         try:
             if self.pending:
                 self._record()
@@ -179,31 +191,42 @@ class Worker:
             returned = -1
         self.store.close()
         log.info(
-            "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d",
+            "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d round_trips=%d",
             self.identity,
             self.tally.stored,
             self.tally.failed,
             self.tally.retried,
             returned,
+            self.round_trips,
         )
 
     # --- Redis side (main thread only) ---
 
     def _redis(self, call, what: str):
+        self.round_trips += 1
         return retrying(call, what, self.stop if what not in ("retire", "finish") else None)
 
-    def _claim(self, count: int) -> int:
-        tasks = self._redis(lambda: self.leases.claim(count), "claim")
+    def _exchange(self, count: int) -> int:
+        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came."""
+        batch, self.pending = self.pending, []
+        applied, tasks = self._redis(lambda: self.leases.exchange(batch, count), "finish" if batch else "claim")
+        self._settle(batch, applied)
         for raw in tasks:
             self.held[raw] += 1
             self.todo.put(raw)
         self.held_count += len(tasks)
         return len(tasks)
 
-    def _collect(self, timeout: float) -> None:
-        """Move finished outcomes from the download threads into the batch waiting to be recorded."""
+    def _collect(self, wait: float) -> None:
+        """Wait ``wait`` seconds (less when stopped), then move every finished outcome into the pending batch.
+
+        The main thread wakes on a clock, not on each outcome: under 32 busy threads each wake costs a turn of
+        the GIL, and one wake per TICK collects every outcome that arrived meanwhile.
+        """
+        if wait > 0:
+            self.stop.wait(wait)
         try:
-            outcome = self.done.get(timeout=timeout) if timeout > 0 else self.done.get_nowait()
+            outcome = self.done.get_nowait()
         except queue.Empty:
             return
         if not self.pending:
@@ -216,8 +239,9 @@ class Worker:
                 return
 
     def _record(self) -> None:
-        batch, self.pending = self.pending, []
-        applied = self._redis(lambda: self.leases.finish(batch), "finish")
+        self._exchange(0)
+
+    def _settle(self, batch: list[Outcome], applied: int) -> None:
         for outcome in batch:
             raw = outcome[1]
             self.held[raw] -= 1
@@ -243,7 +267,7 @@ class Worker:
         if self._due("summary", now, SUMMARY_EVERY):
             elapsed = max(now - self.tally.started, 1e-9)
             log.info(
-                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d paused=%s",
+                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d paused=%s round_trips=%d",
                 self.identity,
                 (self.tally.stored + self.tally.failed) / elapsed,
                 self.tally.stored,
@@ -251,6 +275,7 @@ class Worker:
                 self.tally.retried,
                 self.held_count,
                 self.pause_reason is not None,
+                self.round_trips,
             )
 
     def _due(self, what: str, now: float, every: float) -> bool:
@@ -287,6 +312,7 @@ class Worker:
             producing, queued, workers = pipe.execute()
             if producing or queued:
                 return False
+            self.round_trips += 1
             pipe = self.client.pipeline(transaction=False)
             for worker in workers:
                 pipe.llen(self.keys.lease(worker))
