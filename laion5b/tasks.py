@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import os
 import re
 import time
@@ -18,6 +19,7 @@ MAX_URL_CHARS = 4096
 TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns"})
 TRANSIENT_CODES = frozenset({408, 429})
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.|^\.")
 
 Status = int | str
@@ -50,8 +52,13 @@ class Task:
         return fields
 
     def encode(self) -> str:
-        """The JSON text stored in Redis."""
-        return _ENCODE(self.fields())
+        """The JSON text stored in Redis: the same as ``_ENCODE(self.fields())``, built without the encoder's overhead
+        (the producer encodes hundreds of thousands of tasks a second)."""
+        text = "" if self.text is None else f',"text":{_STRING(self.text)}'
+        return (
+            f'{{"id":{_STRING(self.id)},"url":{_STRING(self.url)},"subset":{_STRING(self.subset)},'
+            f'"part":{_STRING(self.part)},"row":{self.row:d}{text},"attempts":{self.attempts:d}}}'
+        )
 
     def error_record(self, status: Status, error_msg: str, worker: str) -> str:
         """The flat JSON error record for this task, with a unique ``record_id``."""

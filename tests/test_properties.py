@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 from hypothesis import given
@@ -57,3 +58,8 @@ def test_ids_that_look_hashed_are_hashed_again(suffix):
 def test_decoding_garbage_raises_only_bad_task(raw):
     with contextlib.suppress(BadTask):
         decode(raw)
+
+
+@given(tasks)
+def test_the_fast_encoding_is_plain_json(task):
+    assert task.encode() == json.dumps(task.fields(), ensure_ascii=False, separators=(",", ":"))
