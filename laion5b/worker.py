@@ -260,10 +260,11 @@ class Worker:
         if self._due("reap", now, ttl / 2):
             self._return_strays()
             self._reap()
-        recheck = min(DISK_RECHECK_MAX, self.config.monitor_interval)
-        if self.disk_alarm.is_set() or self._due("disk", now, recheck if self.pause_reason else DISK_CHECK_EVERY):
+        if self.disk_alarm.is_set() or now >= self._next.get("disk", 0.0):
             self.disk_alarm.clear()
             self._check_disk()
+            paused_recheck = min(DISK_RECHECK_MAX, self.config.monitor_interval)
+            self._next["disk"] = now + (paused_recheck if self.pause_reason else DISK_CHECK_EVERY)
         if self._due("summary", now, SUMMARY_EVERY):
             elapsed = max(now - self.tally.started, 1e-9)
             log.info(

@@ -165,6 +165,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(address, _Handler)

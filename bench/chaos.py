@@ -1,0 +1,1309 @@
+"""Chaos run: the whole suite on one machine under faults, then an exact audit of its books.
+
+    python3 bench/chaos.py [--rows 20000] [--seconds 60] [--seed 1] [--workers 3] [--threads 16] [--keep]
+
+Everything stays on 127.0.0.1 and in one temporary folder (removed at the end unless --keep or a check failed):
+- a loopback image server (tools/image_server.py, in this process) serving a mix of URL kinds (see KINDS): real
+  images in every format, and 404/403/410/500/503/429, resets, truncated and broken-gzip bodies, trickles, slow
+  headers, endless, huge and chunked bodies, gzip bombs, redirect loops and chains, HTML and other non-images,
+  X-Robots-Tag opt-outs, wrong Content-Types, redirects to 10.0.0.1, 169.254.169.254 and 0.0.0.0:<sentinel>
+  (a listener that counts every connection it gets: it must get none), and rows with unusable URLs;
+- LAION-shaped parquet files (original URL/TEXT/SAMPLE_ID columns and the wide url/hash table, Spark part names,
+  _SUCCESS and .crc files beside them);
+- a private redis-server (AOF on, appendfsync everysec unless --appendfsync always, noeviction) on a free port;
+- add_task.py (small batches and queue threshold, so it lives through the run), W downloader.py workers,
+  save_error_task.py (small batches) and monitor_disk.py, every one a real process with its own log.
+
+While it runs, faults come at random moments (seeded): workers SIGKILLed and restarted under the same name at once
+or under a new name (their leases then wait for heartbeat expiry and reaping), every worker SIGKILLed at once,
+workers stopped with SIGTERM, Redis restarted cleanly (sometimes with a worker killed and restarted while Redis is
+down), add_task.py SIGKILLed mid-file, save_error_task.py SIGKILLed, and the disk guard tripped (monitor stopped,
+a huge used-GB value published until every worker has paused; the queue must not shrink while they are paused)
+and released. The first round holds every kind of fault once.
+
+Then the faults stop, the chaos workers get SIGTERM, a final pass of `downloader.py --until-empty` workers runs,
+the saver is stopped and `save_error_task.py --until-empty` runs, add_task.py runs once more (it must queue
+nothing), and the audit checks: parquet rows == succeeded + failed == laion5b_tongji_all; every success is
+exactly one file whose bytes are the bytes the server sends for its URL; every failure is exactly one error record
+(saved files plus whatever is left in Redis) with the status of its URL kind (the transient kinds after max_attempts
+tries; their last try may meet another transient failure, timeout or connection, on a busy machine: that is accepted
+and shown apart, for at most 10 % of a kind); nothing left in the queue, in any lease or processing list, or in
+store_dir/.tmp; no connection reached the sentinel; worker RSS stayed under threads x max_image_bytes + overhead. It
+prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1 on any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from laion5b import errorfiles, parquet  # noqa: E402
+from laion5b.disk import publish_used  # noqa: E402
+from laion5b.imageformat import image_extension  # noqa: E402
+from laion5b.keys import Keys  # noqa: E402
+from laion5b.tasks import safe_id  # noqa: E402
+from tools.image_server import ImageServer, gzip_bomb, image_bytes  # noqa: E402
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REPORT = ROOT / "bench" / "CHAOS.md"
+KEYS = Keys()
+HOST_ID = "chaos"
+MIB = 1024 * 1024
+MAX_IMAGE_BYTES = MIB
+MAX_ATTEMPTS = 3
+HEARTBEAT_TTL = 3
+DOWNLOAD_TIMEOUT = 2.0
+RSS_EVERY = 0.5
+RSS_OVERHEAD_MIB = 128  # interpreter, requests, sockets, buffers: what a worker holds besides its image bodies
+DISK_TRIP_MAX = 15.0  # a running worker checks its disk every 10 s (worker.DISK_CHECK_EVERY)
+PAUSED_WATCH = 1.5  # seconds the queue is watched once every worker has paused
+SAVER_CATCH = 6.0  # seconds spent trying to catch save_error_task.py while it holds a batch
+RESUME_MAX = 15.0  # a worker that has just paused looks at its disk again after up to 10 s
+SHARD_ROWS = 10_000
+TRANSIENT_ENDINGS = ("timeout", "connection")  # what else a transient kind's last try may meet on a busy machine
+OWN_STATUS_SHARE = 0.9  # ... but most rows of a transient kind must end with the kind's own status
+EXTENSIONS = ("jpg", "png", "gif", "webp", "bmp", "tiff", "avif", "heic")
+BAD_URLS = ("ftp://127.0.0.1/x.jpg", "", None, "not a url", "javascript:alert(1)", "http:/127.0.0.1/one-slash.jpg")
+
+
+# --- the URL mix ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Image:
+    """What ``/img/<name>.<ext>?size=<size>`` serves: ``image_bytes(name, ext, size)``."""
+
+    name: str
+    ext: str
+    size: int
+
+    def data(self) -> bytes:
+        return image_bytes(self.name, self.ext, self.size)
+
+
+@dataclass(frozen=True)
+class Context:
+    base: str  # http://127.0.0.1:<port> of the image server
+    sentinel: int  # port of the listener that must never see a connection
+
+
+Build = Callable[[random.Random, str, Context], tuple[str | None, Image | None]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of URL: its share of the rows, how it is built, and how it must end."""
+
+    name: str
+    weight: float  # percent of the rows
+    expect: int | str | None  # None: one stored image; else the status of its one error record
+    retried: bool  # transient: the record must show MAX_ATTEMPTS tries, the last of which may also have met
+    # another transient failure (TRANSIENT_ENDINGS) when the machine is busy
+    build: Build
+
+    def accepts(self, status: object) -> bool:
+        return status == self.expect or (self.retried and status in TRANSIENT_ENDINGS)
+
+
+def _served(route: str, sizes: tuple[int, int] = (2_000, 40_000), exts: tuple[str, ...] = EXTENSIONS) -> Build:
+    def build(rng: random.Random, name: str, ctx: Context) -> tuple[str | None, Image | None]:
+        image = Image(name, rng.choice(exts), rng.randint(*sizes))
+        return f"{ctx.base}{route}/{quote(image.name)}.{image.ext}?size={image.size}", image
+
+    return build
+
+
+def _redirected(rng: random.Random, name: str, ctx: Context) -> tuple[str | None, Image | None]:
+    image = Image(name, rng.choice(EXTENSIONS), 20_000)  # /redirect/ drops the query: the default size
+    return f"{ctx.base}/redirect/{rng.randint(1, 4)}/{quote(name)}.{image.ext}", image
+
+
+def _path(path: str) -> Build:
+    return lambda rng, name, ctx: (f"{ctx.base}{path}", None)
+
+
+def _redirect_to(target: Callable[[Context, str], str]) -> Build:
+    return lambda rng, name, ctx: (f"{ctx.base}/redirect-to?url={quote(target(ctx, name), safe='')}&n={name}", None)
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind("ok", 55.0, None, False, _served("/img")),
+    Kind("big", 0.5, None, False, _served("/img", (600_000, MAX_IMAGE_BYTES - 1), ("jpg", "png"))),
+    Kind("wrongtype", 3.0, None, False, _served("/wrongtype")),
+    Kind("redirected", 3.0, None, False, _redirected),
+    Kind("slow_ok", 3.0, None, False, _served("/slow/0.2")),
+    Kind("robots_ok", 2.0, None, False, _served("/optout/nofollow")),
+    Kind("404", 4.0, 404, False, _path("/status/404")),
+    Kind("403", 2.0, 403, False, _path("/status/403")),
+    Kind("410", 1.0, 410, False, _path("/status/410")),
+    Kind("500", 1.5, 500, True, _path("/status/500")),
+    Kind("503", 1.0, 503, True, _path("/status/503")),
+    Kind("429", 1.5, 429, True, _path("/status/429")),
+    Kind("reset", 1.0, "connection", True, _path("/reset")),
+    Kind("truncated", 0.5, "connection", True, _path("/truncated")),
+    Kind("badgzip", 0.5, "connection", True, _path("/badgzip")),
+    Kind("trickle", 0.6, "timeout", True, _path("/trickle")),
+    Kind("slow_headers", 0.6, "timeout", True, lambda rng, name, ctx: (f"{ctx.base}/slow/5/{name}.jpg", None)),
+    Kind("endless", 0.5, "too_large", False, _path("/endless")),
+    Kind("huge", 0.5, "too_large", False, _path("/huge/8")),
+    Kind("huge_chunked", 0.5, "too_large", False, _path("/huge/8?chunked=1")),
+    Kind("gzipbomb", 0.5, "too_large", False, _path("/gzipbomb")),
+    Kind("loop", 1.0, "redirects", False, _path("/loop")),
+    Kind("too_many_redirects", 1.0, "redirects", False, lambda r, n, c: (f"{c.base}/redirect/7/{n}.jpg", None)),
+    Kind("html", 2.0, "not_image", False, _path("/html")),
+    Kind("notimage", 1.0, "not_image", False, lambda rng, name, ctx: (f"{ctx.base}/notimage/{name}", None)),
+    Kind("optout_noai", 1.0, "disallowed", False, _served("/optout/noai")),
+    Kind("optout_noimageai", 0.5, "disallowed", False, _served("/optout/noimageai")),
+    Kind("optout_noindex", 0.5, "disallowed", False, _served("/optout/noindex,%20nofollow")),
+    Kind("to_private", 0.5, "blocked_address", False, _redirect_to(lambda ctx, name: "http://10.0.0.1/x.jpg")),
+    Kind(
+        "to_metadata",
+        0.5,
+        "blocked_address",
+        False,
+        _redirect_to(lambda ctx, name: "http://169.254.169.254/latest/meta-data/"),
+    ),
+    Kind(
+        "to_sentinel",
+        0.5,
+        "blocked_address",
+        False,
+        _redirect_to(lambda ctx, name: f"http://0.0.0.0:{ctx.sentinel}/img/{name}.jpg"),
+    ),
+    Kind(
+        "sentinel_direct",
+        0.3,
+        "blocked_address",
+        False,
+        lambda rng, name, ctx: (f"http://0.0.0.0:{ctx.sentinel}/img/{name}.jpg", None),
+    ),
+    Kind("bad_redirect", 0.3, "bad_url", False, _redirect_to(lambda ctx, name: "http://[::1")),
+    Kind("redirect_ftp", 0.3, "bad_url", False, _redirect_to(lambda ctx, name: "ftp://127.0.0.1/x.jpg")),
+    Kind("bad_url_row", 0.5, "bad_url", False, lambda rng, name, ctx: (rng.choice(BAD_URLS), None)),
+)
+KIND_BY_NAME = {kind.name: kind for kind in KINDS}
+
+
+@dataclass
+class Row:
+    """One parquet row and what must become of it."""
+
+    subset: str
+    part: str
+    row: int
+    task_id: str
+    url: str | None
+    kind: Kind
+    image: Image | None
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.subset, self.part, self.row
+
+
+# --- parquet files ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    relpath: str
+    schema: str  # "original" (URL, TEXT, SAMPLE_ID int), "original_float" (SAMPLE_ID as double), "wide" (url, hash)
+    share: float
+
+
+def file_specs() -> list[FileSpec]:
+    spark = "part-{:05d}-" + str(uuid.UUID(int=7)) + "-c000.snappy.parquet"
+    return [
+        FileSpec(f"laion2B-en/{spark.format(0)}", "original", 0.30),
+        FileSpec(f"laion2B-en/{spark.format(1)}", "original", 0.20),
+        FileSpec(f"laion2B-multi/{spark.format(0)}", "original_float", 0.15),
+        FileSpec("laion1B-nolang/0000.parquet", "wide", 0.20),
+        FileSpec("wide_extra.parquet", "wide", 0.15),
+    ]
+
+
+def kind_sequence(rows: int, rng: random.Random) -> list[Kind]:
+    """Each kind's share of ``rows`` (at least one row each when there is room), shuffled."""
+    total = sum(kind.weight for kind in KINDS)
+    counts = {kind.name: round(rows * kind.weight / total) for kind in KINDS}
+    if rows >= len(KINDS):
+        counts = {name: max(1, count) for name, count in counts.items()}
+    counts["ok"] += rows - sum(counts.values())
+    sequence = [KIND_BY_NAME[name] for name, count in counts.items() for _ in range(count)]
+    rng.shuffle(sequence)
+    return sequence
+
+
+def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[list[Row], list[str]]:
+    """Write the parquet files; return every row with its expected outcome, and the files' descriptions."""
+    rng = random.Random(seed)
+    kinds = kind_sequence(rows, rng)
+    specs = file_specs()
+    sizes = [int(rows * spec.share) for spec in specs]
+    sizes[0] += rows - sum(sizes)
+    drafts: list[tuple[FileSpec, int, object, str | None, Kind, Image | None]] = []
+    start = 0
+    for spec, size in zip(specs, sizes, strict=True):
+        columns: dict[str, list] = defaultdict(list)
+        for offset in range(size):
+            index = start + offset
+            kind = kinds[index]
+            name = f"{kind.name}-{seed}-{index}"
+            url, image = kind.build(rng, name, ctx)
+            if spec.schema == "wide":
+                sample: object = hashlib.md5(f"{seed}:{index}".encode()).hexdigest()
+                if index % 500 == 7:
+                    sample = f"ab/../{sample}"  # not a safe file name: becomes sha1-<hex>
+                columns["url"].append(url)
+                columns["hash"].append(sample)
+                columns["image_suffix"].append(image.ext if image else "jpg")
+                columns["caption"].append(f"wide caption {index}")
+                columns["similarity"].append(0.3)
+            else:
+                sample = 2_000_000_000 + index
+                if spec.schema == "original_float":
+                    sample = float(sample)
+                columns["SAMPLE_ID"].append(sample)
+                columns["URL"].append(url)
+                columns["TEXT"].append(f"caption {index} ü")
+                columns["HEIGHT"].append(256)
+                columns["WIDTH"].append(256)
+                columns["LICENSE"].append("?")
+                columns["NSFW"].append("UNLIKELY")
+                columns["similarity"].append(0.31)
+            drafts.append((spec, offset, sample, url, kind, image))
+        path = folder / spec.relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        types = {"url": pa.string(), "URL": pa.string(), "hash": pa.string()}
+        table = pa.table({name: pa.array(values, type=types.get(name)) for name, values in columns.items()})
+        pq.write_table(table, path, row_group_size=500)
+        start += size
+    (folder / "laion2B-en" / "_SUCCESS").write_text("")
+    (folder / "laion2B-en" / ".part-00000.crc").write_bytes(b"crc")
+    sources = {source.key: source for source in parquet.find_files(folder)}
+    result = []
+    for spec, offset, sample, url, kind, image in drafts:
+        source = sources[spec.relpath]
+        result.append(Row(source.subset, source.part, offset, safe_id(sample), url, kind, image))
+    described = [
+        f"{spec.relpath} ({spec.schema}, {size:,} rows: subset {sources[spec.relpath].subset}, "
+        f"part {sources[spec.relpath].part})"
+        for spec, size in zip(specs, sizes, strict=True)
+    ]
+    return result, described
+
+
+# --- services ---------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisService:
+    """A private redis-server with AOF, restartable on the same port and data folder; stopped by PID."""
+
+    def __init__(self, folder: Path, appendfsync: str) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.appendfsync = appendfsync
+        self.process: subprocess.Popen | None = None
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=10)
+
+    def start(self) -> None:
+        command = [
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+            "--appendonly", "yes", "--appendfsync", self.appendfsync, "--maxmemory-policy", "noeviction",
+            "--save", "", "--daemonize", "no", "--logfile", str(self.folder / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.client.ping()
+                return
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start; see {self.folder / 'redis.log'}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM: Redis writes and fsyncs its AOF and exits cleanly."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def call(self, what: Callable[[redis.Redis], object], patience: float = 60.0):
+        """Run ``what(client)``, waiting while Redis is restarting."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return what(self.client)
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+class Sentinel:
+    """A listener on 127.0.0.1 behind the blocked ``0.0.0.0:<port>`` URLs: every connection it gets is a leak."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(64)
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.connections = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="sentinel", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            connection.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.socket.close()
+
+
+# --- managed processes ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    role: str  # worker, final, producer, saver, monitor
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    signalled: bool = False  # set when this harness stopped or killed it on purpose
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self, start: int = 0) -> str:
+        with contextlib.suppress(OSError), self.log.open("rb") as file:
+            file.seek(start)
+            return file.read().decode("utf-8", "replace")
+        return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+
+@dataclass
+class Figures:
+    """What the chaos did and what the run achieved."""
+
+    faults: Counter = field(default_factory=Counter)
+    starts: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    disk: list[str] = field(default_factory=list)
+    producer_mid_file: int = 0
+    saver_mid_batch: int = 0
+    window: tuple[float, float, int, int, int, int] = (0.0, 0.0, 0, 0, 0, 0)  # t0, t1, succ0, succ1, done0, done1
+    all_done_after: float | None = None
+    rss_peak: dict[str, int] = field(default_factory=dict)
+    rss_samples: int = 0
+
+
+class Chaos:
+    """The run: services, processes, fault events and the final passes."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
+        self.args = args
+        self.folder = folder
+        self.rng = random.Random(args.seed * 7919 + 1)
+        self.figures = Figures()
+        self.logs = folder / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.store = folder / "images"
+        self.errors = folder / "error_task"
+        self.parquet = folder / "parquet"
+        self.procs: list[Proc] = []
+        self.workers: dict[str, Proc] = {}  # live chaos workers by name
+        self.producer: Proc | None = None
+        self.producer_done = False
+        self.saver: Proc | None = None
+        self.monitor: Proc | None = None
+        self.next_worker = 0
+        self.sequence = 0
+        self.started = time.monotonic()
+        self.rows: list[Row] = []
+        self.described: list[str] = []
+        self.log_counts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.sampling = threading.Event()
+        (folder / "redis").mkdir()
+        self.redis = RedisService(folder / "redis", args.appendfsync)
+        self.server = ImageServer()
+        self.sentinel = Sentinel()
+        batch = args.batch or max(25, min(200, args.rows // 100))
+        threshold = args.threshold or max(2 * batch, args.rows // 20)
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("LAION_")}
+        self.settings = {
+            "LAION_REDIS_IP": "127.0.0.1",
+            "LAION_REDIS_PORT": str(self.redis.port),
+            "LAION_PARQUET_DIR": str(self.parquet),
+            "LAION_DONE_PATH": str(folder / "done_part.txt"),
+            "LAION_STORE_DIR": str(self.store),
+            "LAION_STORE_ERROR_DIR": str(self.errors),
+            "LAION_LOG_DIR": "",
+            "LAION_HOST_ID": HOST_ID,
+            "LAION_MONITOR_DISK": str(folder),
+            "LAION_MONITOR_INTERVAL": "1",
+            "LAION_MIN_FREE_GB": "0",
+            "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "LAION_THREAD_NUM": str(args.threads),
+            "LAION_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
+            "LAION_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "LAION_CONNECT_TIMEOUT": "1",
+            "LAION_READ_TIMEOUT": "1",
+            "LAION_DOWNLOAD_TIMEOUT": f"{DOWNLOAD_TIMEOUT:g}",
+            "LAION_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+            "LAION_ADDTASK_BATCH": str(batch),
+            "LAION_ADDTASK_THRESHOLD": str(threshold),
+        }
+        self.env.update(self.settings, PYTHONPATH=str(ROOT))
+
+    # --- output ---
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
+
+    def fail(self, message: str) -> None:
+        self.figures.failures.append(message)
+        self.say(f"FAIL {message}")
+
+    # --- processes ---
+
+    def spawn(self, role: str, script: str, name: str, *args: str) -> Proc:
+        self.sequence += 1
+        log = self.logs / f"{self.sequence:04d}-{role}-{name}.log"
+        with log.open("wb") as output:
+            popen = subprocess.Popen(
+                [sys.executable, str(ROOT / script), *args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = Proc(role, name, popen, log)
+        with self.lock:
+            self.procs.append(proc)
+        self.figures.starts[role] += 1
+        return proc
+
+    def start_worker(self, name: str | None = None) -> Proc:
+        if name is None:
+            name = f"w{self.next_worker}"
+            self.next_worker += 1
+        proc = self.spawn("worker", "downloader.py", name, name)
+        self.workers[name] = proc
+        return proc
+
+    def start_producer(self) -> None:
+        self.producer = self.spawn("producer", "add_task.py", "add_task")
+
+    def start_saver(self) -> None:
+        self.saver = self.spawn("saver", "save_error_task.py", "saver", "--batch", str(self.args.saver_batch))
+
+    def start_monitor(self) -> None:
+        self.monitor = self.spawn("monitor", "monitor_disk.py", "monitor")
+
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL by PID, then reap it so that no zombie keeps its identity looking alive."""
+        proc.signalled = True
+        if proc.alive():
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.popen.wait()
+
+    def terminate(self, proc: Proc, timeout: float = 30.0) -> int:
+        """SIGTERM by PID and wait; an exit code other than 0 is a failure."""
+        proc.signalled = True
+        if proc.alive():
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"{proc.role} {proc.name} (pid {proc.pid}) ignored SIGTERM for {timeout:.0f} s")
+            self.kill(proc)
+            return -9
+        if code != 0:
+            self.fail(f"{proc.role} {proc.name} exited {code} after SIGTERM; log tail: {tail(proc)}")
+        return code
+
+    def check_processes(self) -> None:
+        """A process that ended without being told to is a failure (add_task.py finishing with 0 excepted)."""
+        for proc in list(self.procs):
+            code = proc.popen.poll()
+            if code is None or proc.signalled:
+                continue
+            proc.signalled = True
+            if proc is self.producer and code == 0:
+                self.producer_done = True
+                self.say("add_task.py finished: every file queued")
+                continue
+            self.fail(f"{proc.role} {proc.name} exited {code} by itself; log tail: {tail(proc)}")
+            if proc.role == "worker" and self.workers.get(proc.name) is proc:
+                self.start_worker(proc.name)
+            elif proc is self.producer:
+                self.start_producer()
+            elif proc is self.saver:
+                self.start_saver()
+            elif proc is self.monitor:
+                self.start_monitor()
+
+    def stop_everything(self) -> None:
+        """Kill, by PID, whatever this run started and is still running."""
+        self.sampling.set()
+        with self.lock:
+            procs = list(self.procs)
+        for proc in procs:
+            if proc.alive():
+                proc.signalled = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.popen.wait()
+        with contextlib.suppress(Exception):
+            self.redis.stop()
+        with contextlib.suppress(Exception):
+            self.server.stop()
+        with contextlib.suppress(Exception):
+            self.sentinel.stop()
+
+    # --- Redis figures ---
+
+    def counters(self) -> tuple[int, int, int]:
+        """(added, succeeded, failed)."""
+        values = self.redis.call(lambda c: c.mget(KEYS.tongji_all, KEYS.tongji_succ, KEYS.tongji_error))
+        return tuple(int(value or 0) for value in values)  # type: ignore[return-value]
+
+    def finished(self) -> int:
+        _, succeeded, failed = self.counters()
+        return succeeded + failed
+
+    # --- memory ---
+
+    def sample_rss(self) -> None:
+        while not self.sampling.wait(RSS_EVERY):
+            with self.lock:
+                procs = [proc for proc in self.procs if proc.role in ("worker", "final")]
+            for proc in procs:
+                try:
+                    rss = psutil.Process(proc.pid).memory_info().rss
+                except psutil.Error:
+                    continue
+                label = f"{proc.name}.{proc.pid}"
+                self.figures.rss_peak[label] = max(self.figures.rss_peak.get(label, 0), rss)
+            self.figures.rss_samples += 1
+
+    # --- the run ---
+
+    def run(self) -> int:
+        self.server.start()
+        gzip_bomb()  # computed once by the server; not part of the run
+        ctx = Context(self.server.url(""), self.sentinel.port)
+        rows, described = write_parquet(self.parquet, self.args.rows, self.args.seed, ctx)
+        self.rows, self.described = rows, described
+        self.redis.start()
+        self.say(f"{len(rows):,} rows in {len(described)} parquet files; redis on port {self.redis.port} "
+                 f"(appendfsync {self.args.appendfsync}); image server {ctx.base}; sentinel port {ctx.sentinel}; "
+                 f"folder {self.folder}")  # fmt: skip
+        threading.Thread(target=self.sample_rss, name="rss", daemon=True).start()
+        self.start_producer()
+        self.start_monitor()
+        self.start_saver()
+        for _ in range(self.args.workers):
+            self.start_worker()
+        t0 = time.monotonic()
+        _, succ0, fail0 = self.counters()
+        self.chaos(t0)
+        t1 = time.monotonic()
+        _, succ1, fail1 = self.counters()
+        self.figures.window = (t0, t1, succ0, succ1, succ0 + fail0, succ1 + fail1)
+        self.settle(t0)
+        self.final_passes()
+        self.audit_logs()
+        return self.audit()
+
+    def chaos(self, t0: float) -> None:
+        """Fault events at random moments until --seconds have passed (the first round holds every kind)."""
+        first = ["worker_kill_same", "worker_kill_new", "worker_term", "all_workers_kill", "redis_restart",
+                 "saver_kill", "disk_trip"]  # fmt: skip
+        self.rng.shuffle(first)
+        first.insert(0, "producer_kill")  # first, while add_task.py surely has files to queue
+        weights = {
+            "worker_kill_same": 24,
+            "worker_kill_new": 24,
+            "worker_term": 5,
+            "all_workers_kill": 4,
+            "redis_restart": 12,
+            "producer_kill": 12,
+            "saver_kill": 12,
+            "disk_trip": 3,
+        }
+        plan: Iterator[str] = iter(first)
+        deadline = t0 + self.args.seconds
+        round_done = False
+        while not round_done or time.monotonic() < deadline:
+            self.pause(self.rng.uniform(0.3, 1.5))
+            if round_done and self.finished() >= len(self.rows):
+                self.say("every task has its outcome: faults stop early")
+                break
+            event = next(plan, None)
+            if event is None:
+                round_done = True
+                if time.monotonic() >= deadline:
+                    break
+                if self.producer_done:
+                    weights.pop("producer_kill", None)
+                event = self.rng.choices(list(weights), weights=list(weights.values()))[0]
+            getattr(self, f"event_{event}")()
+            self.check_processes()
+
+    def pause(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+            self.check_processes()
+
+    # --- events ---
+
+    def pick_worker(self) -> Proc:
+        name = self.rng.choice(sorted(self.workers))
+        return self.workers.pop(name)
+
+    def event_worker_kill_same(self) -> None:
+        proc = self.pick_worker()
+        self.kill(proc)
+        self.start_worker(proc.name)
+        self.figures.faults["worker SIGKILL, restarted under the same name"] += 1
+        self.say(f"worker {proc.name}: SIGKILL, restarted under the same name")
+
+    def event_worker_kill_new(self) -> None:
+        proc = self.pick_worker()
+        self.kill(proc)
+        new = self.start_worker()
+        self.figures.faults["worker SIGKILL, replaced under a new name"] += 1
+        self.say(f"worker {proc.name}: SIGKILL, replaced by {new.name} (its leases wait for reaping)")
+
+    def event_worker_term(self) -> None:
+        proc = self.pick_worker()
+        self.terminate(proc, timeout=DOWNLOAD_TIMEOUT + 20)
+        self.start_worker(proc.name)
+        self.figures.faults["worker SIGTERM, restarted"] += 1
+        self.say(f"worker {proc.name}: SIGTERM (returns what it holds), restarted")
+
+    def event_all_workers_kill(self) -> None:
+        procs = [self.workers.pop(name) for name in sorted(self.workers)]
+        for proc in procs:
+            self.kill(proc)
+        for _ in procs:
+            self.start_worker()
+        self.figures.faults["every worker SIGKILLed at once, replaced under new names"] += 1
+        self.say(f"all {len(procs)} workers: SIGKILL at once, replaced under new names")
+
+    def event_redis_restart(self) -> None:
+        self.redis.stop()
+        also = ""
+        if self.rng.random() < 0.4:
+            proc = self.pick_worker()
+            self.kill(proc)
+            self.start_worker(proc.name)
+            self.figures.faults["worker SIGKILL while Redis is down, restarted"] += 1
+            also = f"; worker {proc.name} SIGKILLed and restarted while Redis was down"
+        time.sleep(self.rng.uniform(0.2, 1.5))
+        self.redis.start()
+        self.figures.faults["Redis restart (SIGTERM, start on the same port and AOF)"] += 1
+        self.say(f"redis: SIGTERM, started again{also}")
+
+    def event_producer_kill(self) -> None:
+        if self.producer_done:
+            self.figures.notes.append("an add_task.py kill came after it had finished: skipped")
+            return
+        assert self.producer is not None
+        deadline = time.monotonic() + 3
+        positions: dict[str, str] = {}
+        while time.monotonic() < deadline and self.producer.alive():
+            positions = self.redis.call(lambda c: c.hgetall(KEYS.positions))
+            if positions:
+                break
+            time.sleep(0.05)
+        if not self.producer.alive():
+            self.check_processes()
+            return
+        self.kill(self.producer)
+        self.figures.faults["add_task.py SIGKILL, restarted"] += 1
+        if positions:
+            self.figures.producer_mid_file += 1
+        where = ", ".join(f"{key} at row {value}" for key, value in positions.items()) or "between files"
+        self.start_producer()
+        self.say(f"add_task.py: SIGKILL ({where}), restarted")
+
+    def event_saver_kill(self) -> None:
+        """SIGKILL save_error_task.py, if it can be caught within a few seconds, while it holds a batch: it is
+        frozen (SIGSTOP) at random moments until its processing list is not empty, and killed frozen."""
+        assert self.saver is not None
+        saver = self.saver
+        processing = KEYS.error_processing(HOST_ID)
+        held = 0
+        deadline = time.monotonic() + SAVER_CATCH
+        while time.monotonic() < deadline and saver.alive():
+            os.kill(saver.pid, signal.SIGSTOP)
+            held = self.redis.call(lambda c: c.llen(processing))
+            if held:
+                break
+            os.kill(saver.pid, signal.SIGCONT)
+            time.sleep(0.001)
+        self.kill(saver)
+        self.start_saver()
+        self.figures.faults["save_error_task.py SIGKILL, restarted"] += 1
+        if held:
+            self.figures.saver_mid_batch += 1
+        where = f"holding a batch of {held} records" if held else "between batches"
+        self.say(f"save_error_task.py: SIGKILL ({where}), restarted under the same name")
+
+    def event_disk_trip(self) -> None:
+        """Stop the monitor, publish a full disk until every worker has paused, check that the queue does not
+        shrink while they are paused, then publish an empty disk and start the monitor again."""
+        assert self.monitor is not None
+        self.terminate(self.monitor)
+        marks = {name: proc.log_size() for name, proc in self.workers.items()}
+        started = time.monotonic()
+        paused: set[str] = set()
+        while time.monotonic() - started < DISK_TRIP_MAX:
+            self.redis.call(lambda c: publish_used(c, KEYS, HOST_ID, 10**9))
+            paused = {name for name, proc in self.workers.items() if "disk_pause" in proc.log_text(marks[name])}
+            if paused == set(self.workers):
+                break
+            time.sleep(0.5)
+        took = time.monotonic() - started
+        shrank = []
+        if paused == set(self.workers):
+            queued = self.redis.call(lambda c: c.llen(KEYS.task))
+            watch_end = time.monotonic() + PAUSED_WATCH
+            while time.monotonic() < watch_end:
+                self.redis.call(lambda c: publish_used(c, KEYS, HOST_ID, 10**9))
+                time.sleep(0.25)
+                now = self.redis.call(lambda c: c.llen(KEYS.task))
+                if now < queued:
+                    shrank.append(f"{queued}->{now}")
+                queued = now
+        else:
+            self.fail(f"disk trip: only {len(paused)} of {len(self.workers)} workers paused in {took:.1f} s")
+        if shrank:
+            self.fail(f"disk trip: the queue shrank while every worker was paused ({', '.join(shrank)})")
+        self.redis.call(lambda c: publish_used(c, KEYS, HOST_ID, 0))
+        released = time.monotonic()
+        self.start_monitor()
+        resumed: set[str] = set()
+        while time.monotonic() - released < RESUME_MAX:
+            resumed = {name for name in paused if "disk_resume" in self.workers[name].log_text(marks[name])}
+            if resumed == paused:
+                break
+            time.sleep(0.2)
+        if resumed != paused:
+            self.fail(f"disk trip: {len(paused) - len(resumed)} paused workers did not resume within {RESUME_MAX:g} s")
+        self.figures.faults["disk guard tripped and released"] += 1
+        line = (
+            f"{len(paused)}/{len(self.workers)} workers paused within {took:.1f} s, queue steady while paused, "
+            f"{len(resumed)} resumed within {time.monotonic() - released:.1f} s of the release"
+        )
+        self.figures.disk.append(line)
+        self.say(f"disk guard: {line}")
+
+    # --- the end ---
+
+    def settle(self, t0: float) -> None:
+        """After the faults: let add_task.py finish and the workers drain what they can, then SIGTERM them."""
+        deadline = time.monotonic() + self.args.drain_timeout
+        if not self.producer_done and self.producer is not None and not self.producer.alive():
+            self.check_processes()
+        while time.monotonic() < deadline:
+            self.check_processes()
+            if self.producer_done and self.finished() >= len(self.rows):
+                break
+            time.sleep(0.2)
+        if self.finished() >= len(self.rows):
+            self.figures.all_done_after = time.monotonic() - t0
+            self.say(f"every task has its outcome ({time.monotonic() - t0:.1f} s after the workers started)")
+        else:
+            self.say(f"drain timeout: {self.finished():,} of {len(self.rows):,} tasks have their outcome")
+        if not self.producer_done:
+            self.fail("add_task.py did not finish")
+        for name in sorted(self.workers):
+            self.terminate(self.workers.pop(name), timeout=DOWNLOAD_TIMEOUT + 30)
+
+    def final_passes(self) -> None:
+        """downloader.py --until-empty, then save_error_task.py --until-empty, then add_task.py once more."""
+        finals = [self.spawn("final", "downloader.py", f"final-{i}", f"final-{i}", "--until-empty")
+                  for i in range(self.args.workers)]  # fmt: skip
+        for proc in finals:
+            self.expect_exit(proc, 0, self.args.drain_timeout)
+        self.say(f"final pass: {len(finals)} x downloader.py --until-empty exited 0")
+        for proc in (self.saver, self.monitor):
+            if proc is not None:
+                self.terminate(proc)
+        self.expect_exit(self.spawn("final", "save_error_task.py", "saver-final", "--until-empty"), 0, 60)
+        added = self.counters()[0]
+        again = self.spawn("final", "add_task.py", "add_task-again")
+        self.expect_exit(again, 0, 60)
+        if self.counters()[0] != added:
+            self.fail(f"add_task.py run again added {self.counters()[0] - added} tasks")
+        self.sampling.set()
+
+    def expect_exit(self, proc: Proc, code: int, timeout: float) -> None:
+        try:
+            got = proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"{proc.name} did not finish within {timeout:.0f} s; log tail: {tail(proc)}")
+            self.kill(proc)
+            return
+        proc.signalled = True
+        if got != code:
+            self.fail(f"{proc.name} exited {got}, not {code}; log tail: {tail(proc)}")
+
+    def audit_logs(self) -> None:
+        """Count what the processes logged; a traceback or a crashed task is a failure."""
+        patterns = {
+            "leases returned by a successor of the same name": re.compile(r"returned_from_predecessor=([1-9]\d*)"),
+            "leases recovered from dead workers (reaped)": re.compile(r"leases_recovered worker=\S+ tasks=(\d+)"),
+            "stray leases returned": re.compile(r"strays_returned worker=\S+ tasks=(\d+)"),
+            "outcomes not applied (lease lost)": re.compile(r"lease_lost worker=\S+ outcomes=(\d+) applied=(\d+)"),
+            "records of held-over batches (after a saver kill)": re.compile(r"held_over_batch name=\S+ records=(\d+)"),
+            "  of which already in the files, skipped": re.compile(r"held_over_batch .* already_saved=(\d+)"),
+            "Redis outages waited out (log lines)": re.compile(r"redis_unavailable"),
+        }
+        self.log_counts = Counter(dict.fromkeys(patterns, 0))
+        bad = re.compile(r"Traceback|task_crashed|internal_error|position_conflict|identity_lost|name_lost")
+        for log in sorted(self.logs.glob("*.log")):
+            text = log.read_text(encoding="utf-8", errors="replace")
+            for label, pattern in patterns.items():
+                for match in pattern.finditer(text):
+                    if label.startswith("outcomes not applied"):
+                        self.log_counts[label] += int(match.group(1)) - int(match.group(2))
+                    elif match.groups():
+                        self.log_counts[label] += int(match.group(1))
+                    else:
+                        self.log_counts[label] += 1
+            for match in bad.finditer(text):
+                line = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end())]
+                self.fail(f"{log.name}: {line[:300]}")
+                break
+
+    def audit(self) -> int:
+        audit = Audit(self.rows, self.store, self.errors, self.redis)
+        audit.check()
+        self.figures.failures.extend(audit.problems)
+        if self.sentinel.connections:
+            self.figures.failures.append(f"the sentinel behind 0.0.0.0 got {self.sentinel.connections} connections")
+        peak = max(self.figures.rss_peak.values(), default=0)
+        bound = self.args.threads * MAX_IMAGE_BYTES + RSS_OVERHEAD_MIB * MIB
+        if peak > bound:
+            self.figures.failures.append(f"worker peak RSS {peak / MIB:.0f} MiB > bound {bound / MIB:.0f} MiB")
+        if not self.figures.rss_samples:
+            self.figures.failures.append("no RSS sample was taken")
+        text = self.render(audit, peak, bound)
+        print(text, flush=True)
+        if not self.args.no_report:
+            REPORT.write_text(self.markdown(text), encoding="utf-8")
+            print(f"figures written to {REPORT.relative_to(ROOT)}")
+        return 1 if self.figures.failures else 0
+
+    # --- figures ---
+
+    def render(self, audit: Audit, peak: int, bound: int) -> str:
+        figures = self.figures
+        t0, t1, succ0, succ1, done0, done1 = figures.window
+        window = max(t1 - t0, 1e-9)
+        total_faults = sum(figures.faults.values())
+        restarts = sum(n for role, n in figures.starts.items() if role != "final") - (3 + self.args.workers)
+        verdict = "PASS" if not figures.failures else f"FAIL ({len(figures.failures)} problems)"
+        lines = [
+            "",
+            f"=== chaos run: {verdict} ===",
+            f"rows (parquet)          {len(self.rows):>8,}   in {len(self.described)} files: "
+            f"3 original URL/TEXT/SAMPLE_ID, 2 wide url/hash",
+            f"laion5b_tongji_all      {audit.added:>8,}",
+            f"succeeded               {audit.succeeded:>8,}   files checked byte for byte against the server: "
+            f"{audit.files_ok:,}",
+            f"failed                  {audit.failed:>8,}   error records with the expected status: "
+            f"{audit.records_ok:,} ({audit.record_files} files, {audit.left_in_redis} left in Redis, "
+            f"{audit.torn} torn lines)",
+            f"  ... transient kinds whose last try met another transient failure: {audit.other_transient}",
+            f"lost                    {audit.lost:>8,}",
+            f"doubled                 {audit.doubled:>8,}",
+            f"wrong outcome           {audit.wrong:>8,}",
+            f"left in queue/leases    {audit.leftover:>8,}   temporary files left: {audit.temp_files}",
+            f"sentinel connections    {self.sentinel.connections:>8,}   (blocked_address records: "
+            f"{audit.status_count.get('blocked_address', 0):,}, each refused by the guard before connecting)",
+            "",
+            f"faults                  {total_faults:>8,}   (seed {self.args.seed}, {self.args.seconds:g} s window, "
+            f"{self.args.workers} workers x {self.args.threads} threads)",
+        ]
+        lines += [f"  {count:>5,}  {what}" for what, count in sorted(figures.faults.items(), key=lambda x: -x[1])]
+        if figures.producer_mid_file:
+            lines.append(f"         ({figures.producer_mid_file} of the add_task.py kills landed mid-file)")
+        if figures.saver_mid_batch:
+            lines.append(f"         ({figures.saver_mid_batch} of the save_error_task.py kills landed while it held "
+                         "a batch)")  # fmt: skip
+        lines += [f"  disk trip: {line}" for line in figures.disk]
+        starts = ", ".join(f"{role} {count}" for role, count in sorted(figures.starts.items()))
+        lines.append(f"process restarts        {restarts:>8,}   ({starts} starts); from the processes' logs:")
+        lines += [f"  {count:>5,}  {what}" for what, count in self.log_counts.items()]
+        lines += [
+            "",
+            f"under faults            {(succ1 - succ0) / window:>8,.0f} images/s, "
+            f"{(done1 - done0) / window:,.0f} tasks/s over the {window:.1f} s fault window",
+        ]
+        if figures.all_done_after is not None:
+            lines.append(f"all {len(self.rows):,} tasks done in {figures.all_done_after:,.1f} s "
+                         f"({len(self.rows) / figures.all_done_after:,.0f} tasks/s)")  # fmt: skip
+        lines.append(
+            f"worker peak RSS         {peak / MIB:>8,.0f} MiB   (bound {self.args.threads} threads x "
+            f"{MAX_IMAGE_BYTES // MIB} MiB + {RSS_OVERHEAD_MIB} MiB = {bound / MIB:.0f} MiB; "
+            f"{len(figures.rss_peak)} processes, {figures.rss_samples} samples every {RSS_EVERY:g} s)"
+        )
+        lines += ["", "kind                    rows  expected            outcome"]
+        for kind in KINDS:
+            got = audit.by_kind[kind.name]
+            expected = "image" if kind.expect is None else str(kind.expect)
+            if kind.retried:
+                expected += f" x{MAX_ATTEMPTS}"
+            outcome = ", ".join(f"{label} {count:,}" for label, count in got.most_common())
+            lines.append(f"{kind.name:<22} {sum(got.values()):>5,}  {expected:<18}  {outcome}")
+        if figures.notes:
+            lines += ["", *[f"note: {note}" for note in figures.notes]]
+        if figures.failures:
+            lines += ["", "problems:"]
+            lines += [f"  - {problem}" for problem in figures.failures[:40]]
+            if len(figures.failures) > 40:
+                lines.append(f"  ... and {len(figures.failures) - 40} more")
+        return "\n".join(lines)
+
+    def markdown(self, text: str) -> str:
+        command = "python3 bench/chaos.py " + " ".join(sys.argv[1:])
+        settings = " ".join(f"{key}={value}" for key, value in self.settings.items()
+                            if key not in ("LAION_REDIS_PORT",) and not value.startswith(str(self.folder)))  # fmt: skip
+        return "\n".join([
+            "# Chaos run",
+            "",
+            f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+            "",
+            f"command: `{command.strip()}`",
+            "",
+            f"machine: {os.cpu_count()} cores ({cpu_model()}), {psutil.virtual_memory().total / 1024**3:.0f} GiB RAM, "
+            f"{platform.platform()}, Python {platform.python_version()}, {redis_version()}",
+            "",
+            f"settings: `{settings}` (redis appendfsync {self.args.appendfsync}, noeviction)",
+            "",
+            "parquet files:",
+            "",
+            *[f"- {line}" for line in self.described],
+            "",
+            "What it does and checks: see the docstring of `bench/chaos.py`. Figures of the run:",
+            "",
+            "```",
+            text.strip("\n"),
+            "```",
+            "",
+        ])  # fmt: skip
+
+
+def tail(proc: Proc, chars: int = 600) -> str:
+    return " | ".join(proc.log_text().strip().splitlines()[-4:])[-chars:]
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def redis_version() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        output = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"v=(\S+)", output)
+        if match:
+            return f"redis-server {match.group(1)}"
+    return "redis-server"
+
+
+# --- the audit --------------------------------------------------------------------------------------------------
+
+
+class Audit:
+    """Every row against what the run left: files, error records, counters and Redis lists."""
+
+    def __init__(self, rows: list[Row], store: Path, errors: Path, service: RedisService) -> None:
+        self.rows = rows
+        self.store = store
+        self.errors = errors
+        self.redis = service
+        self.problems: list[str] = []
+        self.by_kind: dict[str, Counter] = defaultdict(Counter)
+        self.status_count: Counter = Counter()
+        self.lost = self.doubled = self.wrong = 0
+        self.files_ok = self.records_ok = self.other_transient = 0
+        self.added = self.succeeded = self.failed = 0
+        self.record_files = self.torn = self.left_in_redis = self.leftover = self.temp_files = 0
+
+    def problem(self, message: str) -> None:
+        if len(self.problems) < 200:
+            self.problems.append(message)
+
+    def check(self) -> None:
+        client = self.redis.client
+        files = self.stored_files()
+        records = self.error_records(client)
+        self.check_counters(client)
+        self.check_rows(files, records)
+        self.check_leftovers(client)
+
+    def stored_files(self) -> dict[tuple[str, str], list[Path]]:
+        """(folder relative to store_dir, file stem) -> files; files in .tmp are counted apart."""
+        found: dict[tuple[str, str], list[Path]] = defaultdict(list)
+        for path in self.store.rglob("*"):
+            if not path.is_file():
+                continue
+            relative = path.relative_to(self.store)
+            if relative.parts[0] == ".tmp":
+                self.temp_files += 1
+                continue
+            found[relative.parent.as_posix(), path.stem].append(path)
+        if self.temp_files:
+            self.problem(f"{self.temp_files} files left in {self.store / '.tmp'}")
+        return found
+
+    def error_records(self, client: redis.Redis) -> dict[tuple[str, str, int], list[dict]]:
+        """Error records by (subset, part, row): the saved files, the error list and every processing list."""
+        lines: list[str] = []
+        files = errorfiles.error_files(self.errors)
+        self.record_files = len(files)
+        for path in files:
+            for _, _, line in errorfiles.lines_from(path):
+                lines.append(line.decode("utf-8", "replace"))
+        in_redis = list(client.lrange(KEYS.error, 0, -1))
+        for key in client.scan_iter(match=f"{KEYS.error}:processing:*"):
+            in_redis += client.lrange(key, 0, -1)
+        self.left_in_redis = len(in_redis)
+        records: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+        seen_ids: Counter = Counter()
+        for line in lines + in_redis:
+            record = errorfiles.parse(line)
+            if record is None:
+                self.torn += 1
+                continue
+            seen_ids[record.get("record_id")] += 1
+            if "raw" in record or not {"subset", "part", "row"} <= record.keys():
+                self.problem(f"an error record that is no task's: {line[:200]}")
+                continue
+            records[record["subset"], record["part"], record["row"]].append(record)
+        twice = [record_id for record_id, count in seen_ids.items() if count > 1]
+        if twice:
+            self.problem(f"{len(twice)} error records saved more than once, e.g. record_id {twice[0]}")
+        return records
+
+    def check_counters(self, client: redis.Redis) -> None:
+        added, succeeded, failed = (int(v or 0) for v in client.mget(KEYS.tongji_all, KEYS.tongji_succ,
+                                                                     KEYS.tongji_error))  # fmt: skip
+        self.added, self.succeeded, self.failed = added, succeeded, failed
+        expected_succ = sum(1 for row in self.rows if row.kind.expect is None)
+        if not len(self.rows) == succeeded + failed == added:
+            self.problem(f"rows {len(self.rows)}, succeeded + failed {succeeded + failed}, tongji_all {added}")
+        if succeeded != expected_succ or failed != len(self.rows) - expected_succ:
+            self.problem(f"succeeded {succeeded} / failed {failed}, expected {expected_succ} / "
+                         f"{len(self.rows) - expected_succ}")  # fmt: skip
+        hosts = client.hgetall(KEYS.host_counters)
+        host_succ, host_error = int(hosts.get(f"{HOST_ID}:succ", 0)), int(hosts.get(f"{HOST_ID}:error", 0))
+        bad_rows = sum(1 for row in self.rows if row.kind.name == "bad_url_row")
+        if host_succ != succeeded or host_error + bad_rows != failed:
+            self.problem(f"host counters {host_succ} succ / {host_error} errors do not match {succeeded} / "
+                         f"{failed} ({bad_rows} bad rows are counted by add_task.py)")  # fmt: skip
+
+    def check_rows(self, files: dict[tuple[str, str], list[Path]], records: dict) -> None:
+        matched_files = 0
+        for row in self.rows:
+            folder = f"{row.subset}/{row.part}/{row.row // SHARD_ROWS:05d}"
+            stored = files.get((folder, row.task_id), [])
+            matched_files += len(stored)
+            found = records.get(row.key, [])
+            outcomes = len(stored) + len(found)
+            label = self.judge(row, stored, found)
+            self.by_kind[row.kind.name][label] += 1
+            for record in found:
+                self.status_count[str(record.get("status"))] += 1
+            if outcomes == 0:
+                self.lost += 1
+                self.problem(f"lost: {row.kind.name} row {row.key} ({row.url})")
+            elif outcomes > 1:
+                self.doubled += 1
+                self.problem(f"doubled: {row.kind.name} row {row.key}: {len(stored)} files, {len(found)} records")
+            elif not label.startswith("ok"):
+                self.wrong += 1
+                self.problem(f"wrong: {row.kind.name} row {row.key} ({row.url}): {label}")
+        for kind in KINDS:
+            got = self.by_kind[kind.name]
+            rows = sum(got.values())
+            if kind.retried and rows >= 10 and got[f"ok {kind.expect}"] < OWN_STATUS_SHARE * rows:
+                self.problem(f"only {got[f'ok {kind.expect}']} of {rows} {kind.name} rows ended with {kind.expect}")
+        extra = sum(len(paths) for paths in files.values()) - matched_files
+        if extra:
+            self.problem(f"{extra} stored files belong to no row")
+        known = {row.key for row in self.rows}
+        strays = sum(len(found) for key, found in records.items() if key not in known)
+        if strays:
+            self.problem(f"{strays} error records belong to no row")
+
+    def judge(self, row: Row, stored: list[Path], found: list[dict]) -> str:
+        """ok/... when the row ended as its kind must; else what happened instead."""
+        kind = row.kind
+        if kind.expect is None:
+            if len(stored) != 1 or found:
+                return f"{len(stored)} files + {len(found)} records" if stored or found else "lost"
+            data = stored[0].read_bytes()
+            assert row.image is not None
+            if data != row.image.data():
+                return f"bytes differ ({len(data)} stored)"
+            if image_extension(data) != row.image.ext or stored[0].suffix != f".{row.image.ext}":
+                return f"not a valid {row.image.ext}: {stored[0].name}"
+            self.files_ok += 1
+            return "ok image"
+        if stored or len(found) != 1:
+            return f"{len(stored)} files + {len(found)} records" if stored or found else "lost"
+        record = found[0]
+        status = record.get("status")
+        if not kind.accepts(status):
+            return f"status {status} ({record.get('error_msg', '')[:120]})"
+        if kind.retried and record.get("attempts") != MAX_ATTEMPTS:
+            return f"status {status} after {record.get('attempts')} tries, not {MAX_ATTEMPTS}"
+        if record.get("id") != row.task_id or record.get("url") != (row.url or ""):
+            return f"record of another task: {record.get('id')} {record.get('url')}"
+        if status == "blocked_address" and not str(record.get("error_msg", "")).startswith("refused to connect"):
+            return f"blocked without the guard's refusal: {record.get('error_msg')}"
+        self.records_ok += 1
+        if status != kind.expect:
+            self.other_transient += 1
+            return f"ok {status} (last try)"
+        return f"ok {status}"
+
+    def check_leftovers(self, client: redis.Redis) -> None:
+        queued = client.llen(KEYS.task)
+        leased = sum(client.llen(key) for key in client.scan_iter(match=f"{KEYS.task}:lease:*"))
+        self.leftover = queued + leased
+        if self.leftover:
+            self.problem(f"left behind: {queued} queued, {leased} leased")
+        if client.exists(KEYS.producer):
+            self.problem("the producer key is still set after add_task.py exited")
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="URLs in the parquet files")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the fault window")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the URL mix and of the faults")
+    parser.add_argument("--workers", type=int, default=3, help="downloader processes")
+    parser.add_argument("--threads", type=int, default=16, help="LAION_THREAD_NUM of each downloader")
+    parser.add_argument("--batch", type=int, default=0, help="LAION_ADDTASK_BATCH (default: rows / 100, 25..200)")
+    parser.add_argument("--threshold", type=int, default=0, help="LAION_ADDTASK_THRESHOLD (default: rows / 20)")
+    parser.add_argument("--saver-batch", type=int, default=25, help="save_error_task.py --batch")
+    parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec")
+    parser.add_argument("--drain-timeout", type=float, default=180.0, help="seconds allowed to finish after faults")
+    parser.add_argument("--workdir", type=Path, help="folder of the run (default: a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the run's folder (images, logs, Redis data)")
+    parser.add_argument("--no-report", action="store_true", help=f"do not write {REPORT.relative_to(ROOT)}")
+    args = parser.parse_args()
+    if args.rows < 1 or args.workers < 1 or args.threads < 1:
+        parser.error("--rows, --workers and --threads must be at least 1")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.workdir))
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="laion5b-chaos-"))
+    chaos = Chaos(args, folder)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    code = 1
+    try:
+        code = chaos.run()
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything this run started", file=sys.stderr)
+        code = 130
+    finally:
+        chaos.stop_everything()
+        if code == 0 and not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"run folder kept: {folder}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The chaos run (bench/chaos.py) with small numbers: every kind of fault once, and the books exact afterwards."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+LIMIT = 90.0
+FAULTS = (
+    "add_task.py SIGKILL",
+    "worker SIGKILL, restarted under the same name",
+    "worker SIGKILL, replaced under a new name",
+    "every worker SIGKILLed at once",
+    "Redis restart",
+    "save_error_task.py SIGKILL",
+    "disk guard tripped and released",
+)
+
+
+def test_chaos_run_small(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "chaos.py"),
+        "--rows", "1500",
+        "--seconds", "15",
+        "--seed", "7",
+        "--workers", "2",
+        "--threads", "6",
+        "--drain-timeout", "40",
+        "--workdir", str(tmp_path),
+        "--no-report",
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, check=False)
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "=== chaos run: PASS ===" in output
+    for figure in ("lost", "doubled", "wrong outcome", "sentinel connections"):
+        assert re.search(rf"^{figure} +0\b", output, re.MULTILINE), f"{figure} is not 0:\n{output[-6000:]}"
+    for fault in FAULTS:
+        assert re.search(rf"^ +[1-9][\d,]*  {re.escape(fault)}", output, re.MULTILINE), f"no {fault!r}:\n{output}"
+    assert elapsed < LIMIT
