@@ -258,3 +258,19 @@ def test_disk_guard_pauses_and_resumes(redis_server, env, image_server):
     stderr = worker.stderr.read()
     assert "disk_pause" in stderr and "disk_resume" in stderr
     assert int(client.get(KEYS.tongji_succ)) == total
+
+
+def test_a_lease_the_worker_does_not_hold_is_returned_and_done(redis_server, env, image_server):
+    """What a Redis that lost its last writes leaves behind: a task in a worker's lease list that it never took."""
+    client = redis_server.client()
+    queue_urls(client, [image_server.url("/slow/3/busy.jpg")])
+    worker = start_worker({**env, "LAION_HEARTBEAT_TTL": "2"}, "0", "--until-empty")
+    deadline = time.monotonic() + 30
+    while client.llen(KEYS.lease("testhost:0")) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stray = Task(id="stray", url=image_server.url("/img/stray.jpg"), subset="s", part="p", row=1)
+    client.lpush(KEYS.lease("testhost:0"), stray.encode())
+    client.incr(KEYS.tongji_all)
+    assert worker.wait(timeout=60) == 0
+    assert "strays_returned" in worker.stderr.read()
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 2)
