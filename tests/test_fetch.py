@@ -28,7 +28,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laion5b.fetch import MAX_URL_CHARS, Fetched, Fetcher, FetchPolicy
+from laion5b.fetch import Fetched, Fetcher, FetchPolicy
+from laion5b.tasks import MAX_URL_CHARS
 from tools.image_server import ImageServer, gzip_bomb, image_bytes
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
