@@ -494,7 +494,9 @@ def summarise(results: list[Result], mode: str) -> str:
             med.rss_mb[key] = statistics.median(r.rss_mb.get(key, 0.0) for r in group)
         med.redis_commands = round(statistics.median(r.redis_commands / r.tasks for r in group) * med.tasks)
         med.round_trips = round(statistics.median(r.round_trips / r.tasks for r in group) * med.tasks)
-        lines.append(row(med).replace(f"| {client} | -1 |", f"| {client} | median |"))
+        cells = row(med).replace(f"| {client} | -1 |", f"| {client} | median |").split("|")
+        cells[-3] = " - "  # stored/failed: the median row's counts are rates in disguise, not counts
+        lines.append("|".join(cells))
     lines.append("")
     runs: dict[int, dict[str, Result]] = {}
     for result in results:
