@@ -64,7 +64,8 @@ class Keys:
 
     @property
     def positions(self) -> str:
-        """Hash: parquet file -> rows of it already added (resume point after a crash)."""
+        """Hash: parquet file -> rows of it already added (resume point after a crash; kept once the file is done,
+        so that batches a crashed Redis lost after the file was marked done are found and queued again)."""
         return f"{self.task}:position"
 
     @property

@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,14 @@ return tonumber(ARGV[3])
 """
 
 
+class Rewind(Exception):
+    """Redis holds an earlier position of the file than this run reached: queue again from ``position``."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(position)
+        self.position = position
+
+
 @dataclass
 class Progress:
     """What the producer has done in this run."""
@@ -81,32 +89,45 @@ class Producer:
 
     def run(self) -> Progress:
         """Queue everything; return what was done (``failed_files`` lists files that could not be read)."""
-        todo = [source for source in parquet.find_files(self.parquet_dir) if source.key not in self._done()]
-        sizes = self._record_total(todo)
-        for source in todo:
+        positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
+        sizes = self._sizes(parquet.find_files(self.parquet_dir), positions)
+        self._record_total(sizes, positions)
+        for source in sizes:
             if self.stop.is_set():
                 break
-            if source.key in sizes:
-                self._queue_file(source)
+            self._queue_file(source)
         self._pusher.shutdown()
         self._call(lambda: self.client.delete(self.keys.producer), "producer_stop")
         return self.progress
+
+    def _sizes(self, files: list[SourceFile], positions: dict[str, str]) -> dict[SourceFile, int]:
+        """The rows of every file still to queue: not done yet, or done but with batches a Redis crash took back."""
+        done = self._done()
+        sizes = {}
+        for source in files:
+            if source.key in done and source.key not in positions:
+                continue
+            try:
+                rows = parquet.count_rows(source.path)
+            except ParquetError as error:
+                self._fail(source, error)
+                continue
+            if source.key in done and int(positions[source.key]) >= rows:
+                continue
+            if source.key in done:
+                log.warning("redis_lost_writes file=%s queued_up_to=%s of %d: queueing the rest again", source.key,
+                            positions[source.key], rows)  # fmt: skip
+            sizes[source] = rows
+        return sizes
 
     def _done(self) -> set[str]:
         if not self.done_path.exists():
             return set()
         return {line.strip() for line in self.done_path.read_text(encoding="utf-8").splitlines() if line.strip()}
 
-    def _record_total(self, todo: Iterable[SourceFile]) -> dict[str, int]:
-        """Record how many rows the queue will have received once every file is done; return readable sizes."""
-        positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
-        sizes = {}
-        for source in todo:
-            try:
-                sizes[source.key] = parquet.count_rows(source.path)
-            except ParquetError as error:
-                self._fail(source, error)
-        remaining = sum(rows - int(positions.get(key, 0)) for key, rows in sizes.items())
+    def _record_total(self, sizes: dict[SourceFile, int], positions: dict[str, str]) -> None:
+        """Record how many rows the queue will have received once every file is done."""
+        remaining = sum(rows - int(positions.get(source.key, 0)) for source, rows in sizes.items())
 
         def record() -> None:
             added = int(self.client.get(self.keys.tongji_all) or 0)
@@ -118,40 +139,56 @@ class Producer:
 
         self._call(record, "record_total")
         log.info("producer_start files=%d rows_to_queue=%d", len(sizes), remaining)
-        return sizes
 
     def _queue_file(self, source: SourceFile) -> None:
         start = int(self._call(lambda: self.client.hget(self.keys.positions, source.key), "read_position") or 0)
         log.info("file_start file=%s subset=%s part=%s from_row=%d", source.key, source.subset, source.part, start)
-        in_flight: Future[bool] | None = None
-        try:
-            for rows in parquet.read_rows(source.path, start, self.batch_size):
-                batch = Batch.of(source, rows)
-                if in_flight is not None and not in_flight.result():
-                    return
-                self._wait_below_threshold()
-                if self.stop.is_set():
-                    return
-                in_flight = self._pusher.submit(self._push_batch, source, batch)
-        except ParquetError as error:
-            self._fail(source, error)
-            return
-        finally:
-            complete = in_flight is None or in_flight.result()
+        while True:
+            try:
+                complete = self._queue_rows(source, start)
+                break
+            except Rewind as rewind:
+                log.warning("redis_lost_writes file=%s queued_up_to=%d: queueing again from there", source.key,
+                            rewind.position)  # fmt: skip
+                start = rewind.position
+            except ParquetError as error:
+                self._fail(source, error)
+                return
         if not complete or self.stop.is_set():
             return
         with self.done_path.open("a", encoding="utf-8") as done:
             done.write(source.key + "\n")
             done.flush()
             os.fsync(done.fileno())
-        self._call(lambda: self.client.hdel(self.keys.positions, source.key), "clear_position")
         log.info("file_done file=%s", source.key)
 
+    def _queue_rows(self, source: SourceFile, start: int) -> bool:
+        """Queue the file's rows from ``start`` on; True when all are queued, False when stopped or in conflict."""
+        in_flight: Future[bool] | None = None
+        try:
+            for rows in parquet.read_rows(source.path, start, self.batch_size):
+                batch = Batch.of(source, rows)
+                if in_flight is not None and not in_flight.result():
+                    return False
+                self._wait_below_threshold()
+                if self.stop.is_set():
+                    return False
+                in_flight = self._pusher.submit(self._push_batch, source, batch)
+        finally:
+            complete = in_flight is None or in_flight.result()
+        return complete
+
     def _push_batch(self, source: SourceFile, batch: Batch) -> bool:
-        """Queue one batch (in the pusher thread, while the next one is read); False when the file must stop."""
+        """Queue one batch (in the pusher thread, while the next one is read); False when the file must stop.
+
+        Raise Rewind when Redis holds an earlier position than this batch's start: a Redis that crashed lost the last
+        batches (with their position, in the same transaction), so they are queued again from there.
+        """
         args = [source.key, batch.start, batch.end, len(batch.tasks), *batch.tasks, *batch.errors]
         keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions]
         position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
+        if position < batch.start:
+            raise Rewind(position)
         if position != batch.end:
             log.error("position_conflict file=%s expected=%d found=%d: is another add_task.py running?",
                       source.key, batch.start, position)  # fmt: skip

@@ -137,7 +137,7 @@ def test_kill_9_mid_file_resumes_exactly_once(redis_server, script_env):
     counts = Counter(t.row for t in queued(client))
     assert len(counts) == rows and set(counts.values()) == {1}
     assert int(client.get("laion5b_tongji_all")) == rows
-    assert client.hget("laion5b_task:position", "s/big.parquet") is None
+    assert int(client.hget("laion5b_task:position", "s/big.parquet")) == rows
 
 
 def test_redis_restart_during_a_run_loses_and_doubles_nothing(redis_server, script_env):
@@ -172,3 +172,49 @@ def test_wrong_password_is_a_clear_error(redis_server, script_env, password_env)
     assert result.returncode == 2
     assert "redis_auth_failed" in result.stderr
     assert "wrong-one" not in result.stderr and "right-one" not in result.stderr
+
+
+def test_batches_a_crashed_redis_lost_are_queued_again(redis_server, script_env):
+    """A Redis crash keeps a prefix of the writes: the queue, the counter and the position roll back together."""
+    rows = 5000
+    write_wide(Path(script_env["LAION_PARQUET_DIR"]) / "s" / "lost.parquet", [f"http://h/{i}" for i in range(rows)])
+    env = {**script_env, "LAION_ADDTASK_THRESHOLD": "2000", "LAION_ADDTASK_BATCH": "500"}
+    client = redis_server.client()
+    process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while client.llen("laion5b_task") < 2000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pipe = client.pipeline()
+    pipe.ltrim("laion5b_task", -1000, -1)
+    pipe.set("laion5b_tongji_all", 1000)
+    pipe.hset("laion5b_task:position", "s/lost.parquet", 1000)
+    pipe.execute()
+    drained = []
+    while process.poll() is None and time.monotonic() < deadline:
+        drained += client.rpop("laion5b_task", 300) or []
+        time.sleep(0.05)
+    assert process.wait(timeout=30) == 0
+    assert "redis_lost_writes" in process.stderr.read()
+    drained += client.lrange("laion5b_task", 0, -1)
+    counts = Counter(decode(raw).row for raw in drained)
+    assert len(counts) == rows and set(counts.values()) == {1}
+    assert int(client.get("laion5b_tongji_all")) == rows
+
+
+def test_a_done_file_whose_last_batches_redis_lost_is_finished_at_the_next_start(redis_server, script_env):
+    rows = 3000
+    write_wide(Path(script_env["LAION_PARQUET_DIR"]) / "s" / "tail.parquet", [f"http://h/{i}" for i in range(rows)])
+    env = {**script_env, "LAION_ADDTASK_BATCH": "500"}
+    assert run_add_task(env).returncode == 0
+    client = redis_server.client()
+    pipe = client.pipeline()
+    pipe.ltrim("laion5b_task", -2000, -1)
+    pipe.set("laion5b_tongji_all", 2000)
+    pipe.hset("laion5b_task:position", "s/tail.parquet", 2000)
+    pipe.execute()
+    again = run_add_task(env)
+    assert again.returncode == 0
+    assert "redis_lost_writes" in again.stderr
+    counts = Counter(t.row for t in queued(client))
+    assert len(counts) == rows and set(counts.values()) == {1}
+    assert run_add_task(env).returncode == 0 and client.llen("laion5b_task") == rows
