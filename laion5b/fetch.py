@@ -22,7 +22,7 @@ import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
-from laion5b.guard import AddressGuard, BlockedAddress, GuardedAdapter, Network, Resolver, system_resolver
+from laion5b.guard import DEADLINE, AddressGuard, BlockedAddress, GuardedAdapter, Network, Resolver, system_resolver
 from laion5b.imageformat import image_extension
 from laion5b.tasks import MAX_URL_CHARS
 
@@ -105,6 +105,7 @@ class Fetcher:
     def fetch(self, url: str) -> Fetched:
         """Download one image; every per-URL problem comes back as a status, never as an exception."""
         deadline = time.monotonic() + self._policy.download_timeout
+        DEADLINE.value = deadline
         try:
             return self._follow(url, deadline)
         except _Failure as exc:
@@ -113,6 +114,8 @@ class Fetcher:
             return Fetched(None, None, "blocked_address", _one_line(str(exc), url))
         except _EXPECTED_ERRORS as exc:
             return Fetched(None, None, _status_word(exc), _describe(exc, url))
+        finally:
+            DEADLINE.value = None
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -166,7 +169,7 @@ class Fetcher:
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > self._policy.max_bytes:
             raise _Failure("too_large", f"Content-Length {length} > {self._policy.max_bytes}")
-        data = _read_body(response.raw, self._policy.max_bytes, deadline, self._policy.read_timeout, image=True)
+        data = _read_body(response.raw, self._policy.max_bytes, deadline, image=True)
         extension = image_extension(data)
         if extension is None:
             raise _Failure("not_image", "body is not a known image format")
@@ -176,9 +179,13 @@ class Fetcher:
         """Read a small unwanted body so that its connection can be reused; anything else is left to close()."""
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) <= _DRAIN_BYTES:
-            deadline = min(deadline, time.monotonic() + _DRAIN_SECONDS)
-            with contextlib.suppress(_Failure, *_EXPECTED_ERRORS):
-                _read_body(response.raw, _DRAIN_BYTES, deadline, self._policy.read_timeout, image=False)
+            download_deadline = DEADLINE.value
+            DEADLINE.value = min(deadline, time.monotonic() + _DRAIN_SECONDS)
+            try:
+                with contextlib.suppress(_Failure, *_EXPECTED_ERRORS):
+                    _read_body(response.raw, _DRAIN_BYTES, DEADLINE.value, image=False)
+            finally:
+                DEADLINE.value = download_deadline
 
 
 def _prepare(url: str, headers: CaseInsensitiveDict) -> requests.PreparedRequest:
@@ -193,17 +200,14 @@ def _prepare(url: str, headers: CaseInsensitiveDict) -> requests.PreparedRequest
     return request
 
 
-def _read_body(raw: HTTPResponse, limit: int, deadline: float, read_timeout: float, *, image: bool) -> bytes:
-    """Read the decoded body in chunks, shrinking the socket timeout so the deadline holds even for trickles."""
-    sock = raw.connection.sock if raw.connection is not None else None
+def _read_body(raw: HTTPResponse, limit: int, deadline: float, *, image: bool) -> bytes:
+    """Read the decoded body in chunks, up to ``limit`` bytes and until ``deadline`` (each socket read is also capped
+    by the deadline in the connection layer, so a trickle cannot outlive it)."""
     body = bytearray()
     checked = not image
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if time.monotonic() >= deadline:
             raise _Failure("timeout", f"body not complete by the deadline ({len(body)} bytes read)")
-        if sock is not None and remaining < read_timeout:
-            sock.settimeout(remaining)
         chunk = raw.read1(_CHUNK, decode_content=True)
         if not chunk:
             return bytes(body)

@@ -7,9 +7,13 @@ with the guard's resolver and connect only to an address the guard allows; TLS s
 
 from __future__ import annotations
 
+import http.client
+import io
 import ipaddress
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -115,8 +119,57 @@ def _guarded_connect(conn: HTTPConnection, guard: AddressGuard) -> socket.socket
     raise urllib3.exceptions.NewConnectionError(conn, f"Failed to establish a new connection: {error}") from error
 
 
+DEADLINE = threading.local()
+"""``DEADLINE.value``: the monotonic time by which the calling thread's download must end (None: no deadline)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket with each wait capped by the calling thread's DEADLINE, so that neither a trickled status line
+    and headers nor a trickled body can outlive the download's total deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # a socket file: the socket stays open while it is
+        self._read_timeout = sock.gettimeout()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        deadline = getattr(DEADLINE, "value", None)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("download deadline passed")
+            self._sock.settimeout(remaining if self._read_timeout is None else min(self._read_timeout, remaining))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What http.client's response needs of a socket: a reader that keeps the deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock))
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """http.client's response, reading through _DeadlineReader."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_DeadlineSocket(sock), *args, **kwargs)  # type: ignore[arg-type]
+
+
 class _GuardedHTTPConnection(HTTPConnection):
     """An HTTP connection that only connects to addresses its guard allows."""
+
+    response_class = _DeadlineResponse
 
     def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -128,6 +181,8 @@ class _GuardedHTTPConnection(HTTPConnection):
 
 class _GuardedHTTPSConnection(HTTPSConnection):
     """An HTTPS connection that only connects to addresses its guard allows; SNI and the cert use the URL host."""
+
+    response_class = _DeadlineResponse
 
     def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -251,6 +251,14 @@ def test_deadline_also_bounds_waiting_for_headers(
     assert time.monotonic() - started < 1.5
 
 
+def test_deadline_bounds_trickled_headers(
+    image_server: ImageServer, fetch_with: Callable[..., Callable[[str], Fetched]]
+) -> None:
+    started = time.monotonic()
+    assert_failed(fetch_with(download_timeout=1.0, read_timeout=2.0)(image_server.url("/trickle_headers")), "timeout")
+    assert time.monotonic() - started < 2.0
+
+
 def test_slow_but_in_time(image_server: ImageServer, fetcher: Fetcher) -> None:
     assert_image(fetcher.fetch(image_server.url("/slow/0.2/patient.jpg")), image_bytes("patient"), "jpg")
 

@@ -9,6 +9,7 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /status/<code>                 that status with a short body (429 adds ``Retry-After: 1``)
   /slow/<seconds>/<name>.<ext>   sleeps, then serves the image
   /trickle                       200 image/jpeg, a JPEG header, then 1 byte every 0.5 s until the client leaves
+  /trickle_headers               a status line, then one byte of a header every 0.3 s, never ending the headers
   /endless                       200 image/jpeg, a JPEG header, then zeros as fast as possible, no end
   /huge/<MB>[?chunked=1]         200 image/jpeg of MB MiB (JPEG header + zeros), streamed, with a Content-Length
                                  (or chunked transfer encoding)
@@ -273,6 +274,12 @@ class _Handler(BaseHTTPRequestHandler):
         while not self.server.stopping.wait(0.5):
             self.wfile.write(b"\x00")
 
+    def route_trickle_headers(self, rest: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not self.server.stopping.wait(0.3):
+            self.wfile.write(b"a")
+
     def route_endless(self, rest: str, query: dict[str, str]) -> None:
         self.close_connection = True
         self._stream_start({"Connection": "close"})
@@ -343,6 +350,7 @@ _ROUTES = {
     "img": _Handler.route_img,
     "status": _Handler.route_status,
     "slow": _Handler.route_slow,
+    "trickle_headers": _Handler.route_trickle_headers,
     "trickle": _Handler.route_trickle,
     "endless": _Handler.route_endless,
     "huge": _Handler.route_huge,
