@@ -23,9 +23,9 @@ _KNOWN_FOLDERS_LIMIT = 100_000
 _LISTED_FOLDERS_LIMIT = 32  # listings kept (each at most about FILES_PER_FOLDER names), oldest dropped first
 
 
-def image_folder(store_dir: Path, task: Task) -> Path:
+def image_folder(store_dir: str, task: Task) -> str:
     """``store_dir/<subset>/<part>/<shard>``: at most FILES_PER_FOLDER rows of one part share a shard."""
-    return store_dir / task.subset / task.part / f"{task.row // FILES_PER_FOLDER:05d}"
+    return f"{store_dir}/{task.subset}/{task.part}/{task.row // FILES_PER_FOLDER:05d}"
 
 
 class Store:
@@ -62,7 +62,7 @@ class Store:
         that another process stored since the listing is missed, which costs one redundant download, never a
         wrong count (the task's outcome is recorded once either way, and the file is replaced atomically).
         """
-        folder = self._folder(task)
+        folder = image_folder(self._root, task)
         names = self._listing(folder)
         for extension in EXTENSIONS:
             name = f"{task.id}.{extension}"
@@ -72,7 +72,7 @@ class Store:
 
     def save(self, task: Task, data: bytes, extension: str) -> Path:
         """Write ``data`` to a temporary file and rename it to its final name; return that name."""
-        folder = self._folder(task)
+        folder = image_folder(self._root, task)
         if folder not in self._known_folders:
             os.makedirs(folder, exist_ok=True)
             if len(self._known_folders) >= _KNOWN_FOLDERS_LIMIT:
@@ -91,9 +91,6 @@ class Store:
         if listed is not None:
             listed[1].add(name)
         return Path(final)
-
-    def _folder(self, task: Task) -> str:
-        return f"{self._root}/{task.subset}/{task.part}/{task.row // FILES_PER_FOLDER:05d}"
 
     def _listing(self, folder: str) -> set[str]:
         now = time.monotonic()

@@ -35,7 +35,7 @@ def test_encoding_round_trip(task):
 @given(ids)
 def test_a_stored_file_never_leaves_its_folder(sample_id):
     task = Task(id=safe_id(sample_id), url="http://x", subset="s", part="p", row=7)
-    folder = image_folder(STORE, task)
+    folder = Path(image_folder(str(STORE), task))
     path = (folder / f"{task.id}.jpg").resolve()
     assert path.parent == folder
     assert path.is_relative_to(STORE)

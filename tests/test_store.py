@@ -12,9 +12,9 @@ def task(row: int = 12_345, id_: str = "abc") -> Task:
 
 
 def test_layout_is_deterministic_and_sharded(tmp_path):
-    assert image_folder(tmp_path, task(12_345)) == tmp_path / "laion2B-en" / "00007" / "00001"
-    assert image_folder(tmp_path, task(9_999)) == tmp_path / "laion2B-en" / "00007" / "00000"
-    assert image_folder(tmp_path, task(18_000_000)) == tmp_path / "laion2B-en" / "00007" / "01800"
+    assert image_folder("/data", task(12_345)) == "/data/laion2B-en/00007/00001"
+    assert image_folder("/data", task(9_999)) == "/data/laion2B-en/00007/00000"
+    assert image_folder("/data", task(18_000_000)) == "/data/laion2B-en/00007/01800"
 
 
 def test_save_is_atomic_and_found_again(tmp_path):
