@@ -166,30 +166,25 @@ class _DeadlineResponse(http.client.HTTPResponse):
         super().__init__(_DeadlineSocket(sock), *args, **kwargs)  # type: ignore[arg-type]
 
 
-class _GuardedHTTPConnection(HTTPConnection):
+class _Guarded:
+    """Mixed into urllib3's connections: connect only to addresses the guard allows, read under the deadline."""
+
+    response_class = _DeadlineResponse
+
+    def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def _new_conn(self) -> socket.socket:
+        return _guarded_connect(self, self._guard)  # type: ignore[arg-type]
+
+
+class _GuardedHTTPConnection(_Guarded, HTTPConnection):
     """An HTTP connection that only connects to addresses its guard allows."""
 
-    response_class = _DeadlineResponse
 
-    def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._guard = guard
-
-    def _new_conn(self) -> socket.socket:
-        return _guarded_connect(self, self._guard)
-
-
-class _GuardedHTTPSConnection(HTTPSConnection):
+class _GuardedHTTPSConnection(_Guarded, HTTPSConnection):
     """An HTTPS connection that only connects to addresses its guard allows; SNI and the cert use the URL host."""
-
-    response_class = _DeadlineResponse
-
-    def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._guard = guard
-
-    def _new_conn(self) -> socket.socket:
-        return _guarded_connect(self, self._guard)
 
 
 class _GuardedHTTPPool(HTTPConnectionPool):
