@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,3 +51,11 @@ def _write(path: Path, columns: dict, row_group_size: int | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     return path
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 60.0, interval: float = 0.02) -> None:
+    """Poll ``condition`` until it is true; fail the test when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(interval)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from laion5b.tasks import decode
-from tests.helpers import SAMPLE, run_script, write_original, write_wide
+from tests.helpers import SAMPLE, run_script, wait_until, write_original, write_wide
 
 
 def run_add_task(env: dict[str, str], **overrides: str) -> subprocess.CompletedProcess:
@@ -28,6 +28,20 @@ def queued(client) -> list:
 
 def errors(client) -> list[dict]:
     return [json.loads(raw) for raw in client.lrange("laion5b_task_error", 0, -1)]
+
+
+def drain_while_running(process: subprocess.Popen, client, at_most: int | None = None) -> list[str]:
+    """Take tasks off the queue, as workers would, until add_task.py exits; check the queue never holds more than
+    ``at_most``. Return what was taken."""
+    deadline = time.monotonic() + 60
+    drained: list[str] = []
+    while process.poll() is None:
+        assert time.monotonic() < deadline, "add_task.py did not finish"
+        if at_most is not None:
+            assert client.llen("laion5b_task") <= at_most
+        drained += client.rpop("laion5b_task", 500) or []
+        time.sleep(0.02)
+    return drained
 
 
 def test_real_sample_is_queued_once_with_bad_rows_as_errors(redis_server, script_env):
@@ -99,20 +113,14 @@ def test_waits_while_the_queue_is_at_the_threshold(redis_server, script_env):
     env = {**script_env, "LAION_ADDTASK_THRESHOLD": "2000", "LAION_ADDTASK_BATCH": "500"}
     process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.PIPE, text=True)
     client = redis_server.client()
-    deadline = time.monotonic() + 60
-    while client.llen("laion5b_task") < 2000 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: client.llen("laion5b_task") >= 2000, interval=0.05)
     time.sleep(1.5)
     assert client.llen("laion5b_task") == 2000
     assert process.poll() is None
-    drained = 0
-    while process.poll() is None and time.monotonic() < deadline:
-        assert client.llen("laion5b_task") <= 2000 + 500 - 1
-        drained += len(client.rpop("laion5b_task", 300) or [])
-        time.sleep(0.05)
+    drained = drain_while_running(process, client, at_most=2000 + 500 - 1)
     assert process.wait(timeout=30) == 0
     assert "queue_full" in process.stderr.read()
-    assert drained + client.llen("laion5b_task") == 5000
+    assert len(drained) + client.llen("laion5b_task") == 5000
 
 
 def test_kill_9_mid_file_resumes_exactly_once(redis_server, script_env):
@@ -125,9 +133,7 @@ def test_kill_9_mid_file_resumes_exactly_once(redis_server, script_env):
     env = {**script_env, "LAION_ADDTASK_BATCH": "1000"}
     client = redis_server.client()
     process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while client.llen("laion5b_task") < rows // 4 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: client.llen("laion5b_task") >= rows // 4, interval=0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     position = int(client.hget("laion5b_task:position", "s/big.parquet"))
@@ -146,17 +152,12 @@ def test_redis_restart_during_a_run_loses_and_doubles_nothing(redis_server, scri
     env = {**script_env, "LAION_ADDTASK_BATCH": "500", "LAION_ADDTASK_THRESHOLD": "20000"}
     client = redis_server.client()
     process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while client.llen("laion5b_task") < 20_000 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: client.llen("laion5b_task") >= 20_000, interval=0.01)
     redis_server.stop()
     time.sleep(2.5)
     redis_server.start()
     client = redis_server.client()
-    drained = []
-    while process.poll() is None and time.monotonic() < deadline:
-        drained += client.rpop("laion5b_task", 1000) or []
-        time.sleep(0.01)
+    drained = drain_while_running(process, client)
     assert process.wait(timeout=60) == 0
     drained += client.lrange("laion5b_task", 0, -1)
     counts = Counter(decode(raw).row for raw in drained)
@@ -181,18 +182,13 @@ def test_batches_a_crashed_redis_lost_are_queued_again(redis_server, script_env)
     env = {**script_env, "LAION_ADDTASK_THRESHOLD": "2000", "LAION_ADDTASK_BATCH": "500"}
     client = redis_server.client()
     process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while client.llen("laion5b_task") < 2000 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: client.llen("laion5b_task") >= 2000)
     pipe = client.pipeline()
     pipe.ltrim("laion5b_task", -1000, -1)
     pipe.set("laion5b_tongji_all", 1000)
     pipe.hset("laion5b_task:position", "s/lost.parquet", 1000)
     pipe.execute()
-    drained = []
-    while process.poll() is None and time.monotonic() < deadline:
-        drained += client.rpop("laion5b_task", 300) or []
-        time.sleep(0.05)
+    drained = drain_while_running(process, client)
     assert process.wait(timeout=30) == 0
     assert "redis_lost_writes" in process.stderr.read()
     drained += client.lrange("laion5b_task", 0, -1)

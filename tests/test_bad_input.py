@@ -13,7 +13,7 @@ import pytest
 
 from laion5b.keys import Keys
 from laion5b.tasks import Task, decode
-from tests.helpers import run_script, write_original, write_wide
+from tests.helpers import run_script, wait_until, write_original, write_wide
 from tests.redis_server import free_port
 
 KEYS = Keys()
@@ -183,9 +183,7 @@ def test_producer_waits_while_redis_is_full_and_loses_nothing(redis_server, env)
     producer = subprocess.Popen(
         [*run_script("add_task.py")], env={**env, "LAION_ADDTASK_BATCH": "500"}, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 60
-    while client.llen(KEYS.task) == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: client.llen(KEYS.task) > 0, interval=0.05)
     time.sleep(2)
     assert producer.poll() is None, "the producer must wait while Redis is full"
     client.config_set("maxmemory", "0")

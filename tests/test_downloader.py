@@ -15,7 +15,7 @@ import pytest
 from laion5b.disk import publish_used
 from laion5b.keys import Keys
 from laion5b.tasks import Task
-from tests.helpers import run_script
+from tests.helpers import run_script, wait_until
 from tools.image_server import image_bytes
 
 KEYS = Keys()
@@ -175,9 +175,7 @@ def test_kill_9_mid_run_loses_and_doubles_nothing(redis_server, env, image_serve
     paths = [f"/slow/0.3/k{i}.jpg" if i % 10 else "/status/404" for i in range(400)]
     total = len(queue_urls(client, [image_server.url(path) for path in paths]))
     worker = start_worker(env, "0")
-    deadline = time.monotonic() + 60
-    while int(client.get(KEYS.tongji_succ) or 0) < 40 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) >= 40, interval=0.05)
     assert client.llen(KEYS.lease("testhost:0")) > 0, "the kill must land while tasks are leased"
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
@@ -191,9 +189,7 @@ def test_a_dead_workers_leases_are_recovered_by_another(redis_server, env, image
     client = redis_server.client()
     total = len(queue_urls(client, [image_server.url(f"/slow/0.2/d{i}.jpg") for i in range(100)]))
     worker = start_worker(env, "doomed")
-    deadline = time.monotonic() + 60
-    while client.llen(KEYS.lease("testhost:doomed")) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: client.llen(KEYS.lease("testhost:doomed")) > 0)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     result = run_worker(env, "survivor")
@@ -205,9 +201,7 @@ def test_a_dead_workers_leases_are_recovered_by_another(redis_server, env, image
 def test_second_live_process_with_the_same_identity_is_refused(redis_server, env, image_server):
     first = start_worker(env, "same")
     client = redis_server.client()
-    deadline = time.monotonic() + 30
-    while not client.exists(KEYS.heartbeat("testhost:same")) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: client.exists(KEYS.heartbeat("testhost:same")), timeout=30)
     second = subprocess.run([*run_script("downloader.py"), "same"], env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 2
     assert "identity_in_use" in second.stderr
@@ -219,9 +213,7 @@ def test_sigterm_returns_held_tasks(redis_server, env, image_server):
     client = redis_server.client()
     total = len(queue_urls(client, [image_server.url(f"/slow/1/t{i}.jpg") for i in range(50)]))
     worker = start_worker({**env, "LAION_THREAD_NUM": "2"}, "0")
-    deadline = time.monotonic() + 30
-    while client.llen(KEYS.lease("testhost:0")) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: client.llen(KEYS.lease("testhost:0")) > 0, timeout=30)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     done = int(client.get(KEYS.tongji_succ) or 0)
@@ -235,9 +227,7 @@ def test_redis_restart_mid_run(redis_server, env, image_server):
     client = redis_server.client()
     total = len(queue_urls(client, [image_server.url(f"/slow/0.1/r{i}.jpg") for i in range(300)]))
     worker = start_worker(env, "0", "--until-empty")
-    deadline = time.monotonic() + 60
-    while int(client.get(KEYS.tongji_succ) or 0) < 30 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) >= 30)
     redis_server.restart()
     assert worker.wait(timeout=120) == 0
     client = redis_server.client()
@@ -265,9 +255,7 @@ def test_a_lease_the_worker_does_not_hold_is_returned_and_done(redis_server, env
     client = redis_server.client()
     queue_urls(client, [image_server.url("/slow/3/busy.jpg")])
     worker = start_worker({**env, "LAION_HEARTBEAT_TTL": "2"}, "0", "--until-empty")
-    deadline = time.monotonic() + 30
-    while client.llen(KEYS.lease("testhost:0")) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: client.llen(KEYS.lease("testhost:0")) > 0, timeout=30)
     stray = Task(id="stray", url=image_server.url("/img/stray.jpg"), subset="s", part="p", row=1)
     client.lpush(KEYS.lease("testhost:0"), stray.encode())
     client.incr(KEYS.tongji_all)
