@@ -48,7 +48,7 @@ def fetch_policy(config: Config, resolver: Callable[[str, int], list[str]] | Non
         max_bytes=config.max_image_bytes,
         max_redirects=config.max_redirects,
         user_agent=config.user_agent,
-        disallowed_directives=frozenset(d.lower() for d in config.disallowed_header_directives),
+        disallowed_directives=frozenset(config.disallowed_header_directives),
         allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
         resolver=resolver,
     )
