@@ -33,10 +33,16 @@ done_path = "./done_part.txt"  # parquet files fully queued, one path a line
 
 # --- downloader.py: the workers ---
 store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>
-thread_num = 32  # download threads per downloader process
+engine = "threads"  # how a worker downloads: "threads" (a requests thread pool) or "async" (one asyncio event loop)
+thread_num = 32  # download threads per downloader process (engine "threads")
+concurrency = 512  # downloads in flight per downloader process (engine "async")
+max_inflight_bytes = 1024 * 1024 * 1024  # body bytes one process may hold in memory; a download waits for budget
+max_per_host = 16  # downloads in progress to one URL host name per process (0: no limit)
 host_id = ""  # name of this machine in Redis (empty: the hostname); must differ between machines
 heartbeat_ttl = 30  # seconds after which a silent worker counts as dead and its tasks return to the queue
 max_attempts = 3  # tries of a task that fails transiently (timeout, connection, dns, 5xx, 408, 429)
+retry_backoff = 30.0  # seconds before the first retry of a transient failure, doubled at each further attempt
+max_retry_after = 3600.0  # longest Retry-After (of a 429 or 503) that is honoured, in seconds
 connect_timeout = 5.0  # seconds to open a connection
 read_timeout = 10.0  # seconds of silence allowed while reading a response
 download_timeout = 30.0  # seconds for a whole download, body included
@@ -44,6 +50,8 @@ max_image_bytes = 32 * 1024 * 1024  # larger bodies are cut off and recorded as 
 max_redirects = 5  # redirects followed per image
 user_agent = "laion5b-downloader/0.1 (+image dataset download; honours X-Robots-Tag noai)"  # HTTP User-Agent
 disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
+dns_cache_ttl = 300.0  # seconds a DNS answer is reused in a process (failed look-ups: 5 s; 0: no cache)
+tls_ca_file = ""  # CA bundle that image servers' certificates are checked against (empty: the system's CA store)
 allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127.0.0.0/8 for a local test server
 fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)

@@ -16,6 +16,7 @@ from laion5b.keys import Keys
 ENV_PREFIX = "LAION_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+ENGINES = ("threads", "async")
 
 
 class ConfigError(ValueError):
@@ -37,10 +38,16 @@ class Config:
     addtask_batch: int
     done_path: str
     store_dir: str
+    engine: str
     thread_num: int
+    concurrency: int
+    max_inflight_bytes: int
+    max_per_host: int
     host_id: str
     heartbeat_ttl: int
     max_attempts: int
+    retry_backoff: float
+    max_retry_after: float
     connect_timeout: float
     read_timeout: float
     download_timeout: float
@@ -48,6 +55,8 @@ class Config:
     max_redirects: int
     user_agent: str
     disallowed_header_directives: list[str]
+    dns_cache_ttl: float
+    tls_ca_file: str
     allowed_networks: list[str]
     fsync_images: bool
     log_dir: str
@@ -68,13 +77,24 @@ _AT_LEAST_ONE = (
     "addtask_threshold",
     "addtask_batch",
     "thread_num",
+    "concurrency",
     "heartbeat_ttl",
     "max_attempts",
     "max_image_bytes",
     "monitor_interval",
 )
 _POSITIVE = ("connect_timeout", "read_timeout", "download_timeout")
-_NOT_NEGATIVE = ("redis_db", "max_redirects", "stop_threshold", "min_free_gb", "min_success_ratio")
+_NOT_NEGATIVE = (
+    "redis_db",
+    "max_redirects",
+    "max_per_host",
+    "retry_backoff",
+    "max_retry_after",
+    "dns_cache_ttl",
+    "stop_threshold",
+    "min_free_gb",
+    "min_success_ratio",
+)
 
 
 def _validate(config: Config) -> None:
@@ -99,6 +119,15 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{_named('allowed_networks')}: {network!r} is not a network such as 127.0.0.0/8"
             ) from None
+    if config.engine not in ENGINES:
+        raise ConfigError(f"{_named('engine')} must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    if config.max_inflight_bytes < config.max_image_bytes:
+        raise ConfigError(
+            f"{_named('max_inflight_bytes')} must be at least max_image_bytes ({config.max_image_bytes}), "
+            f"got {config.max_inflight_bytes!r}"
+        )
+    if config.tls_ca_file and not os.path.isfile(config.tls_ca_file):
+        raise ConfigError(f"{_named('tls_ca_file')}: {config.tls_ca_file!r} is not a file")
     for name in ("redis_ip", "store_dir", "user_agent"):
         if not getattr(config, name):
             raise ConfigError(f"{_named(name)} must not be empty")
