@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from laion5b.fetch import Fetcher, FetchPolicy  # noqa: E402
+from laion5b.fetch import Fetcher  # noqa: E402
+from laion5b.fetchpolicy import FetchPolicy  # noqa: E402
 from laion5b.store import Store  # noqa: E402
 from laion5b.tasks import Task, decode  # noqa: E402
 

@@ -12,6 +12,7 @@ import io
 import ipaddress
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -74,16 +75,20 @@ class AddressGuard:
         host = host.strip("[]")
         literal = _ip_literal(host)
         if literal is not None:
-            candidates = [literal]
-        else:
-            host.encode("idna")  # over-long or empty labels raise UnicodeError, as getaddrinfo would
-            if not _HOSTNAME.fullmatch(host):
-                raise urllib3.exceptions.LocationParseError(f"host name {host!r}")
-            candidates = self._resolver(host, port)
-        allowed = [address for address in candidates if self._allows(ipaddress.ip_address(address))]
+            return self.allowed([literal])
+        check_host_name(host)
+        return self.allowed(self._resolver(host, port))
+
+    def allowed(self, candidates: list[str]) -> list[str]:
+        """The addresses among ``candidates`` that may be connected to; raise BlockedAddress if none."""
+        allowed = [address for address in candidates if self.allows(address)]
         if not allowed:
             raise BlockedAddress(f"refused to connect to {', '.join(candidates[:4]) or 'no address'}")
         return allowed
+
+    def allows(self, address: str) -> bool:
+        """Whether the address ``address`` may be connected to."""
+        return self._allows(ipaddress.ip_address(address))
 
     def _allows(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         mapped = ip.ipv4_mapped if ip.version == 6 else None
@@ -91,6 +96,13 @@ class AddressGuard:
             if ip in network or (mapped is not None and mapped in network):
                 return True
         return _is_public(ip)
+
+
+def check_host_name(host: str) -> None:
+    """Refuse a host name that no resolver should be asked about (UnicodeError or LocationParseError)."""
+    host.encode("idna")  # over-long or empty labels raise UnicodeError, as getaddrinfo would
+    if not _HOSTNAME.fullmatch(host):
+        raise urllib3.exceptions.LocationParseError(f"host name {host!r}")
 
 
 def _guarded_connect(conn: HTTPConnection, guard: AddressGuard) -> socket.socket:
@@ -212,10 +224,12 @@ class _GuardedPoolManager(PoolManager):
 
 
 class GuardedAdapter(HTTPAdapter):
-    """A requests adapter on the guarded pool manager: one idle connection per host, a few hosts, no retries."""
+    """A requests adapter on the guarded pool manager: one idle connection per host, a few hosts, no retries, and
+    the process's one TLS context (requests would otherwise load its CA bundle again for every new connection)."""
 
-    def __init__(self, guard: AddressGuard) -> None:
+    def __init__(self, guard: AddressGuard, tls: ssl.SSLContext) -> None:
         self._guard = guard  # read by init_poolmanager, which HTTPAdapter.__init__ calls
+        self._tls = tls
         super().__init__(pool_connections=8, pool_maxsize=1, max_retries=0)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
@@ -223,8 +237,11 @@ class GuardedAdapter(HTTPAdapter):
         self._pool_maxsize = maxsize
         self._pool_block = block
         self.poolmanager = _GuardedPoolManager(
-            self._guard, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+            self._guard, num_pools=connections, maxsize=maxsize, block=block, ssl_context=self._tls, **pool_kwargs
         )
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Certificates are checked by the pool's TLS context (CERT_REQUIRED, its CA bundle loaded once)."""
 
     def build_response(self, req: requests.PreparedRequest, resp: HTTPResponse) -> requests.Response:
         """HTTPAdapter's response without its cookie extraction: the fetcher never sends cookies, so it skips

@@ -17,7 +17,8 @@ import redis
 
 from laion5b.config import Config
 from laion5b.disk import DiskGuard
-from laion5b.fetch import Fetcher, FetchPolicy
+from laion5b.fetch import Fetcher
+from laion5b.fetchpolicy import FetchPolicy
 from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
 from laion5b.redisconn import retrying
 from laion5b.store import Store

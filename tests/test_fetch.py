@@ -28,7 +28,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laion5b.fetch import Fetched, Fetcher, FetchPolicy
+from laion5b.fetch import Fetcher
+from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.tasks import MAX_URL_CHARS
 from tools.image_server import ImageServer, gzip_bomb, image_bytes
 
