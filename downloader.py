@@ -15,6 +15,7 @@ import redis
 import setting
 from laion5b import cli, redisconn
 from laion5b.leases import IdentityInUse, IdentityLost
+from laion5b.limits import OpenFilesTooLow
 from laion5b.log import setup
 from laion5b.worker import Worker
 
@@ -38,6 +39,9 @@ def main() -> int:
         Worker(client, config, args.name, stop, until_empty=args.until_empty).run()
     except IdentityInUse as error:
         log.error("identity_in_use %s", error)
+        return 2
+    except OpenFilesTooLow as error:
+        log.error("open_files_too_low %s", error)
         return 2
     except IdentityLost as error:
         log.error("identity_lost %s", error)

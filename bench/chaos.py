@@ -507,6 +507,7 @@ class Chaos:
             "LAION_MIN_FREE_GB": "0",
             "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
             "LAION_THREAD_NUM": str(args.threads),
+            "LAION_MAX_PER_HOST": "0",
             "LAION_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
             "LAION_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
             "LAION_CONNECT_TIMEOUT": "1",

@@ -389,6 +389,7 @@ def run_suite(setup: Setup, store: Path, log: Path, sampler: RssSampler) -> list
         LAION_HOST_ID="bench",
         LAION_ALLOWED_NETWORKS="127.0.0.0/8",
         LAION_THREAD_NUM=str(setup.threads),
+        LAION_MAX_PER_HOST="0",
         LAION_MAX_IMAGE_BYTES=str(setup.max_bytes),
         PYTHONPATH=str(ROOT),
     )

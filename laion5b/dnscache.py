@@ -38,14 +38,16 @@ class DnsCache:
         ttl = self.negative_ttl if isinstance(answer, socket.gaierror) else self.ttl
         with self._lock:
             self.lookups += 1
+            if ttl <= 0:
+                return
             self._answers.pop(host, None)
             while len(self._answers) >= self.max_names:
                 del self._answers[next(iter(self._answers))]
             self._answers[host] = (time.monotonic() + ttl, answer)
 
 
-def _answer(answer: Answer) -> list[str]:
-    if isinstance(answer, socket.gaierror):
+def _answer(answer: Answer | BaseException) -> list[str]:
+    if isinstance(answer, BaseException):
         raise answer
     return answer
 
@@ -57,30 +59,46 @@ def _look_up(resolver: Resolver, host: str, port: int) -> Answer:
         return error
 
 
+class _Pending:
+    """A look-up in progress that other threads wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: Answer | BaseException = socket.gaierror(socket.EAI_AGAIN, "look-up did not finish")
+
+
 class CachedResolver:
     """A blocking resolver (threads engine) before a DnsCache; concurrent look-ups of a name wait for the first."""
 
     def __init__(self, resolver: Resolver, cache: DnsCache) -> None:
         self._resolver = resolver
         self._cache = cache
-        self._pending: dict[str, threading.Event] = {}
+        self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
 
     def __call__(self, host: str, port: int) -> list[str]:
-        while (answer := self._cache.get(host)) is None:
+        answer = self._cache.get(host)
+        return _answer(self._shared_look_up(host, port) if answer is None else answer)
+
+    def _shared_look_up(self, host: str, port: int) -> Answer | BaseException:
+        with self._lock:
+            pending = self._pending.get(host)
+            first = pending is None
+            if pending is None:
+                pending = self._pending[host] = _Pending()
+        if not first:
+            pending.done.wait()
+            return pending.answer
+        try:
+            pending.answer = _look_up(self._resolver, host, port)
+            self._cache.put(host, pending.answer)
+        except Exception as error:
+            pending.answer = error
+        finally:
             with self._lock:
-                pending = self._pending.get(host)
-                if pending is None:
-                    self._pending[host] = threading.Event()
-            if pending is not None:
-                pending.wait()
-                continue
-            try:
-                self._cache.put(host, _look_up(self._resolver, host, port))
-            finally:
-                with self._lock:
-                    self._pending.pop(host).set()
-        return _answer(answer)
+                del self._pending[host]
+            pending.done.set()
+        return pending.answer
 
 
 class AsyncCachedResolver:

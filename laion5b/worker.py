@@ -1,33 +1,32 @@
-"""One downloader process: a main thread that talks to Redis in batches, and a pool of download threads."""
+"""One downloader process: a main thread that talks to Redis in batches, and a download engine (threads or async)."""
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
+from laion5b.asyncengine import AsyncEngine
 from laion5b.config import Config
 from laion5b.disk import DiskGuard
-from laion5b.fetch import Fetcher
-from laion5b.fetchpolicy import FetchPolicy
+from laion5b.dnscache import CachedResolver, DnsCache
+from laion5b.fetchpolicy import FetchPolicy, tls_context
+from laion5b.guard import Resolver, system_resolver
 from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
+from laion5b.limits import raise_open_files_limit
+from laion5b.pipeline import Outcome, Pipeline
 from laion5b.redisconn import retrying
 from laion5b.store import Store
-from laion5b.tasks import BadTask, Task, bad_task_record, decode, is_transient
+from laion5b.threadengine import ThreadEngine
 
 log = logging.getLogger(__name__)
-
-Outcome = tuple[str, str, str | int]
-"""(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
 
 FLUSH_AFTER = 0.2
 CLAIM_RETRY = 0.2
@@ -37,10 +36,13 @@ DRAIN_POLL = 0.1
 DISK_CHECK_EVERY = 10.0
 DISK_RECHECK_MAX = 30.0
 SUMMARY_EVERY = 30.0
-DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+THREADS_KNEE = 128
+"""Past this many threads the threads engine gains nothing on web-like traffic (bench/RESULTS.md): use async."""
+
+Engine = ThreadEngine | AsyncEngine
 
 
-def fetch_policy(config: Config, resolver: Callable[[str, int], list[str]] | None = None) -> FetchPolicy:
+def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolicy:
     """The fetch limits that the settings ask for."""
     return FetchPolicy(
         connect_timeout=config.connect_timeout,
@@ -52,7 +54,25 @@ def fetch_policy(config: Config, resolver: Callable[[str, int], list[str]] | Non
         disallowed_directives=frozenset(config.disallowed_header_directives),
         allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
         resolver=resolver,
+        tls_ca_file=config.tls_ca_file,
     )
+
+
+def make_engine(
+    config: Config, pipeline: Pipeline, done: queue.SimpleQueue[Outcome], resolver: Resolver | None
+) -> Engine:
+    """The download engine that ``config.engine`` names, with the process's TLS context and DNS cache."""
+    cache = DnsCache(config.dns_cache_ttl) if config.dns_cache_ttl > 0 else None
+    tls = tls_context(config.tls_ca_file)
+    if config.engine == "async":
+        policy = fetch_policy(config, resolver)
+        return AsyncEngine(
+            pipeline, policy, config.concurrency, done, config.max_per_host, config.max_inflight_bytes, tls, cache
+        )
+    if cache is not None:
+        resolver = CachedResolver(resolver or system_resolver, cache)
+    policy = fetch_policy(config, resolver)
+    return ThreadEngine(pipeline, policy, config.thread_num, done, config.max_per_host, config.max_inflight_bytes, tls)
 
 
 @dataclass
@@ -80,7 +100,7 @@ class Tally:
 
 
 class Worker:
-    """Takes tasks from Redis, downloads and stores them with ``thread_num`` threads, records every outcome."""
+    """Takes tasks from Redis, has its engine download and store them, records every outcome."""
 
     def __init__(
         self,
@@ -89,7 +109,7 @@ class Worker:
         name: str,
         stop: threading.Event,
         until_empty: bool = False,
-        resolver: Callable[[str, int], list[str]] | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.client = client
         self.config = config
@@ -97,7 +117,6 @@ class Worker:
         self.identity = f"{config.host_id}:{name}"
         self.stop = stop
         self.until_empty = until_empty
-        self.policy = fetch_policy(config, resolver)
         self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
         self.store = Store(Path(config.store_dir), config.host_id, name, config.fsync_images)
         self.guard = DiskGuard(
@@ -109,17 +128,18 @@ class Worker:
             config.min_free_gb,
             config.monitor_interval,
         )
-        self.threads: list[threading.Thread] = []
-        self.todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.pipeline = Pipeline(self.store, self.identity, config.max_attempts)
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver)
         self.held: Counter[str] = Counter()
         self.held_count = 0
         self.pending: list[Outcome] = []
         self.pending_since = 0.0
         self.pause_reason: str | None = None
-        self.disk_alarm = threading.Event()
         self.tally = Tally()
         self.round_trips = 0
+        self.heartbeat_gap_max = 0.0
+        self._last_heartbeat: float | None = None
         self._next: dict[str, float] = {}
         self._next_claim = 0.0
 
@@ -127,31 +147,34 @@ class Worker:
 
     def run(self) -> None:
         """Work until stopped (or, with ``until_empty``, until no task remains anywhere)."""
+        config = self.config
+        in_flight = config.concurrency if config.engine == "async" else config.thread_num
+        open_files = raise_open_files_limit(in_flight)
+        if config.engine == "threads" and config.thread_num > THREADS_KNEE:
+            log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
+                        "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
         returned = self._redis(self.leases.register, "register")
-        log.info("worker_start worker=%s threads=%d returned_from_predecessor=%d", self.identity,
-                 self.config.thread_num, returned)  # fmt: skip
+        log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
+                 self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
         self.store.open()
-        for number in range(self.config.thread_num):
-            thread = threading.Thread(target=self._download_loop, name=f"download-{number}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        self.engine.start()
         try:
             self._main_loop()
         finally:
             self._shut_down()
 
     def _main_loop(self) -> None:
-        threads = self.config.thread_num
+        capacity = self.engine.capacity
         idle = DRAIN_POLL if self.until_empty else IDLE_POLL
         while not self.stop.is_set():
             now = time.monotonic()
             self._periodic(now)
-            # Tasks not yet finished: running, or waiting in self.todo. Keep 2 x thread_num of them, topping up once
-            # half a thread_num is missing, so the threads never wait on Redis; outcomes ride along in the same call.
-            room = 2 * threads - (self.held_count - len(self.pending)) if self.pause_reason is None else 0
-            want = room >= max(1, threads // 2) and now >= self._next_claim
+            # Tasks not yet finished: in flight, or waiting in the engine. Keep 2 x its capacity of them, topping up
+            # once half a capacity is missing, so downloads never wait on Redis; outcomes ride along in the same call.
+            room = 2 * capacity - (self.held_count - len(self.pending)) if self.pause_reason is None else 0
+            want = room >= max(1, capacity // 2) and now >= self._next_claim
             flush = bool(self.pending) and (
-                len(self.pending) >= threads
+                len(self.pending) >= capacity
                 or now - self.pending_since >= FLUSH_AFTER
                 or len(self.pending) == self.held_count
             )
@@ -166,21 +189,8 @@ class Worker:
             self._collect(idle if self.held_count == 0 else TICK)
 
     def _shut_down(self) -> None:
-        unstarted = []
-        while True:
-            try:
-                raw = self.todo.get_nowait()
-            except queue.Empty:
-                break
-            if raw is not None:
-                unstarted.append(raw)
-        for raw in unstarted:
+        for raw in self.engine.stop(self.config.download_timeout + 5):
             self.done.put((RETURN, raw, ""))
-        for _ in self.threads:
-            self.todo.put(None)
-        deadline = time.monotonic() + self.config.download_timeout + 5
-        for thread in self.threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._collect(0)
         try:
             if self.pending:
@@ -192,13 +202,14 @@ class Worker:
             returned = -1
         self.store.close()
         log.info(
-            "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d round_trips=%d",
+            "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d round_trips=%d heartbeat_gap_max=%.2f",
             self.identity,
             self.tally.stored,
             self.tally.failed,
             self.tally.retried,
             returned,
             self.round_trips,
+            self.heartbeat_gap_max,
         )
 
     # --- Redis side (main thread only) ---
@@ -211,10 +222,11 @@ class Worker:
         """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came."""
         batch, self.pending = self.pending, []
         applied, tasks = self._redis(lambda: self.leases.exchange(batch, count), "finish" if batch else "claim")
+        self._heartbeat_sent(time.monotonic())
         self._settle(batch, applied)
         for raw in tasks:
             self.held[raw] += 1
-            self.todo.put(raw)
+        self.engine.submit(tasks)
         self.held_count += len(tasks)
         return len(tasks)
 
@@ -258,18 +270,20 @@ class Worker:
         ttl = self.config.heartbeat_ttl
         if self._due("heartbeat", now, ttl / 3):
             self._redis(self.leases.heartbeat, "heartbeat")
+            self._heartbeat_sent(time.monotonic())
         if self._due("reap", now, ttl / 2):
             self._return_strays()
             self._reap()
-        if self.disk_alarm.is_set() or now >= self._next.get("disk", 0.0):
-            self.disk_alarm.clear()
+        if self.pipeline.disk_full.is_set() or now >= self._next.get("disk", 0.0):
+            self.pipeline.disk_full.clear()
             self._check_disk()
             paused_recheck = min(DISK_RECHECK_MAX, self.config.monitor_interval)
             self._next["disk"] = now + (paused_recheck if self.pause_reason else DISK_CHECK_EVERY)
         if self._due("summary", now, SUMMARY_EVERY):
             elapsed = max(now - self.tally.started, 1e-9)
             log.info(
-                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d paused=%s round_trips=%d",
+                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d paused=%s round_trips=%d "
+                "heartbeat_gap_max=%.2f",
                 self.identity,
                 (self.tally.stored + self.tally.failed) / elapsed,
                 self.tally.stored,
@@ -278,7 +292,14 @@ class Worker:
                 self.held_count,
                 self.pause_reason is not None,
                 self.round_trips,
+                self.heartbeat_gap_max,
             )
+
+    def _heartbeat_sent(self, now: float) -> None:
+        """Keep the longest time between two heartbeats (every exchange keeps the heartbeat alive too)."""
+        if self._last_heartbeat is not None:
+            self.heartbeat_gap_max = max(self.heartbeat_gap_max, now - self._last_heartbeat)
+        self._last_heartbeat = now
 
     def _due(self, what: str, now: float, every: float) -> bool:
         if now < self._next.get(what, 0.0):
@@ -329,44 +350,3 @@ class Worker:
         reaped = self._redis(self.leases.reap, "reap")
         if reaped:
             log.info("leases_recovered worker=%s tasks=%d", self.identity, reaped)
-
-    # --- download threads ---
-
-    def _download_loop(self) -> None:
-        fetcher = Fetcher(self.policy)
-        try:
-            while (raw := self.todo.get()) is not None:
-                self.done.put(self._process(raw, fetcher))
-        finally:
-            fetcher.close()
-
-    def _process(self, raw: str, fetcher: Fetcher) -> Outcome:
-        try:
-            task = decode(raw)
-        except BadTask as error:
-            log.debug("bad_task worker=%s error=%s", self.identity, error)
-            return FAILED, raw, bad_task_record(raw, str(error), self.identity)
-        try:
-            if self.store.existing(task) is not None:
-                return STORED, raw, 0
-            fetched = fetcher.fetch(task.url)
-            if fetched.status is not None:
-                return self._failure(task, raw, fetched.status, fetched.error_msg)
-            self.store.save(task, fetched.data, fetched.extension)
-            return STORED, raw, len(fetched.data)
-        except OSError as error:
-            if error.errno in DISK_FULL_ERRORS:
-                self.disk_alarm.set()
-                return RETURN, raw, ""
-            log.error("store_failed worker=%s id=%s error=%s", self.identity, task.id, error)
-            return self._failure(task, raw, "store_error", str(error)[:200])
-        except Exception as error:
-            log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
-            return self._failure(task, raw, "internal_error", f"{type(error).__name__}: {error}"[:200])
-
-    def _failure(self, task: Task, raw: str, status: int | str, error_msg: str) -> Outcome:
-        task.attempts += 1
-        if is_transient(status) and task.attempts < self.config.max_attempts:
-            return RETRY, raw, task.encode()
-        log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
-        return FAILED, raw, task.error_record(status, error_msg, self.identity)

@@ -1,4 +1,5 @@
-"""downloader.py as users run it: real processes, a real Redis, the loopback image server."""
+"""downloader.py as users run it: real processes, a real Redis, the loopback image server; every test runs once
+per engine (threads, async)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from tools.image_server import image_bytes
 KEYS = Keys()
 
 
-@pytest.fixture
-def env(script_env: dict[str, str]) -> dict[str, str]:
+@pytest.fixture(params=["threads", "async"])
+def env(script_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
     return {
         **script_env,
+        "LAION_ENGINE": request.param,
+        "LAION_CONCURRENCY": "8",
         "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
         "LAION_THREAD_NUM": "8",
         "LAION_HEARTBEAT_TTL": "3",

@@ -1,4 +1,5 @@
-"""Tests of laion5b.fetch against the real loopback image server.
+"""Tests of both engines' fetchers (laion5b.fetch for threads, laion5b.aiofetch for async) against the real
+loopback image server: every test runs once per engine.
 
 While this module runs, an audit hook records every socket connect and makes any connect outside 127.0.0.0/8, and
 any DNS look-up of a name, fail before a packet leaves: a broken address guard fails a test, never reaches a network.
@@ -6,6 +7,7 @@ any DNS look-up of a name, fail before a packet leaves: a broken address guard f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -28,6 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from laion5b.aiofetch import AsyncFetcher
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.tasks import MAX_URL_CHARS
@@ -112,20 +115,56 @@ def policy(**changes: Any) -> FetchPolicy:
     return FetchPolicy(**values)
 
 
+class LoopFetcher:
+    """The async engine's fetcher, called from the test's thread: its event loop runs on a thread of its own."""
+
+    def __init__(self, fetch_policy: FetchPolicy) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._fetcher = self._call(self._open(fetch_policy))
+
+    @staticmethod
+    async def _open(fetch_policy: FetchPolicy) -> AsyncFetcher:
+        return AsyncFetcher(fetch_policy)
+
+    def fetch(self, url: str) -> Fetched:
+        return self._call(self._fetcher.fetch(url))
+
+    def close(self) -> None:
+        self._call(self._fetcher.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(60)
+
+
+AnyFetcher = Fetcher | LoopFetcher
+ENGINES: dict[str, Callable[[FetchPolicy], AnyFetcher]] = {"threads": Fetcher, "async": LoopFetcher}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine(request: pytest.FixtureRequest) -> str:
+    """Which engine's fetcher the test runs on."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def fetcher() -> Iterator[Fetcher]:
-    fetcher = Fetcher(policy())
+def fetcher(engine: str) -> Iterator[AnyFetcher]:
+    fetcher = ENGINES[engine](policy())
     yield fetcher
     fetcher.close()
 
 
 @pytest.fixture
-def fetch_with() -> Iterator[Callable[..., Callable[[str], Fetched]]]:
-    """Build a Fetcher with a changed policy; closed after the test."""
-    made: list[Fetcher] = []
+def fetch_with(engine: str) -> Iterator[Callable[..., Callable[[str], Fetched]]]:
+    """Build a fetcher of the engine with a changed policy; closed after the test."""
+    made: list[AnyFetcher] = []
 
     def build(**changes: Any) -> Callable[[str], Fetched]:
-        made.append(Fetcher(policy(**changes)))
+        made.append(ENGINES[engine](policy(**changes)))
         return made[-1].fetch
 
     yield build
@@ -158,12 +197,12 @@ def assert_image(result: Fetched, expected: bytes, extension: str) -> None:
 
 
 @pytest.mark.parametrize("extension", ["jpg", "png", "gif", "webp", "bmp", "tiff", "avif", "heic"])
-def test_every_format_arrives_whole(image_server: ImageServer, fetcher: Fetcher, extension: str) -> None:
+def test_every_format_arrives_whole(image_server: ImageServer, fetcher: AnyFetcher, extension: str) -> None:
     result = fetcher.fetch(image_server.url(f"/img/photo-{extension}.{extension}"))
     assert_image(result, image_bytes(f"photo-{extension}", extension), extension)
 
 
-def test_large_image_in_many_chunks(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_large_image_in_many_chunks(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     result = fetcher.fetch(image_server.url("/img/large.png?size=3000000"))
     assert_image(result, image_bytes("large", "png", 3_000_000), "png")
 
@@ -178,22 +217,22 @@ def test_server_reports_sha256(image_server: ImageServer) -> None:
     assert response.getheader("X-Content-SHA256") == hashlib.sha256(body).hexdigest()
 
 
-def test_magic_number_wins_over_content_type(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_magic_number_wins_over_content_type(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     assert_image(fetcher.fetch(image_server.url("/wrongtype/typed.jpg")), image_bytes("typed"), "jpg")
 
 
 @pytest.mark.parametrize("path", ["/html", "/notimage", "/status/204"])
-def test_bodies_that_are_no_image(image_server: ImageServer, fetcher: Fetcher, path: str) -> None:
+def test_bodies_that_are_no_image(image_server: ImageServer, fetcher: AnyFetcher, path: str) -> None:
     assert_failed(fetcher.fetch(image_server.url(path)), "not_image")
 
 
-def test_space_and_non_ascii_path(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_space_and_non_ascii_path(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     name = "a b ü 猫"
     assert_image(fetcher.fetch(image_server.url(f"/img/{name}.jpg")), image_bytes(name), "jpg")
 
 
-def test_connections_are_reused(image_server: ImageServer) -> None:
-    fetcher = Fetcher(policy())
+def test_connections_are_reused(image_server: ImageServer, engine: str) -> None:
+    fetcher = ENGINES[engine](policy())
     before = image_server.connections
     try:
         for index in range(5):
@@ -210,7 +249,7 @@ def test_connections_are_reused(image_server: ImageServer) -> None:
 
 
 @pytest.mark.parametrize("code", [404, 500, 429, 403, 410, 503, 304])
-def test_http_error_codes(image_server: ImageServer, fetcher: Fetcher, code: int) -> None:
+def test_http_error_codes(image_server: ImageServer, fetcher: AnyFetcher, code: int) -> None:
     result = fetcher.fetch(image_server.url(f"/status/{code}"))
     assert_failed(result, code)
     assert result.error_msg.startswith(f"HTTP {code}")
@@ -260,7 +299,7 @@ def test_deadline_bounds_trickled_headers(
     assert time.monotonic() - started < 2.0
 
 
-def test_slow_but_in_time(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_slow_but_in_time(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     assert_image(fetcher.fetch(image_server.url("/slow/0.2/patient.jpg")), image_bytes("patient"), "jpg")
 
 
@@ -292,7 +331,7 @@ def test_bodies_over_the_cap(
     assert peak < 8 * MIB
 
 
-def test_announced_length_is_refused_unread(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_announced_length_is_refused_unread(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     result = fetcher.fetch(image_server.url("/huge/100"))
     assert_failed(result, "too_large")
     assert "Content-Length" in result.error_msg
@@ -309,12 +348,12 @@ def test_body_just_under_the_cap(
 
 
 @pytest.mark.parametrize("hops", [1, 3, 5])
-def test_redirect_chain(image_server: ImageServer, fetcher: Fetcher, hops: int) -> None:
+def test_redirect_chain(image_server: ImageServer, fetcher: AnyFetcher, hops: int) -> None:
     result = fetcher.fetch(image_server.url(f"/redirect/{hops}/moved {hops}.jpg"))
     assert_image(result, image_bytes(f"moved {hops}"), "jpg")
 
 
-def test_too_many_redirects(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_too_many_redirects(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     assert_failed(fetcher.fetch(image_server.url("/redirect/6/far.jpg")), "redirects")
 
 
@@ -322,21 +361,21 @@ def test_no_redirects_allowed(image_server: ImageServer, fetch_with: Callable[..
     assert_failed(fetch_with(max_redirects=0)(image_server.url("/redirect/1/near.jpg")), "redirects")
 
 
-def test_redirect_loop(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_redirect_loop(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     before = image_server.requests
     assert_failed(fetcher.fetch(image_server.url("/loop")), "redirects")
     assert image_server.requests - before == 1
 
 
 @pytest.mark.parametrize("status", [301, 303, 307, 308])
-def test_redirect_codes(image_server: ImageServer, fetcher: Fetcher, status: int) -> None:
+def test_redirect_codes(image_server: ImageServer, fetcher: AnyFetcher, status: int) -> None:
     target = quote(image_server.url("/img/target.jpg"), safe="")
     result = fetcher.fetch(image_server.url(f"/redirect-to?status={status}&url={target}"))
     assert_image(result, image_bytes("target"), "jpg")
 
 
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://example.test/a.jpg", "javascript:alert(1)"])
-def test_redirect_to_another_scheme(image_server: ImageServer, fetcher: Fetcher, target: str) -> None:
+def test_redirect_to_another_scheme(image_server: ImageServer, fetcher: AnyFetcher, target: str) -> None:
     assert_failed(fetcher.fetch(image_server.url(f"/redirect-to?url={quote(target, safe='')}")), "bad_url")
 
 
@@ -347,13 +386,13 @@ def test_redirect_to_another_scheme(image_server: ImageServer, fetcher: Fetcher,
     "directive",
     ["noai", "noimageai", "noindex", "noimageindex", "NoAI", "otherbot: noai", "noindex, nofollow", "all,noimageai"],
 )
-def test_robots_opt_out(image_server: ImageServer, fetcher: Fetcher, directive: str) -> None:
+def test_robots_opt_out(image_server: ImageServer, fetcher: AnyFetcher, directive: str) -> None:
     result = fetcher.fetch(image_server.url(f"/optout/{quote(directive)}/private.jpg"))
     assert_failed(result, "disallowed")
 
 
 @pytest.mark.parametrize("directive", ["all", "nofollow", "noarchive, nosnippet", "max-image-preview:large"])
-def test_other_robots_directives(image_server: ImageServer, fetcher: Fetcher, directive: str) -> None:
+def test_other_robots_directives(image_server: ImageServer, fetcher: AnyFetcher, directive: str) -> None:
     result = fetcher.fetch(image_server.url(f"/optout/{quote(directive)}/public.jpg"))
     assert_image(result, image_bytes("public"), "jpg")
 
@@ -368,21 +407,21 @@ def test_custom_directives(image_server: ImageServer, fetch_with: Callable[..., 
 
 
 @pytest.mark.parametrize("path", ["/reset", "/truncated", "/badgzip"])
-def test_broken_responses(image_server: ImageServer, fetcher: Fetcher, path: str) -> None:
+def test_broken_responses(image_server: ImageServer, fetcher: AnyFetcher, path: str) -> None:
     assert_failed(fetcher.fetch(image_server.url(path)), "connection")
 
 
-def test_redirect_without_location_is_its_code(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_redirect_without_location_is_its_code(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     assert_failed(fetcher.fetch(image_server.url("/status/302")), 302)
 
 
 def test_proxy_settings_of_the_environment_are_ignored(
-    image_server: ImageServer, monkeypatch: pytest.MonkeyPatch, connects: list[str]
+    image_server: ImageServer, monkeypatch: pytest.MonkeyPatch, connects: list[str], engine: str
 ) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.setenv(name, "http://10.9.9.9:3128")
     monkeypatch.setenv("NO_PROXY", "")
-    fetcher = Fetcher(policy())
+    fetcher = ENGINES[engine](policy())
     try:
         assert_image(fetcher.fetch(image_server.url("/img/direct.jpg")), image_bytes("direct"), "jpg")
     finally:
@@ -390,7 +429,7 @@ def test_proxy_settings_of_the_environment_are_ignored(
     assert connects == ["127.0.0.1"]
 
 
-def test_refused(fetcher: Fetcher) -> None:
+def test_refused(fetcher: AnyFetcher) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -398,7 +437,7 @@ def test_refused(fetcher: Fetcher) -> None:
     assert_failed(fetcher.fetch(f"http://127.0.0.1:{port}/img/x.jpg"), "connection")
 
 
-def test_tls_to_a_plain_http_server(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_tls_to_a_plain_http_server(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     assert_failed(fetcher.fetch(f"https://127.0.0.1:{image_server.port}/img/x.jpg"), "ssl")
 
 
@@ -425,8 +464,10 @@ def test_resolved_name_is_connected_by_address(
 # --- address guard ---------------------------------------------------------------------------------------------
 
 
-def test_default_policy_refuses_loopback_without_connecting(image_server: ImageServer, connects: list[str]) -> None:
-    fetcher = Fetcher(FetchPolicy())
+def test_default_policy_refuses_loopback_without_connecting(
+    image_server: ImageServer, connects: list[str], engine: str
+) -> None:
+    fetcher = ENGINES[engine](FetchPolicy())
     requests_before, connections_before = image_server.requests, image_server.connections
     try:
         result = fetcher.fetch(image_server.url("/img/guarded.jpg"))
@@ -468,8 +509,8 @@ def test_private_addresses_are_refused_before_connecting(
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::ffff:127.0.0.1", "127.1.2.3"])
-def test_loopback_is_refused_by_default(address: str, connects: list[str]) -> None:
-    fetcher = Fetcher(FetchPolicy(resolver=resolver_to(address)))
+def test_loopback_is_refused_by_default(address: str, connects: list[str], engine: str) -> None:
+    fetcher = ENGINES[engine](FetchPolicy(resolver=resolver_to(address)))
     try:
         assert_failed(fetcher.fetch("http://localhost.test/a.jpg"), "blocked_address")
     finally:
@@ -489,7 +530,7 @@ def test_loopback_is_refused_by_default(address: str, connects: list[str]) -> No
         "http://100.64.0.1/a.jpg",
     ],
 )
-def test_ip_literal_hosts_are_refused(fetcher: Fetcher, connects: list[str], url: str) -> None:
+def test_ip_literal_hosts_are_refused(fetcher: AnyFetcher, connects: list[str], url: str) -> None:
     assert_failed(fetcher.fetch(url), "blocked_address")
     assert connects == []
 
@@ -551,7 +592,7 @@ def test_bad_urls(fetch_with: Callable[..., Callable[[str], Fetched]], connects:
     assert connects == []
 
 
-def test_credentials_are_sent_and_never_reported(image_server: ImageServer, fetcher: Fetcher) -> None:
+def test_credentials_are_sent_and_never_reported(image_server: ImageServer, fetcher: AnyFetcher) -> None:
     base = f"http://user:s3cr%40t@127.0.0.1:{image_server.port}"
     assert_image(fetcher.fetch(base + "/img/private.jpg"), image_bytes("private"), "jpg")
     failures = [
@@ -567,9 +608,9 @@ def test_credentials_are_sent_and_never_reported(image_server: ImageServer, fetc
 
 
 @pytest.fixture(scope="module")
-def garbage_fetcher() -> Iterator[Fetcher]:
+def garbage_fetcher(engine: str) -> Iterator[AnyFetcher]:
     """Default policy (nothing private allowed), no DNS, short limits."""
-    fetcher = Fetcher(FetchPolicy(resolver=no_dns, connect_timeout=0.5, read_timeout=0.5, download_timeout=1))
+    fetcher = ENGINES[engine](FetchPolicy(resolver=no_dns, connect_timeout=0.5, read_timeout=0.5, download_timeout=1))
     yield fetcher
     fetcher.close()
 
@@ -582,7 +623,7 @@ def garbage_fetcher() -> Iterator[Fetcher]:
         st.text(alphabet="htps:/[]@%?#.:-0123456789abcdef \t\x00é", max_size=40),
     )
 )
-def test_garbage_never_raises(garbage_fetcher: Fetcher, url: str) -> None:
+def test_garbage_never_raises(garbage_fetcher: AnyFetcher, url: str) -> None:
     result = garbage_fetcher.fetch(url)
     assert isinstance(result, Fetched)
     assert result.status in STATUS_WORDS or isinstance(result.status, int), result

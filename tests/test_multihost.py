@@ -116,6 +116,7 @@ class Deployment:
             LAION_MONITOR_INTERVAL="1",
             LAION_HEARTBEAT_TTL="5",
             LAION_THREAD_NUM="8",
+            LAION_MAX_PER_HOST="0",
             LAION_CONNECT_TIMEOUT="2",
             LAION_READ_TIMEOUT="3",
             LAION_DOWNLOAD_TIMEOUT="5",

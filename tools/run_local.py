@@ -85,6 +85,7 @@ def demo_environment(folder: Path, config: Config) -> dict[str, str]:
         "LAION_MONITOR_DISK": str(folder),
         "LAION_ALLOWED_NETWORKS": ",".join([*config.allowed_networks, "127.0.0.1/32"]),
         "LAION_DOWNLOAD_TIMEOUT": "3",
+        "LAION_MAX_PER_HOST": "0",
         "LAION_READ_TIMEOUT": "2",
         "LAION_MIN_FREE_GB": str(min(config.min_free_gb, 1.0)),
     }

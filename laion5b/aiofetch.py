@@ -1,0 +1,255 @@
+"""The async engine's HTTP download of one image, with aiohttp: the rules of ``laion5b.fetchpolicy`` on one client
+session per process. The address guard sits in the connector's resolver (names) and socket factory (the address
+actually connected, IP literals included); bodies are decoded here, so the byte cap holds for gzip bombs."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import urllib3.exceptions
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from laion5b.dnscache import AsyncCachedResolver, DnsCache
+from laion5b.fetchpolicy import (
+    CHUNK,
+    DRAIN_SECONDS,
+    Body,
+    Fetched,
+    FetchFailure,
+    FetchPolicy,
+    check_final,
+    check_url,
+    drain_length,
+    failed,
+    one_line,
+    redirect_location,
+    redirect_target,
+    tls_context,
+)
+from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
+from laion5b.limits import AsyncByteBudget
+
+DNS_THREADS = 64  # look-ups in progress at once; the event loop's default pool (6 threads here) would throttle them
+IDLE_CONNECTION_SECONDS = 5.0  # an idle kept-alive connection is closed after this long (most hosts are seen once)
+_URL_ERRORS = (aiohttp.InvalidURL, urllib3.exceptions.LocationParseError, UnicodeError, ValueError)
+_TIMEOUT_ERRORS = (TimeoutError, aiohttp.ServerTimeoutError)
+_SSL_ERRORS = (aiohttp.ClientSSLError, ssl.SSLError, ssl.CertificateError)
+_EXPECTED_ERRORS = (aiohttp.ClientError, OSError, ValueError, zlib.error)
+
+
+class _GuardedResolver(AbstractResolver):
+    """Resolves names through the process's DNS cache and keeps only the addresses the guard allows."""
+
+    def __init__(self, guard: AddressGuard, lookup: AsyncCachedResolver) -> None:
+        self._guard = guard
+        self._lookup = lookup
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        check_host_name(host)
+        addresses = self._guard.allowed(await self._lookup(host, port))
+        return [_resolved(host, address, port) for address in addresses]
+
+    async def close(self) -> None:
+        """Nothing to release: look-ups run on the fetcher's thread pool."""
+
+
+def _resolved(host: str, address: str, port: int) -> ResolveResult:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return {"hostname": host, "host": address, "port": port, "family": family, "proto": 0, "flags": 0}
+
+
+class AsyncFetcher:
+    """One per process, made inside its event loop: one aiohttp session, the guard, the byte budget."""
+
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        tls: ssl.SSLContext | None = None,
+        budget: AsyncByteBudget | None = None,
+        dns_cache: DnsCache | None = None,
+    ) -> None:
+        self._policy = policy
+        self._budget = budget
+        self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
+        self._dns_pool = concurrent.futures.ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="dns")
+        lookup = AsyncCachedResolver(self._look_up, dns_cache or DnsCache(0, 0))
+        connector = aiohttp.TCPConnector(
+            resolver=_GuardedResolver(self._guard, lookup),
+            use_dns_cache=False,
+            ssl=tls or tls_context(policy.tls_ca_file),
+            limit=0,
+            keepalive_timeout=IDLE_CONNECTION_SECONDS,
+            happy_eyeballs_delay=None,
+            socket_factory=self._socket,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=policy.headers(),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=policy.connect_timeout, sock_read=policy.read_timeout
+            ),
+        )
+
+    async def fetch(self, url: str) -> Fetched:
+        """Download one image; every per-URL problem comes back as a status, never as an exception.
+
+        With a byte budget, the image's bytes stay reserved until ``release(fetched)`` is called.
+        """
+        deadline = time.monotonic() + self._policy.download_timeout
+        body = Body(self._policy.max_bytes, deadline)
+        try:
+            async with asyncio.timeout(self._policy.download_timeout):
+                fetched = await self._follow(url, deadline, body)
+        except FetchFailure as exc:
+            fetched = failed(exc, url)
+        except BlockedAddress as exc:
+            fetched = Fetched(None, None, "blocked_address", one_line(str(exc), url))
+        except TimeoutError:
+            fetched = Fetched(None, None, "timeout", f"no complete response within {self._policy.download_timeout:g} s")
+        except _EXPECTED_ERRORS as exc:
+            fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
+        if fetched.data is None and self._budget is not None:
+            self._budget.give(body.reserved)
+        return fetched
+
+    def release(self, fetched: Fetched) -> None:
+        """Give the bytes of a fetched image back to the budget (once the image is stored)."""
+        if self._budget is not None and fetched.data is not None:
+            self._budget.give(len(fetched.data))
+
+    async def close(self) -> None:
+        await self._session.close()
+        self._dns_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _follow(self, url: str, deadline: float, body: Body) -> Fetched:
+        """Request ``url`` and follow its redirects by hand, each target checked like the first URL."""
+        seen = {url}
+        while True:
+            check_url(url, deadline, self._policy)
+            async with self._session.get(url, allow_redirects=False) as response:
+                location = redirect_location(response.status, response.headers)
+                if not location:
+                    return await self._image(response, body)
+                await self._drain(response, deadline)
+            url = redirect_target(url, location, seen, self._policy.max_redirects)
+
+    async def _image(self, response: aiohttp.ClientResponse, body: Body) -> Fetched:
+        try:
+            check_final(response.status, response.reason, response.headers, self._policy)
+        except FetchFailure:
+            await self._drain(response, body.deadline)
+            raise
+        await _read_body(response, body, self._budget)
+        return body.image()
+
+    async def _drain(self, response: aiohttp.ClientResponse, deadline: float) -> None:
+        """Read a small unwanted body so that its connection can be reused; anything else closes it."""
+        length = drain_length(response.headers)
+        if length is None:
+            response.close()
+            return
+        try:
+            async with asyncio.timeout(max(0.0, min(deadline - time.monotonic(), DRAIN_SECONDS))):
+                await _read_body(response, Body(length, deadline, image=False), None)
+        except (FetchFailure, TimeoutError, *_EXPECTED_ERRORS):
+            response.close()
+
+    async def _look_up(self, host: str, port: int) -> list[str]:
+        resolver = self._policy.resolver
+        if resolver is not None:  # an injected resolver (tests) answers at once
+            return resolver(host, port)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._dns_pool, system_resolver, host, port)
+
+    def _socket(self, addr_info: Any) -> socket.socket:
+        """The socket for one connection attempt, made only when the guard allows the address."""
+        family, kind, proto, _, address = addr_info
+        if not self._guard.allows(address[0]):
+            raise BlockedAddress(f"refused to connect to {address[0]}")
+        return socket.socket(family, kind, proto)
+
+
+async def _read_body(response: aiohttp.ClientResponse, body: Body, budget: AsyncByteBudget | None) -> None:
+    """Read and decode the body into ``body``, reserving each decoded chunk in ``budget`` first."""
+    decoder = _Decoder(response.headers.get("content-encoding", ""))
+    while raw := await response.content.read(CHUNK):
+        for chunk in decoder.decode(raw):
+            if budget is not None:
+                await budget.take(len(chunk))
+                body.reserved += len(chunk)
+            body.add(chunk)
+
+
+class _Decoder:
+    """Content decoding (gzip, deflate) in steps of at most CHUNK decoded bytes; other encodings pass through."""
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        self._raw_fallback = encoding == "deflate"
+        if encoding in ("gzip", "x-gzip"):
+            self._zlib: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._zlib = zlib.decompressobj()
+        else:
+            self._zlib = None
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """The decoded chunks of ``data``, made one at a time as they are consumed."""
+        if self._zlib is None:
+            yield data
+            return
+        if self._raw_fallback:
+            self._raw_fallback = False
+            try:
+                chunk = self._zlib.decompress(data, CHUNK)
+            except zlib.error:  # a deflate body without the zlib header, as some servers send
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                chunk = self._zlib.decompress(data, CHUNK)
+        else:
+            chunk = self._zlib.decompress(data, CHUNK)
+        while chunk:
+            yield chunk
+            tail = self._zlib.unconsumed_tail
+            chunk = self._zlib.decompress(tail, CHUNK) if tail else b""
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (causes, contexts, aiohttp's os_error), innermost last."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _status_word(exc: BaseException) -> str:
+    """Map an aiohttp/socket exception to its status word."""
+    chain = _causes(exc)
+    for word, kinds in (
+        ("blocked_address", BlockedAddress),
+        ("dns", (aiohttp.ClientConnectorDNSError, socket.gaierror)),
+        ("ssl", _SSL_ERRORS),
+        ("timeout", _TIMEOUT_ERRORS),
+        ("bad_url", _URL_ERRORS),
+    ):
+        if any(isinstance(item, kinds) for item in chain):
+            return word
+    return "connection"
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """One short line naming the exception, without URL credentials."""
+    text = str(exc)
+    return one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, url)

@@ -1,0 +1,89 @@
+"""What happens to one task around its download, whatever the engine: decode it, skip it when an earlier try stored
+it, store what was fetched, and turn every failure into its outcome."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from urllib.parse import urlsplit
+
+from laion5b.fetchpolicy import Fetched
+from laion5b.leases import FAILED, RETRY, RETURN, STORED
+from laion5b.store import Store
+from laion5b.tasks import BadTask, Task, bad_task_record, decode, is_transient
+
+log = logging.getLogger(__name__)
+
+Outcome = tuple[str, str, str | int]
+"""(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
+
+DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def host_key(url: str) -> str:
+    """The URL's host name, lower-cased, for per-host limits ('' when it has none)."""
+    try:
+        return (urlsplit(url.strip()).hostname or "").rstrip(".")
+    except ValueError:
+        return ""
+
+
+class Pipeline:
+    """The stages of a task before and after its fetch: ``begin`` (decode, already stored?) and ``finish`` (store,
+    or classify the failure). Thread-safe: engines call it from many threads or from their event loop."""
+
+    def __init__(self, store: Store, identity: str, max_attempts: int) -> None:
+        self.store = store
+        self.identity = identity
+        self.max_attempts = max_attempts
+        self.disk_full = threading.Event()
+
+    @property
+    def blocks(self) -> bool:
+        """Whether ``finish`` may block for long (an fsync per image): the async engine then runs it off its loop."""
+        return self.store.fsync
+
+    def begin(self, raw: str) -> Task | Outcome:
+        """The task to download, or the outcome when there is nothing to download (not a task, already stored)."""
+        try:
+            task = decode(raw)
+        except BadTask as error:
+            log.debug("bad_task worker=%s error=%s", self.identity, error)
+            return FAILED, raw, bad_task_record(raw, str(error), self.identity)
+        try:
+            if self.store.existing(task) is not None:
+                return STORED, raw, 0
+        except OSError as error:
+            return self._store_error(task, raw, error)
+        return task
+
+    def finish(self, task: Task, raw: str, fetched: Fetched) -> Outcome:
+        """Store a fetched image, or record why there is none."""
+        if fetched.status is not None or fetched.data is None or fetched.extension is None:
+            return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg)
+        try:
+            self.store.save(task, fetched.data, fetched.extension)
+        except OSError as error:
+            return self._store_error(task, raw, error)
+        return STORED, raw, len(fetched.data)
+
+    def crashed(self, task: Task, raw: str, error: Exception) -> Outcome:
+        """The outcome of a task whose handling raised a bug's exception."""
+        log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
+        return self.failure(task, raw, "internal_error", f"{type(error).__name__}: {error}"[:200])
+
+    def failure(self, task: Task, raw: str, status: int | str, error_msg: str) -> Outcome:
+        """Retry a transient failure while attempts remain; otherwise an error record."""
+        task.attempts += 1
+        if is_transient(status) and task.attempts < self.max_attempts:
+            return RETRY, raw, task.encode()
+        log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
+        return FAILED, raw, task.error_record(status, error_msg, self.identity)
+
+    def _store_error(self, task: Task, raw: str, error: OSError) -> Outcome:
+        if error.errno in DISK_FULL_ERRORS:
+            self.disk_full.set()
+            return RETURN, raw, ""
+        log.error("store_failed worker=%s id=%s error=%s", self.identity, task.id, error)
+        return self.failure(task, raw, "store_error", str(error)[:200])
