@@ -19,6 +19,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from laion5b.dnscache import AsyncCachedResolver, DnsCache
 from laion5b.fetchpolicy import (
+    BUDGET_MESSAGE,
     CHUNK,
     DRAIN_SECONDS,
     Body,
@@ -186,7 +187,8 @@ async def _read_body(response: aiohttp.ClientResponse, body: Body, budget: Async
     while raw := await response.content.read(CHUNK):
         for chunk in decoder.decode(raw):
             if budget is not None:
-                await budget.take(len(chunk))
+                if not await budget.take(len(chunk), body.reserved):
+                    raise FetchFailure("timeout", BUDGET_MESSAGE)
                 body.reserved += len(chunk)
             body.add(chunk)
 

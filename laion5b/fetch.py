@@ -16,6 +16,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
 from laion5b.fetchpolicy import (
+    BUDGET_MESSAGE,
     CHUNK,
     DRAIN_SECONDS,
     Body,
@@ -165,8 +166,8 @@ def _read_body(raw: HTTPResponse, body: Body, budget: ByteBudget | None) -> None
     connection layer, so a trickle cannot outlive it), reserving each chunk in ``budget`` first."""
     while chunk := raw.read1(CHUNK, decode_content=True):
         if budget is not None:
-            if not budget.take(len(chunk), body.deadline):
-                raise FetchFailure("timeout", "no memory budget for the body before the deadline")
+            if not budget.take(len(chunk), body.reserved, body.deadline):
+                raise FetchFailure("timeout", BUDGET_MESSAGE)
             body.reserved += len(chunk)
         body.add(chunk)
 

@@ -26,6 +26,7 @@ REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 CHUNK = 64 * 1024  # decoded bytes asked for per read: bounds the memory a gzip bomb can claim per step
 DRAIN_BYTES = 64 * 1024  # unwanted bodies (redirects, errors) up to this size are read so the connection is reused
 DRAIN_SECONDS = 1.0  # ... but for no longer than this
+BUDGET_MESSAGE = "gave way: the bodies in memory reached max_inflight_bytes"
 ACCEPT = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"
 ACCEPT_ENCODING = "gzip, deflate"
 _MAGIC_BYTES = 256  # the body is checked for an image signature once this much of it has arrived

@@ -68,29 +68,43 @@ class HostSlots(Generic[Item]):
 
 
 class ByteBudget:
-    """Body bytes that a process's downloads may hold in memory at once; a download waits for budget rather than
-    exceed it (threads engine: blocking waits)."""
+    """Body bytes that a process's downloads may hold in memory at once (threads engine: blocking waits).
+
+    A download waits for budget rather than exceed it. Downloads that already hold bytes could all end up waiting
+    for each other; the last of them to start waiting gives way instead (``take`` is False: its bytes go back and
+    it is retried later), so the others always progress.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.peak = 0
+        self.holders = 0  # downloads holding bytes
+        self._waiting_holders = 0
         self._changed = threading.Condition()
 
-    def take(self, size: int, deadline: float) -> bool:
-        """Reserve ``size`` bytes, waiting at most until ``deadline`` (monotonic); False when it passed first."""
+    def take(self, size: int, held: int, deadline: float) -> bool:
+        """Reserve ``size`` more bytes for a download that holds ``held``; False when it must give way or the
+        ``deadline`` (monotonic) passed first."""
         with self._changed:
             while self.used + size > self.limit:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (held and self._waiting_holders + 1 >= self.holders):
                     return False
+                self._waiting_holders += bool(held)
                 self._changed.wait(remaining)
+                self._waiting_holders -= bool(held)
+            self.holders += not held
             self.used += size
+            self.peak = max(self.peak, self.used)
             return True
 
     def give(self, size: int) -> None:
+        """Give back every byte a download holds."""
         if size:
             with self._changed:
                 self.used -= size
+                self.holders -= 1
                 self._changed.notify_all()
 
 
@@ -100,34 +114,56 @@ class AsyncByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.peak = 0
+        self.holders = 0
+        self._waiters: deque[tuple[int, bool, asyncio.Future[None]]] = deque()
 
-    async def take(self, size: int) -> None:
-        """Reserve ``size`` bytes, waiting for them (the caller bounds the wait with its deadline)."""
+    async def take(self, size: int, held: int) -> bool:
+        """Reserve ``size`` more bytes for a download that holds ``held``; False when it must give way (the caller
+        bounds the wait with its deadline)."""
         if not self._waiters and self.used + size <= self.limit:
-            self.used += size
-            return
+            self._add(size, held)
+            return True
+        if held and sum(holds for _, holds, _ in self._waiters) + 1 >= self.holders:
+            return False
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((size, waiter))
+        entry = (size, bool(held), waiter)
+        self._waiters.append(entry)
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.give(size)  # granted just as the wait was given up
-            else:
-                self._waiters.remove((size, waiter))
+            if waiter.done() and not waiter.cancelled():  # granted just as the wait was given up
+                self.used -= size
+                self.holders -= not held
+                self._grant()
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
                 self._grant()
             raise
+        return True
 
     def give(self, size: int) -> None:
+        """Give back every byte a download holds."""
         if size:
             self.used -= size
+            self.holders -= 1
             self._grant()
 
+    def _add(self, size: int, held: int) -> None:
+        self.holders += not held
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
     def _grant(self) -> None:
-        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
-            size, waiter = self._waiters.popleft()
-            self.used += size
+        while self._waiters:
+            size, held, waiter = self._waiters[0]
+            if waiter.done():  # its task was cancelled and has not run its clean-up yet
+                self._waiters.popleft()
+                continue
+            if self.used + size > self.limit:
+                return
+            self._waiters.popleft()
+            self._add(size, held)
             waiter.set_result(None)
 
 

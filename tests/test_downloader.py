@@ -17,7 +17,7 @@ from laion5b.disk import publish_used
 from laion5b.keys import Keys
 from laion5b.tasks import Task
 from tests.helpers import run_script, wait_until
-from tools.image_server import image_bytes
+from tools.image_server import ImageServer, image_bytes
 
 KEYS = Keys()
 
@@ -149,6 +149,25 @@ def test_private_addresses_are_refused_by_default(redis_server, env, image_serve
     assert result.returncode == 0
     assert [r["status"] for r in errors_by_id(client).values()] == ["blocked_address"]
     assert image_server.requests == served
+
+
+def test_max_per_host_holds_and_other_hosts_go_on_meanwhile(redis_server, env, image_server):
+    other = ImageServer(host="127.0.0.2")
+    other.start()
+    try:
+        client = redis_server.client()
+        slow = [image_server.url(f"/slow/0.4/h{i}.jpg") for i in range(10)]
+        fast = [other.url(f"/img/f{i}.jpg") for i in range(6)]
+        total = len(queue_urls(client, slow + fast))  # claimed in this order: the slow host first
+        result = run_worker({**env, "LAION_MAX_PER_HOST": "2"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert image_server.most_in_progress("127.0.0.1") == 2
+        slow_started = image_server.started("127.0.0.1")
+        assert max(slow_started) - min(slow_started) > 1.4  # five rounds of two, 0.4 s each
+        assert max(other.started("127.0.0.2")) < max(slow_started) - 1.0  # not held up behind the slow host
+        assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+    finally:
+        other.stop()
 
 
 def test_a_repeated_task_finds_its_file_and_counts_once(redis_server, env, image_server):

@@ -21,6 +21,8 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laion5b.aiofetch import AsyncFetcher
+from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
+from laion5b.guard import system_resolver
+from laion5b.limits import AsyncByteBudget, ByteBudget
 from laion5b.tasks import MAX_URL_CHARS
+from tests.certs import make_certificates
 from tools.image_server import ImageServer, gzip_bomb, image_bytes
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
@@ -118,15 +124,21 @@ def policy(**changes: Any) -> FetchPolicy:
 class LoopFetcher:
     """The async engine's fetcher, called from the test's thread: its event loop runs on a thread of its own."""
 
-    def __init__(self, fetch_policy: FetchPolicy) -> None:
+    def __init__(
+        self, fetch_policy: FetchPolicy, budget: AsyncByteBudget | None = None, cache: DnsCache | None = None
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._fetcher = self._call(self._open(fetch_policy))
+        self.budget = budget
+        self._fetcher = self._call(self._open(fetch_policy, budget, cache))
 
     @staticmethod
-    async def _open(fetch_policy: FetchPolicy) -> AsyncFetcher:
-        return AsyncFetcher(fetch_policy)
+    async def _open(fetch_policy: FetchPolicy, budget: AsyncByteBudget | None, cache: DnsCache | None) -> AsyncFetcher:
+        return AsyncFetcher(fetch_policy, budget=budget, dns_cache=cache)
+
+    def release(self, fetched: Fetched) -> None:
+        self._loop.call_soon_threadsafe(self._fetcher.release, fetched)
 
     def fetch(self, url: str) -> Fetched:
         return self._call(self._fetcher.fetch(url))
@@ -143,6 +155,19 @@ class LoopFetcher:
 
 AnyFetcher = Fetcher | LoopFetcher
 ENGINES: dict[str, Callable[[FetchPolicy], AnyFetcher]] = {"threads": Fetcher, "async": LoopFetcher}
+
+
+def fetcher_with_limits(
+    engine: str, fetch_policy: FetchPolicy, budget_bytes: int | None = None, cache: DnsCache | None = None
+) -> tuple[AnyFetcher, ByteBudget | AsyncByteBudget | None]:
+    """A fetcher of ``engine`` with a byte budget and a DNS cache, wired the way each engine wires them."""
+    if engine == "async":
+        budget = AsyncByteBudget(budget_bytes) if budget_bytes else None
+        return LoopFetcher(fetch_policy, budget, cache), budget
+    if cache is not None:
+        fetch_policy = replace(fetch_policy, resolver=CachedResolver(fetch_policy.resolver or system_resolver, cache))
+    threads_budget = ByteBudget(budget_bytes) if budget_bytes else None
+    return Fetcher(fetch_policy, budget=threads_budget), threads_budget
 
 
 @pytest.fixture(scope="module", params=sorted(ENGINES))
@@ -689,3 +714,114 @@ def test_idna_host_is_resolved_in_its_ascii_form(image_server: ImageServer, fetc
     result = fetch(f"http://bücher.test:{image_server.port}/img/idna.jpg")
     assert_image(result, image_bytes("idna", "jpg"), "jpg")
     assert asked == ["xn--bcher-kva.test"]
+
+
+def test_tls_ca_file_is_trusted(tmp_path: Path, engine: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    ca, cert, key = make_certificates(tmp_path, "DNS:images.test")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = ImageServer(tls=context)
+    server.start()
+    url = f"https://images.test:{server.port}/img/secure.jpg"
+    trusting = ENGINES[engine](policy(resolver=resolver_to("127.0.0.1"), tls_ca_file=str(ca)))
+    default = ENGINES[engine](policy(resolver=resolver_to("127.0.0.1")))
+    try:
+        assert_image(trusting.fetch(url), image_bytes("secure"), "jpg")
+        assert_failed(default.fetch(url), "ssl")
+        assert_failed(trusting.fetch(f"https://other.test:{server.port}/img/secure.jpg"), "ssl")  # wrong name
+    finally:
+        trusting.close()
+        default.close()
+        server.stop()
+
+
+# --- politeness and limits ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel() -> Iterator[tuple[int, list[object]]]:
+    """A listener on 127.0.0.2 that counts the connections it accepts."""
+    listener = socket.create_server(("127.0.0.2", 0))
+    listener.settimeout(0.2)
+    accepted: list[object] = []
+    running = threading.Event()
+    running.set()
+
+    def accept() -> None:
+        while running.is_set():
+            with contextlib.suppress(OSError):
+                connection, address = listener.accept()
+                accepted.append(address)
+                connection.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], accepted
+    running.clear()
+    thread.join(2)
+    listener.close()
+
+
+def test_a_refused_address_sees_no_connection(
+    image_server: ImageServer, sentinel: tuple[int, list[object]], engine: str, connects: list[str]
+) -> None:
+    port, accepted = sentinel
+    guarded = ENGINES[engine](policy(allowed_networks=(ip_network("127.0.0.1/32"),), resolver=resolver_to("127.0.0.2")))
+    target = quote(f"http://127.0.0.2:{port}/a.jpg", safe="")
+    try:
+        for url in (
+            f"http://127.0.0.2:{port}/a.jpg",
+            f"http://sentinel.test:{port}/a.jpg",
+            image_server.url(f"/redirect-to?url={target}"),
+        ):
+            assert_failed(guarded.fetch(url), "blocked_address")
+    finally:
+        guarded.close()
+    time.sleep(0.3)
+    assert accepted == []
+    assert "127.0.0.2" not in connects
+
+
+def test_dns_answers_and_failures_are_cached(image_server: ImageServer, engine: str) -> None:
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        if host == "dead.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return ["127.0.0.1"]
+
+    cache = DnsCache(300, negative_ttl=0.5)
+    fetcher, _ = fetcher_with_limits(engine, policy(resolver=resolver), cache=cache)
+    try:
+        for index in range(5):
+            assert fetcher.fetch(f"http://cached.test:{image_server.port}/img/c{index}.jpg").status is None
+            assert_failed(fetcher.fetch(f"http://dead.test:{image_server.port}/img/d{index}.jpg"), "dns")
+        assert asked == ["cached.test", "dead.test"]
+        time.sleep(0.6)  # a failed look-up is asked again once its short time is up; the answer is still kept
+        assert_failed(fetcher.fetch(f"http://dead.test:{image_server.port}/img/again.jpg"), "dns")
+        assert fetcher.fetch(f"http://cached.test:{image_server.port}/img/again.jpg").status is None
+        assert asked == ["cached.test", "dead.test", "dead.test"]
+    finally:
+        fetcher.close()
+
+
+def test_body_budget_holds_with_endless_bodies(image_server: ImageServer, engine: str) -> None:
+    limit = 3 * MIB
+    fetcher, budget = fetcher_with_limits(engine, policy(max_bytes=2 * MIB, download_timeout=3.0), budget_bytes=limit)
+    assert budget is not None
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(fetcher.fetch, [image_server.url("/endless")] * 4))
+        assert {result.status for result in results} <= {"too_large", "timeout"}
+        assert any(result.status == "too_large" for result in results)
+        kept = fetcher.fetch(image_server.url("/img/kept.png?size=100000"))
+        assert kept.status is None and budget.used == 100_000  # held until the image is stored
+        fetcher.release(kept)
+        time.sleep(0.1)
+    finally:
+        fetcher.close()
+    assert 2 * MIB < budget.peak <= limit
+    assert budget.used == 0

@@ -10,28 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.certs import make_certificates
 from tests.helpers import run_script, write_wide
 from tests.redis_server import REDIS_SERVER, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
-
-
-def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a server certificate for 127.0.0.1 signed by it."""
-    ca_key, ca, key, request, cert = (
-        folder / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
-    )
-    extensions = folder / "san.cnf"
-    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
-    for command in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-         "-subj", "/CN=test-ca"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
-         "-extfile", extensions],
-    ):  # fmt: skip
-        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
-    return ca, cert, key
 
 
 @pytest.fixture

@@ -37,10 +37,13 @@ import itertools
 import logging
 import random
 import socket
+import ssl
 import struct
 import sys
 import threading
+import time
 import zlib
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -168,13 +171,23 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, _Handler)
+        self.tls = tls
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.requests = 0
         self.connections = 0
         self.sockets: set[socket.socket] = set()
+        self.in_progress: Counter[str] = Counter()
+        self.most_in_progress: Counter[str] = Counter()
+        self.started: dict[str, list[float]] = {}
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:  # the handshake happens on the handler's thread, at its first read
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.lock:
@@ -205,8 +218,19 @@ class _Handler(BaseHTTPRequestHandler):
         """Silence the per-request log line."""
 
     def do_GET(self) -> None:
+        host = (self.headers.get("Host") or "").rpartition(":")[0]
         with self.server.lock:
             self.server.requests += 1
+            self.server.in_progress[host] += 1
+            self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
+            self.server.started.setdefault(host, []).append(time.monotonic())
+        try:
+            self._answer()
+        finally:
+            with self.server.lock:
+                self.server.in_progress[host] -= 1
+
+    def _answer(self) -> None:
         parts = urlsplit(self.path)
         route, _, rest = unquote(parts.path).lstrip("/").partition("/")
         query = dict(parse_qsl(parts.query))
@@ -371,8 +395,8 @@ _ROUTES = {
 class ImageServer:
     """The server on a background thread; port 0 picks a free port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = _Server((host, port))
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> None:
+        self._server = _Server((host, port), tls)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.host = host
         self.port: int = self._server.server_address[1]
@@ -387,9 +411,20 @@ class ImageServer:
         """Connections accepted so far."""
         return self._server.connections
 
+    def most_in_progress(self, host: str) -> int:
+        """The most requests to ``host`` (the Host header's name) that were ever in progress at once."""
+        with self._server.lock:
+            return self._server.most_in_progress[host]
+
+    def started(self, host: str) -> list[float]:
+        """When each request to ``host`` arrived (monotonic clock)."""
+        with self._server.lock:
+            return list(self._server.started.get(host, []))
+
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` (which starts with a slash) on this server."""
-        return f"http://{self.host}:{self.port}{path}"
+        scheme = "http" if self._server.tls is None else "https"
+        return f"{scheme}://{self.host}:{self.port}{path}"
 
     def start(self) -> None:
         """Serve in a daemon thread."""
