@@ -24,6 +24,7 @@ from urllib3.response import HTTPResponse
 
 from laion5b.guard import DEADLINE, AddressGuard, BlockedAddress, GuardedAdapter, Network, Resolver, system_resolver
 from laion5b.imageformat import image_extension
+from laion5b.retry import retry_after_of
 from laion5b.tasks import MAX_URL_CHARS
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
@@ -71,20 +72,23 @@ class FetchPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """Outcome of one fetch: image bytes and extension, or a status and a short one-line message."""
+    """Outcome of one fetch: image bytes and extension, or a status and a short one-line message (and the seconds a
+    429 or 503 asked to wait in its Retry-After)."""
 
     data: bytes | None
     extension: str | None
     status: int | str | None
     error_msg: str = ""
+    retry_after: float | None = None
 
 
 class _Failure(Exception):
     """A per-URL outcome decided by this module, carried out of nested helpers."""
 
-    def __init__(self, status: int | str, message: str) -> None:
+    def __init__(self, status: int | str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class Fetcher:
@@ -109,7 +113,7 @@ class Fetcher:
         try:
             return self._follow(url, deadline)
         except _Failure as exc:
-            return Fetched(None, None, exc.status, _one_line(str(exc), url))
+            return Fetched(None, None, exc.status, _one_line(str(exc), url), exc.retry_after)
         except BlockedAddress as exc:
             return Fetched(None, None, "blocked_address", _one_line(str(exc), url))
         except _EXPECTED_ERRORS as exc:
@@ -162,7 +166,8 @@ class Fetcher:
         status = response.status_code
         if status >= 300:
             self._drain(response, deadline)
-            raise _Failure(status, f"HTTP {status} {response.reason or ''}".rstrip())
+            retry_after = retry_after_of(status, response.headers.get("retry-after"))
+            raise _Failure(status, f"HTTP {status} {response.reason or ''}".rstrip(), retry_after)
         robots = response.headers.get("x-robots-tag")
         if robots and not self._disallowed.isdisjoint(_TOKENS.split(robots.lower())):
             raise _Failure("disallowed", f"X-Robots-Tag: {robots}")

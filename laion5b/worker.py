@@ -18,8 +18,9 @@ import redis
 from laion5b.config import Config
 from laion5b.disk import DiskGuard
 from laion5b.fetch import Fetcher, FetchPolicy
-from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
+from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases, retry_outcome
 from laion5b.redisconn import retrying
+from laion5b.retry import retry_delay
 from laion5b.store import Store
 from laion5b.tasks import BadTask, Task, bad_task_record, decode, is_transient
 
@@ -303,15 +304,16 @@ class Worker:
         self.pause_reason = reason
 
     def _nothing_left(self) -> bool:
-        """True when no producer runs and no task is queued or leased by any worker."""
+        """True when no producer runs and no task is queued, waiting for a retry or leased by any worker."""
 
         def check() -> bool:
             pipe = self.client.pipeline(transaction=False)
             pipe.exists(self.keys.producer)
             pipe.llen(self.keys.task)
+            pipe.zcard(self.keys.delayed)
             pipe.smembers(self.keys.workers)
-            producing, queued, workers = pipe.execute()
-            if producing or queued:
+            producing, queued, delayed, workers = pipe.execute()
+            if producing or queued or delayed:
                 return False
             self.round_trips += 1
             pipe = self.client.pipeline(transaction=False)
@@ -350,7 +352,7 @@ class Worker:
                 return STORED, raw, 0
             fetched = fetcher.fetch(task.url)
             if fetched.status is not None:
-                return self._failure(task, raw, fetched.status, fetched.error_msg)
+                return self._failure(task, raw, fetched.status, fetched.error_msg, fetched.retry_after)
             self.store.save(task, fetched.data, fetched.extension)
             return STORED, raw, len(fetched.data)
         except OSError as error:
@@ -363,9 +365,13 @@ class Worker:
             log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
             return self._failure(task, raw, "internal_error", f"{type(error).__name__}: {error}"[:200])
 
-    def _failure(self, task: Task, raw: str, status: int | str, error_msg: str) -> Outcome:
+    def _failure(
+        self, task: Task, raw: str, status: int | str, error_msg: str, retry_after: float | None = None
+    ) -> Outcome:
         task.attempts += 1
         if is_transient(status) and task.attempts < self.config.max_attempts:
-            return RETRY, raw, task.encode()
+            config = self.config
+            delay = retry_delay(task.attempts, retry_after, config.retry_backoff, config.max_retry_after)
+            return retry_outcome(raw, task.encode(), delay)
         log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
         return FAILED, raw, task.error_record(status, error_msg, self.identity)

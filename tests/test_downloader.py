@@ -73,7 +73,7 @@ def assert_books_balance(client, store_dir: Path, total: int) -> None:
     assert succeeded + failed == total == int(client.get(KEYS.tongji_all))
     assert len(stored_files(store_dir)) == succeeded
     assert len(errors_by_id(client)) == failed
-    assert client.llen(KEYS.task) == 0
+    assert client.llen(KEYS.task) == 0 and client.zcard(KEYS.delayed) == 0
     assert all(client.llen(KEYS.lease(worker)) == 0 for worker in client.smembers(KEYS.workers))
     assert not [p for p in (store_dir / ".tmp").rglob("*") if p.is_file()], "temporary files left behind"
 
@@ -127,6 +127,25 @@ def test_every_format_and_every_failure_kind(redis_server, env, image_server):
 
 def cases_index(cases: dict, name: str) -> int:
     return list(cases).index(name)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "backoff", "wait"),
+    [("2", "0.1", 2.0), ("-", "1", 1.0)],
+    ids=["retry-after", "backoff"],
+)
+def test_a_429_is_tried_again_after_the_wait_and_counted_once(
+    redis_server, env, image_server, retry_after, backoff, wait
+):
+    client = redis_server.client()
+    name = f"wait-{retry_after}"
+    queue_urls(client, [image_server.url(f"/retry-after/{retry_after}/{name}.jpg")])
+    result = run_worker({**env, "LAION_RETRY_BACKOFF": backoff})
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = image_server.asked(name)
+    assert wait <= second - first < wait + 2, "tried again once the wait was over, not before, not much later"
+    assert (int(client.get(KEYS.tongji_succ)), int(client.get(KEYS.tongji_error) or 0)) == (1, 0)
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 1)
 
 
 def test_stored_bytes_are_what_the_server_sent(redis_server, env, image_server):
