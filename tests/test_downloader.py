@@ -148,6 +148,23 @@ def test_a_429_is_tried_again_after_the_wait_and_counted_once(
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 1)
 
 
+def test_tasks_waiting_for_a_retry_outlive_their_worker(redis_server, env, image_server):
+    client = redis_server.client()
+    names = [f"outlive{i}" for i in range(20)]
+    total = len(queue_urls(client, [image_server.url(f"/retry-after/2/{name}.jpg") for name in names]))
+    worker = start_worker(env, "doomed")
+    wait_until(lambda: client.zcard(KEYS.delayed) == total)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    result = run_worker(env, "survivor")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in names:
+        first, second = image_server.asked(name)
+        assert second - first >= 2
+    assert int(client.get(KEYS.tongji_succ)) == total
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+
+
 def test_stored_bytes_are_what_the_server_sent(redis_server, env, image_server):
     client = redis_server.client()
     tasks = queue_urls(client, [image_server.url(f"/img/n{i}.jpg") for i in range(40)])
