@@ -27,9 +27,9 @@ nothing), and the audit checks: parquet rows == succeeded + failed == laion5b_to
 exactly one file whose bytes are the bytes the server sends for its URL; every failure is exactly one error record
 (saved files plus whatever is left in Redis) with the status of its URL kind (the transient kinds after max_attempts
 tries; their last try may meet another transient failure, timeout or connection, on a busy machine: that is accepted
-and shown apart, for at most 10 % of a kind); nothing left in the queue, in any lease or processing list, or in
-store_dir/.tmp; no connection reached the sentinel; worker RSS stayed under threads x max_image_bytes + overhead. It
-prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1 on any mismatch.
+and shown apart, for at most 10 % of a kind); nothing left in the queue, the delayed set, any lease or processing
+list, or store_dir/.tmp; no connection reached the sentinel; worker RSS stayed under threads x max_image_bytes +
+overhead. It prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ MIB = 1024 * 1024
 MAX_IMAGE_BYTES = MIB
 MAX_ATTEMPTS = 3
 HEARTBEAT_TTL = 3
+RETRY_BACKOFF = 0.2  # seconds before a transient failure's first retry (429s wait their Retry-After: 1 s)
 DOWNLOAD_TIMEOUT = 2.0
 RSS_EVERY = 0.5
 RSS_OVERHEAD_MIB = 128  # interpreter, requests, sockets, buffers: what a worker holds besides its image bodies
@@ -510,6 +511,7 @@ class Chaos:
             "LAION_MAX_PER_HOST": "0",
             "LAION_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
             "LAION_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "LAION_RETRY_BACKOFF": f"{RETRY_BACKOFF:g}",
             "LAION_CONNECT_TIMEOUT": "1",
             "LAION_READ_TIMEOUT": "1",
             "LAION_DOWNLOAD_TIMEOUT": f"{DOWNLOAD_TIMEOUT:g}",
@@ -1246,10 +1248,11 @@ class Audit:
 
     def check_leftovers(self, client: redis.Redis) -> None:
         queued = client.llen(KEYS.task)
+        delayed = client.zcard(KEYS.delayed)
         leased = sum(client.llen(key) for key in client.scan_iter(match=f"{KEYS.task}:lease:*"))
-        self.leftover = queued + leased
+        self.leftover = queued + delayed + leased
         if self.leftover:
-            self.problem(f"left behind: {queued} queued, {leased} leased")
+            self.problem(f"left behind: {queued} queued, {delayed} delayed, {leased} leased")
         if client.exists(KEYS.producer):
             self.problem("the producer key is still set after add_task.py exited")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 import types
@@ -119,6 +120,9 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{_named('allowed_networks')}: {network!r} is not a network such as 127.0.0.0/8"
             ) from None
+    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl"):
+        if not math.isfinite(getattr(config, name)):
+            raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:
         raise ConfigError(f"{_named('engine')} must be one of {', '.join(ENGINES)}, got {config.engine!r}")
     if config.max_inflight_bytes < config.max_image_bytes:

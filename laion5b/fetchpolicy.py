@@ -20,6 +20,7 @@ import certifi
 
 from laion5b.guard import Network, Resolver
 from laion5b.imageformat import image_extension
+from laion5b.retry import retry_after_of
 from laion5b.tasks import MAX_URL_CHARS
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
@@ -93,7 +94,8 @@ def check_url(url: str, deadline: float, policy: FetchPolicy) -> None:
 def check_final(status: int, reason: str | None, headers: Mapping[str, str], policy: FetchPolicy) -> None:
     """Refuse a final response by its status, its X-Robots-Tag opt-out or its announced length."""
     if status >= 300:
-        raise FetchFailure(status, f"HTTP {status} {reason or ''}".rstrip())
+        retry_after = retry_after_of(status, headers.get("retry-after"))
+        raise FetchFailure(status, f"HTTP {status} {reason or ''}".rstrip(), retry_after)
     robots = headers.get("x-robots-tag")
     if robots and not _disallowed(policy).isdisjoint(_TOKENS.split(robots.lower())):
         raise FetchFailure("disallowed", f"X-Robots-Tag: {robots}")

@@ -69,6 +69,11 @@ class Keys:
         return f"{self.task}:position"
 
     @property
+    def delayed(self) -> str:
+        """Sorted set: tasks waiting to be tried again, as ``<nonce>|<task>``, scored by the Redis time they are due."""
+        return f"{self.task}:delayed"
+
+    @property
     def reap_lock(self) -> str:
         """Short lock taken by the worker that returns dead workers' leases to the queue."""
         return f"{self.task}:reap_lock"

@@ -5,12 +5,15 @@ Every step is one Lua script, so it is atomic in Redis and safe to send again af
 - ``finish`` records a batch of outcomes, each only if its task is still in the lease list (LREM returned 1),
   together with its counters, its error record or its retry, so no task is ever counted twice;
 - ``exchange`` does both in one script (``claim`` and ``finish`` are its two halves): one round trip per batch;
+- a retry waits in the delayed set, scored by the Redis time it is due; ``exchange`` and ``heartbeat`` move due
+  tasks (a bounded number per call) back to the end of the queue that is claimed next, in the same script;
 - ``reap`` returns the leases of a worker whose heartbeat has expired to the queue, exactly once.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,8 +24,32 @@ import redis
 from laion5b.keys import Keys
 
 STORED, FAILED, RETRY, RETURN = "s", "e", "r", "q"
-"""Outcome kinds: stored (payload: bytes), failed (payload: error record), retry later (payload: the task with
-its attempt count raised, pushed to the queue's tail), returned untouched (to the queue's head)."""
+"""Outcome kinds: stored (payload: bytes), failed (payload: error record), retry later (payload: see
+``retry_outcome``), returned untouched (to the queue's head)."""
+PROMOTE_BATCH = 1000
+"""Due tasks moved from the delayed set to the queue by one script run at most."""
+
+# The Redis clock (TIME) as Unix seconds: every delay is measured on it, never on a worker's clock.
+_CLOCK = """
+local function clock()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+"""
+
+# Moves up to PROMOTE_BATCH members due by ``now`` from the delayed set to the queue's right end (claimed next, the
+# longest overdue first), each without its ``<nonce>|`` prefix. Returns how many moved.
+_PROMOTE = f"""
+local function promote(delayed, queue, now)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, {PROMOTE_BATCH})
+  for i = #due, 1, -1 do
+    local member = due[i]
+    redis.call('ZREM', delayed, member)
+    redis.call('RPUSH', queue, string.sub(member, (string.find(member, '|', 1, true) or 0) + 1))
+  end
+  return #due
+end
+"""
 
 # Keeps the heartbeat of KEYS[hb] owned by ARGV token; fails when another live process owns the identity.
 _TOUCH = """
@@ -47,8 +74,9 @@ return moved
 """
 
 # Records (kind, task, payload) triples from ARGV[first] on, each only if its task is still in the lease list.
+# A retry's payload is "<delay>|<nonce>|<task>": "<nonce>|<task>" goes into the delayed set, due at now + delay.
 _RECORD = """
-local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, first)
+local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, delayed, now, first)
   local stored, failed, bytes, applied = 0, 0, 0, 0
   for i = first, #ARGV, 3 do
     local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -61,7 +89,10 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
         failed = failed + 1
         redis.call('LPUSH', errors, payload)
       elseif kind == 'r' then
-        redis.call('LPUSH', queue, payload)
+        local bar = string.find(payload, '|', 1, true) or 0
+        local delay = tonumber(string.sub(payload, 1, bar - 1))
+        if not delay or delay ~= delay then delay = 0 end
+        redis.call('ZADD', delayed, now + delay, string.sub(payload, bar + 1))
       else
         redis.call('RPUSH', queue, task)
       end
@@ -81,14 +112,19 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
 end
 """
 
-# Records outcomes, then claims tasks, in one round trip. KEYS: lease, queue, error list, succ counter,
-# error counter, bytes counter, host counters, heartbeat, workers. ARGV: host, token, ttl, worker, count, then triples.
-# Returns {applied, 1, claimed tasks...}, or {applied, 0} when another process owns the identity (nothing claimed).
+# Records outcomes, promotes due retries, then claims tasks, in one round trip. KEYS: lease, queue, error list,
+# succ counter, error counter, bytes counter, host counters, heartbeat, workers, delayed set. ARGV: host, token,
+# ttl, worker, count, then triples. Returns {applied, 1, claimed tasks...}, or {applied, 0} when another process
+# owns the identity (nothing claimed).
 _EXCHANGE = (
     _TOUCH
+    + _CLOCK
+    + _PROMOTE
     + _RECORD
     + """
-local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], 6)
+local now = clock()
+local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], KEYS[10], now, 6)
+promote(KEYS[10], KEYS[2], now)
 if not touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4]) then return {applied, 0} end
 local reply = {applied, 1}
 local count = tonumber(ARGV[5])
@@ -103,8 +139,17 @@ return reply
 """
 )
 
-# KEYS: heartbeat, workers. ARGV: token, ttl, worker. Returns 1, or 0 when another process owns the identity.
-_HEARTBEAT = _TOUCH + "\nreturn touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0\n"
+# KEYS: heartbeat, workers, delayed set, queue. ARGV: token, ttl, worker. Promotes due retries (so they move even
+# while no worker claims), then returns 1, or 0 when another process owns the identity.
+_HEARTBEAT = (
+    _TOUCH
+    + _CLOCK
+    + _PROMOTE
+    + """
+promote(KEYS[3], KEYS[4], clock())
+return touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0
+"""
+)
 
 # KEYS: heartbeat, lease, queue, workers. ARGV: worker. Returns the tasks returned, or -1 when it is alive.
 _REAP = """
@@ -124,6 +169,15 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[4], ARGV[2])
 return moved
 """
+
+
+def retry_outcome(raw: str, task: str, delay: float) -> tuple[str, str, str]:
+    """The outcome of a held task ``raw`` to try again as ``task`` (its attempt count raised) in ``delay`` seconds.
+
+    It waits in the delayed set as ``<nonce>|<task>``: the random nonce keeps two equal tasks apart (a sorted set
+    would merge them into one) and is stripped when the task rejoins the queue.
+    """
+    return RETRY, raw, f"{max(delay, 0.0):.6f}|{secrets.token_hex(8)}|{task}"
 
 
 class IdentityInUse(RuntimeError):
@@ -190,6 +244,7 @@ class Leases:
             keys.host_counters,
             self.heartbeat_key,
             keys.workers,
+            keys.delayed,
         ]
         self._register = client.register_script(_REGISTER)
         self._exchange = client.register_script(_EXCHANGE)
@@ -238,8 +293,9 @@ class Leases:
         return int(reply[0]), reply[2:]
 
     def heartbeat(self) -> None:
-        """Keep the identity alive; raise IdentityLost when another process has taken it."""
-        keys = [self.heartbeat_key, self.keys.workers]
+        """Keep the identity alive and move due retries to the queue; raise IdentityLost when another process has
+        taken the identity."""
+        keys = [self.heartbeat_key, self.keys.workers, self.keys.delayed, self.keys.task]
         if not self._heartbeat(keys=keys, args=[self.token, self.ttl, self.worker]):
             raise IdentityLost(f"worker {self.worker} was taken over by another process")
 

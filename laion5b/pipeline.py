@@ -9,7 +9,8 @@ import threading
 from urllib.parse import urlsplit
 
 from laion5b.fetchpolicy import Fetched
-from laion5b.leases import FAILED, RETRY, RETURN, STORED
+from laion5b.leases import FAILED, RETURN, STORED, retry_outcome
+from laion5b.retry import retry_delay
 from laion5b.store import Store
 from laion5b.tasks import BadTask, Task, bad_task_record, decode, is_transient
 
@@ -33,10 +34,14 @@ class Pipeline:
     """The stages of a task before and after its fetch: ``begin`` (decode, already stored?) and ``finish`` (store,
     or classify the failure). Thread-safe: engines call it from many threads or from their event loop."""
 
-    def __init__(self, store: Store, identity: str, max_attempts: int) -> None:
+    def __init__(
+        self, store: Store, identity: str, max_attempts: int, retry_backoff: float, max_retry_after: float
+    ) -> None:
         self.store = store
         self.identity = identity
         self.max_attempts = max_attempts
+        self.retry_backoff = retry_backoff
+        self.max_retry_after = max_retry_after
         self.disk_full = threading.Event()
 
     @property
@@ -61,7 +66,7 @@ class Pipeline:
     def finish(self, task: Task, raw: str, fetched: Fetched) -> Outcome:
         """Store a fetched image, or record why there is none."""
         if fetched.status is not None or fetched.data is None or fetched.extension is None:
-            return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg)
+            return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg, fetched.retry_after)
         try:
             self.store.save(task, fetched.data, fetched.extension)
         except OSError as error:
@@ -73,11 +78,15 @@ class Pipeline:
         log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
         return self.failure(task, raw, "internal_error", f"{type(error).__name__}: {error}"[:200])
 
-    def failure(self, task: Task, raw: str, status: int | str, error_msg: str) -> Outcome:
-        """Retry a transient failure while attempts remain; otherwise an error record."""
+    def failure(
+        self, task: Task, raw: str, status: int | str, error_msg: str, retry_after: float | None = None
+    ) -> Outcome:
+        """Retry a transient failure later while attempts remain (after the server's Retry-After, else a backoff);
+        otherwise an error record."""
         task.attempts += 1
         if is_transient(status) and task.attempts < self.max_attempts:
-            return RETRY, raw, task.encode()
+            delay = retry_delay(task.attempts, retry_after, self.retry_backoff, self.max_retry_after)
+            return retry_outcome(raw, task.encode(), delay)
         log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
         return FAILED, raw, task.error_record(status, error_msg, self.identity)
 

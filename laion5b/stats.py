@@ -61,6 +61,7 @@ class Snapshot:
     succeeded: int
     failed: int
     queued: int
+    delayed: int
     in_flight: int
     error_queue: int
     bytes: int
@@ -91,11 +92,14 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
         pipe.get(key)
     pipe.get(keys.started)
     pipe.llen(keys.task)
+    pipe.zcard(keys.delayed)
     pipe.llen(keys.error)
     pipe.smembers(keys.workers)
     pipe.hgetall(keys.host_counters)
     pipe.hgetall(keys.tongji_disk)
-    added, succeeded, failed, stored_bytes, total, started, queued, errors, members, counters, disks = pipe.execute()
+    added, succeeded, failed, stored_bytes, total, started, queued, delayed, errors, members, counters, disks = (
+        pipe.execute()
+    )
     now = time.time()
     workers = read_workers(client, keys, sorted(members), heartbeat_ttl)
     per_host = _host_counters(counters)
@@ -114,6 +118,7 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
         succeeded=_int(succeeded),
         failed=_int(failed),
         queued=queued,
+        delayed=delayed,
         in_flight=sum(worker.leased for worker in workers),
         error_queue=errors,
         bytes=_int(stored_bytes),
@@ -278,6 +283,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "succeeded": snapshot.succeeded,
         "failed": snapshot.failed,
         "queued": snapshot.queued,
+        "delayed": snapshot.delayed,
         "in_flight": snapshot.in_flight,
         "error_queue": snapshot.error_queue,
         "bytes": snapshot.bytes,
@@ -324,8 +330,9 @@ def render(snapshot: Snapshot, before: Snapshot | None, min_success_ratio: float
     total = f" of {snapshot.total:,} expected" if snapshot.total is not None else ""
     lines = [
         f"laion5b progress at {datetime.fromtimestamp(snapshot.at, tz=UTC):%Y-%m-%d %H:%M:%S} UTC",
-        f"queued {snapshot.queued:,} | added {snapshot.added:,}{total} | succeeded {snapshot.succeeded:,} | "
-        f"failed {snapshot.failed:,} | held by workers {snapshot.in_flight:,} | error queue {snapshot.error_queue:,}",
+        f"queued {snapshot.queued:,} | delayed {snapshot.delayed:,} | added {snapshot.added:,}{total} | "
+        f"succeeded {snapshot.succeeded:,} | failed {snapshot.failed:,} | held by workers {snapshot.in_flight:,} | "
+        f"error queue {snapshot.error_queue:,}",
     ]
     if last:
         lines.append(_rates_line(f"last {_seconds(last.seconds)} s:", last))

@@ -128,7 +128,9 @@ class Worker:
             config.min_free_gb,
             config.monitor_interval,
         )
-        self.pipeline = Pipeline(self.store, self.identity, config.max_attempts)
+        self.pipeline = Pipeline(
+            self.store, self.identity, config.max_attempts, config.retry_backoff, config.max_retry_after
+        )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver)
         self.held: Counter[str] = Counter()
@@ -325,15 +327,16 @@ class Worker:
         self.pause_reason = reason
 
     def _nothing_left(self) -> bool:
-        """True when no producer runs and no task is queued or leased by any worker."""
+        """True when no producer runs and no task is queued, waiting for a retry or leased by any worker."""
 
         def check() -> bool:
             pipe = self.client.pipeline(transaction=False)
             pipe.exists(self.keys.producer)
             pipe.llen(self.keys.task)
+            pipe.zcard(self.keys.delayed)
             pipe.smembers(self.keys.workers)
-            producing, queued, workers = pipe.execute()
-            if producing or queued:
+            producing, queued, delayed, workers = pipe.execute()
+            if producing or queued or delayed:
                 return False
             self.round_trips += 1
             pipe = self.client.pipeline(transaction=False)

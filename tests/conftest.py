@@ -50,6 +50,7 @@ def script_env(redis_server: RedisServer, tmp_path: Path) -> dict[str, str]:
         LAION_HOST_ID="testhost",
         LAION_MIN_FREE_GB="0",
         LAION_MAX_PER_HOST="0",
+        LAION_RETRY_BACKOFF="0.1",
         PYTHONPATH=str(ROOT),
     )
     return env

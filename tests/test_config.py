@@ -38,6 +38,7 @@ def test_redis_key_names_are_pinned():
     assert keys.heartbeat("h-1") == "laion5b_task:worker:h-1"
     assert keys.tongji_bytes == "laion5b_task:bytes"
     assert keys.tongji_total == "laion5b_task:total"
+    assert keys.delayed == "laion5b_task:delayed"
     assert keys.disk_timestamp_field("h") == "h:ts"
 
 

@@ -76,7 +76,7 @@ def assert_books_balance(client, store_dir: Path, total: int) -> None:
     assert succeeded + failed == total == int(client.get(KEYS.tongji_all))
     assert len(stored_files(store_dir)) == succeeded
     assert len(errors_by_id(client)) == failed
-    assert client.llen(KEYS.task) == 0
+    assert client.llen(KEYS.task) == 0 and client.zcard(KEYS.delayed) == 0
     assert all(client.llen(KEYS.lease(worker)) == 0 for worker in client.smembers(KEYS.workers))
     assert not [p for p in (store_dir / ".tmp").rglob("*") if p.is_file()], "temporary files left behind"
 
@@ -132,6 +132,42 @@ def cases_index(cases: dict, name: str) -> int:
     return list(cases).index(name)
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "backoff", "wait"),
+    [("2", "0.1", 2.0), ("-", "1", 1.0)],
+    ids=["retry-after", "backoff"],
+)
+def test_a_429_is_tried_again_after_the_wait_and_counted_once(
+    redis_server, env, image_server, retry_after, backoff, wait
+):
+    client = redis_server.client()
+    name = f"wait-{retry_after}-{env['LAION_ENGINE']}"  # the server is the module's: a name per engine
+    queue_urls(client, [image_server.url(f"/retry-after/{retry_after}/{name}.jpg")])
+    result = run_worker({**env, "LAION_RETRY_BACKOFF": backoff})
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = image_server.asked(name)
+    assert wait <= second - first < wait + 2, "tried again once the wait was over, not before, not much later"
+    assert (int(client.get(KEYS.tongji_succ)), int(client.get(KEYS.tongji_error) or 0)) == (1, 0)
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 1)
+
+
+def test_tasks_waiting_for_a_retry_outlive_their_worker(redis_server, env, image_server):
+    client = redis_server.client()
+    names = [f"outlive{i}-{env['LAION_ENGINE']}" for i in range(20)]
+    total = len(queue_urls(client, [image_server.url(f"/retry-after/2/{name}.jpg") for name in names]))
+    worker = start_worker(env, "doomed")
+    wait_until(lambda: client.zcard(KEYS.delayed) == total)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    result = run_worker(env, "survivor")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in names:
+        first, second = image_server.asked(name)
+        assert second - first >= 2
+    assert int(client.get(KEYS.tongji_succ)) == total
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+
+
 def test_stored_bytes_are_what_the_server_sent(redis_server, env, image_server):
     client = redis_server.client()
     tasks = queue_urls(client, [image_server.url(f"/img/n{i}.jpg") for i in range(40)])
@@ -151,23 +187,25 @@ def test_private_addresses_are_refused_by_default(redis_server, env, image_serve
     assert image_server.requests == served
 
 
-def test_max_per_host_holds_and_other_hosts_go_on_meanwhile(redis_server, env, image_server):
-    other = ImageServer(host="127.0.0.2")
-    other.start()
+def test_max_per_host_holds_and_other_hosts_go_on_meanwhile(redis_server, env):
+    slow_host, fast_host = ImageServer(host="127.0.0.3"), ImageServer(host="127.0.0.2")
+    for server in (slow_host, fast_host):
+        server.start()
     try:
         client = redis_server.client()
-        slow = [image_server.url(f"/slow/0.4/h{i}.jpg") for i in range(10)]
-        fast = [other.url(f"/img/f{i}.jpg") for i in range(6)]
+        slow = [slow_host.url(f"/slow/0.4/h{i}.jpg") for i in range(10)]
+        fast = [fast_host.url(f"/img/f{i}.jpg") for i in range(6)]
         total = len(queue_urls(client, slow + fast))  # claimed in this order: the slow host first
         result = run_worker({**env, "LAION_MAX_PER_HOST": "2"})
         assert result.returncode == 0, result.stderr[-2000:]
-        assert image_server.most_in_progress("127.0.0.1") == 2
-        slow_started = image_server.started("127.0.0.1")
+        assert slow_host.most_in_progress("127.0.0.3") == 2
+        slow_started = slow_host.started("127.0.0.3")
         assert max(slow_started) - min(slow_started) > 1.4  # five rounds of two, 0.4 s each
-        assert max(other.started("127.0.0.2")) < max(slow_started) - 1.0  # not held up behind the slow host
+        assert max(fast_host.started("127.0.0.2")) < max(slow_started) - 1.0  # not held up behind the slow host
         assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
     finally:
-        other.stop()
+        slow_host.stop()
+        fast_host.stop()
 
 
 def test_a_repeated_task_finds_its_file_and_counts_once(redis_server, env, image_server):

@@ -280,6 +280,24 @@ def test_http_error_codes(image_server: ImageServer, fetcher: AnyFetcher, code: 
     assert result.error_msg.startswith(f"HTTP {code}")
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/status/429", 1.0),
+        ("/status/429?retry_after=120", 120.0),
+        ("/status/503?retry_after=7", 7.0),
+        ("/status/503?retry_after=Thu,%2001%20Jan%201970%2000:00:00%20GMT", 0.0),
+        ("/status/503", None),
+        ("/status/429?retry_after=soon", None),
+        ("/status/500?retry_after=7", None),
+        ("/status/404?retry_after=7", None),
+        ("/redirect-to?url=/status/429%3Fretry_after%3D9", 9.0),
+    ],
+)
+def test_retry_after_of_429_and_503(image_server: ImageServer, fetcher: Fetcher, path: str, expected) -> None:
+    assert fetcher.fetch(image_server.url(path)).retry_after == expected
+
+
 def test_connect_timeout(fetch_with: Callable[..., Callable[[str], Fetched]]) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

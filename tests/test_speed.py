@@ -13,7 +13,7 @@ from pathlib import Path
 
 from laion5b import stats
 from laion5b.keys import Keys
-from laion5b.leases import FAILED, STORED, Leases
+from laion5b.leases import FAILED, STORED, Leases, retry_outcome
 from laion5b.tasks import Task, decode
 from tests.helpers import run_script, write_wide
 from tests.redis_server import free_port
@@ -32,18 +32,20 @@ def speed_json(env: dict[str, str]) -> dict:
 
 
 def balanced(figures: dict) -> bool:
-    accounted = figures["succeeded"] + figures["failed"] + figures["queued"] + figures["in_flight"]
+    accounted = figures["succeeded"] + figures["failed"] + figures["queued"] + figures["delayed"] + figures["in_flight"]
     return figures["added"] == accounted
 
 
 def test_empty_redis_reads_as_zero(redis_server, script_env):
     figures = speed_json(script_env)
-    for key in ("added", "succeeded", "failed", "queued", "in_flight", "error_queue", "bytes"):
+    for key in ("added", "succeeded", "failed", "queued", "delayed", "in_flight", "error_queue", "bytes"):
         assert figures[key] == 0, key
     assert figures["hosts"] == [] and figures["total"] is None and figures["eta_seconds"] is None
     result = speed(script_env, "--once")
     assert result.returncode == 0, result.stderr
-    assert "queued 0 | added 0 | succeeded 0 | failed 0 | held by workers 0 | error queue 0" in result.stdout
+    assert (
+        "queued 0 | delayed 0 | added 0 | succeeded 0 | failed 0 | held by workers 0 | error queue 0" in result.stdout
+    )
 
 
 def test_unreachable_redis_is_one_line_and_exit_2(script_env):
@@ -69,7 +71,7 @@ def test_json_figures_of_a_real_run(redis_server, script_env, image_server):
     figures = speed_json(env)
     stored = [p for p in Path(env["LAION_STORE_DIR"]).rglob("*.jpg") if ".tmp" not in p.parts]
     assert (figures["added"], figures["succeeded"], figures["failed"]) == (17, 12, 5)
-    assert (figures["queued"], figures["in_flight"], figures["error_queue"]) == (0, 0, 5)
+    assert (figures["queued"], figures["delayed"], figures["in_flight"], figures["error_queue"]) == (0, 0, 0, 5)
     assert figures["bytes"] == sum(p.stat().st_size for p in stored) > 12 * 1000
     assert figures["total"] == 17 and figures["eta_seconds"] == 0 and balanced(figures)
     assert figures["images_per_s"] > 0 and figures["success_ratio"] == round(12 / 17, 4)
@@ -94,13 +96,15 @@ def test_held_tasks_and_dead_workers(redis_server, script_env):
     done = alive.claim(5)
     record = decode(done[4]).error_record(404, "HTTP 404", alive.worker)
     alive.finish([*[(STORED, raw, 1000) for raw in done[:4]], (FAILED, done[4], record)])
-    alive.claim(4)
+    retried = alive.claim(6)
+    alive.finish([retry_outcome(raw, raw, 600) for raw in retried[:2]])
     dead = Leases(client, KEYS, "h2", "h2:0", 30)
     dead.register()
     dead.claim(2)
     client.delete(KEYS.heartbeat("h2:0"))
     figures = speed_json(script_env)
-    assert (figures["succeeded"], figures["failed"], figures["queued"], figures["in_flight"]) == (4, 1, 9, 6)
+    assert (figures["succeeded"], figures["failed"], figures["queued"], figures["in_flight"]) == (4, 1, 7, 6)
+    assert figures["delayed"] == 2
     assert figures["bytes"] == 4000 and figures["error_queue"] == 1 and balanced(figures)
     assert abs(figures["eta_seconds"] - 95 / (5 / 100)) < 30, "tasks left at the pace since start"
     hosts = {host["host"]: host for host in figures["hosts"]}
@@ -111,6 +115,7 @@ def test_held_tasks_and_dead_workers(redis_server, script_env):
     assert hosts["h2"]["dead"] and hosts["h2"]["stale_workers"] == 1 and hosts["h2"]["heartbeat_age_seconds"] is None
     text = speed(script_env, "--once").stdout
     assert "DEAD" in text and "0 (+1 dead)" in text
+    assert "queued 7 | delayed 2 | added 20 of 100 expected | succeeded 4 | failed 1 | held by workers 6" in text
 
 
 def test_live_view_prints_plain_blocks_when_not_a_terminal(redis_server, script_env):
@@ -147,8 +152,8 @@ def test_live_view_redraws_in_place_on_a_terminal(redis_server, script_env):
 
 
 def test_rates_between_two_snapshots():
-    before = stats.Snapshot(1000.0, 100, 50, 10, 40, 0, 0, 50 * 1024 * 1024, 1000, 900.0, [])
-    after = stats.Snapshot(1010.0, 100, 54, 26, 20, 0, 0, 60 * 1024 * 1024, 1000, 900.0, [])
+    before = stats.Snapshot(1000.0, 100, 50, 10, 40, 0, 0, 0, 50 * 1024 * 1024, 1000, 900.0, [])
+    after = stats.Snapshot(1010.0, 100, 54, 26, 20, 0, 0, 0, 60 * 1024 * 1024, 1000, 900.0, [])
     rates = stats.between(before, after)
     assert (rates.images_per_s, rates.tasks_per_s, rates.mb_per_s, rates.success_ratio) == (0.4, 2.0, 1.0, 0.2)
     assert stats.eta_seconds(after, rates) == (1000 - 80) / 2.0

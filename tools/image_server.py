@@ -6,7 +6,10 @@ Standard library only. Import it (``ImageServer(port=0).start()``) or run it:
 Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of ``FORMATS``):
   /img/<name>.<ext>[?size=N]     200, the bytes of ``image_bytes(name, ext, N)`` (N defaults to 20000);
                                  every image response carries ``X-Content-SHA256`` (hex digest of the body)
-  /status/<code>                 that status with a short body (429 adds ``Retry-After: 1``)
+  /status/<code>[?retry_after=V] that status with a short body and ``Retry-After: V`` (429: ``1`` unless V is given)
+  /retry-after/<value>/<name>.<ext>  the first request for ``name``: 429 with ``Retry-After: <value>`` (no header
+                                 when value is ``-``); later ones: the image. ``ImageServer.asked(name)`` tells when
+                                 each request for ``name`` arrived
   /slow/<seconds>/<name>.<ext>   sleeps, then serves the image
   /trickle                       200 image/jpeg, a JPEG header, then 1 byte every 0.5 s until the client leaves
   /trickle_headers               a status line, then one byte of a header every 0.3 s, never ending the headers
@@ -178,6 +181,7 @@ class _Server(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests = 0
         self.connections = 0
+        self.asked: dict[str, list[float]] = {}
         self.sockets: set[socket.socket] = set()
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
@@ -284,7 +288,20 @@ class _Handler(BaseHTTPRequestHandler):
         code = int(rest)
         if not 200 <= code <= 599:
             raise ValueError(f"status {code} is out of range")
-        self._reply(code, f"status {code}\n".encode(), headers={"Retry-After": "1"} if code == 429 else None)
+        retry_after = query.get("retry_after", "1" if code == 429 else None)
+        headers = {"Retry-After": retry_after} if retry_after is not None else None
+        self._reply(code, f"status {code}\n".encode(), headers=headers)
+
+    def route_retry_after(self, rest: str, query: dict[str, str]) -> None:
+        value, _, image = rest.partition("/")
+        with self.server.lock:
+            times = self.server.asked.setdefault(image.rpartition(".")[0], [])
+            times.append(time.monotonic())
+            first = len(times) == 1
+        if not first:
+            self._image(image, query)
+        else:
+            self._reply(429, b"status 429\n", headers={"Retry-After": value} if value != "-" else None)
 
     def route_slow(self, rest: str, query: dict[str, str]) -> None:
         seconds, _, image = rest.partition("/")
@@ -373,6 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
 _ROUTES = {
     "img": _Handler.route_img,
     "status": _Handler.route_status,
+    "retry-after": _Handler.route_retry_after,
     "slow": _Handler.route_slow,
     "trickle_headers": _Handler.route_trickle_headers,
     "trickle": _Handler.route_trickle,
@@ -420,6 +438,11 @@ class ImageServer:
         """When each request to ``host`` arrived (monotonic clock)."""
         with self._server.lock:
             return list(self._server.started.get(host, []))
+
+    def asked(self, name: str) -> list[float]:
+        """When (time.monotonic) each request of /retry-after/.../<name>.<ext> arrived."""
+        with self._server.lock:
+            return list(self._server.asked.get(name, []))
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` (which starts with a slash) on this server."""

@@ -87,6 +87,7 @@ def demo_environment(folder: Path, config: Config) -> dict[str, str]:
         "LAION_DOWNLOAD_TIMEOUT": "3",
         "LAION_MAX_PER_HOST": "0",
         "LAION_READ_TIMEOUT": "2",
+        "LAION_RETRY_BACKOFF": "0.2",
         "LAION_MIN_FREE_GB": str(min(config.min_free_gb, 1.0)),
     }
 
@@ -125,7 +126,7 @@ class LocalRun:
         subprocess.run(self.command("save_error_task.py", "--until-empty"), env=self.env, check=False)
         after = _snapshot(self.env)
         print_summary(self.config, before, after, elapsed, self.env)
-        balanced = after["succeeded"] + after["failed"] == after["added"] and after["queued"] == 0
+        balanced = after["succeeded"] + after["failed"] == after["added"] and after["queued"] == after["delayed"] == 0
         return 0 if balanced and producer_code == 0 and not any(codes) else 1
 
     def ensure_redis(self) -> redis.Redis:
@@ -227,6 +228,7 @@ def print_summary(config: Config, before: dict, after: dict, elapsed: float, env
     print(f"succeeded    {after['succeeded']:>10,}   images in {Path(config.store_dir).resolve()}")
     print(f"failed       {after['failed']:>10,}   records in {Path(config.store_error_dir).resolve()}")
     print(f"queued       {after['queued']:>10,}")
+    print(f"delayed      {after['delayed']:>10,}   waiting to be tried again")
     print(f"this run     {done:>10,} tasks in {elapsed:.1f} s: {done / elapsed:,.0f} images/s, "
           f"{stored_mb / elapsed:.1f} MB/s")  # fmt: skip
     print("\nfailed by reason:")
