@@ -505,6 +505,7 @@ def main() -> int:
     if args.quick:
         args.best_runs = 0
     WORK.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background (SIG_IGN)
     if args.dns and not args.inside_namespace:
         return run_in_namespace(args)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
