@@ -513,4 +513,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; everything the benchmark started is stopped", flush=True)
+        sys.exit(130)
