@@ -23,6 +23,7 @@ import json
 import os
 import re
 import resource
+import runpy
 import shutil
 import signal
 import statistics
@@ -40,6 +41,7 @@ from webserve import DNS_DOMAIN, Web, build_web, ensure_tls, sample_hosts
 import speed
 from speed import BENCH, ROOT, WORK, RedisService, Result, Setup
 
+DEFAULT_THREAD_NUM = runpy.run_path(str(ROOT / "setting.py"))["thread_num"]  # what suite-async runs leave alone
 SAMPLE = ROOT.parent / "shared" / "data" / "laion_sample_10000.parquet"
 TLS_DIR = WORK / "openweb-tls"
 CONNECT_TIMEOUT, READ_TIMEOUT = 5, 10
@@ -210,13 +212,13 @@ def check_books(setup: Setup, stored_files: int) -> tuple[str, dict[str, int]]:
 def measure(setup: Setup, base_env: dict[str, dict[str, str]], client: str, inflight: int, phase: str, run: int,
             root: Path) -> Point:  # fmt: skip
     """One run of one client at one in-flight count."""
-    setup.threads = inflight
+    setup.threads = DEFAULT_THREAD_NUM if client == "suite-async" else inflight  # LAION_THREAD_NUM of the suite
     setup.client_env = {name: dict(env) for name, env in base_env.items()}
     if client.startswith("suite"):
         engine = client.split("-", 1)[1]
-        setup.client_env["suite"].update(
-            LAION_ENGINE=engine, **{"LAION_THREAD_NUM" if engine == "threads" else "LAION_CONCURRENCY": str(inflight)}
-        )
+        setup.client_env["suite"]["LAION_ENGINE"] = engine
+        if engine == "async":
+            setup.client_env["suite"]["LAION_CONCURRENCY"] = str(inflight)
     store = root / f"{client}-{inflight}-{phase}{run}"
     shutil.rmtree(store, ignore_errors=True)
     label = f"{phase}-{client}-{inflight}"
