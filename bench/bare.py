@@ -1,9 +1,10 @@
 """Bare download clients, the ceilings of the speed harness: one process of ``threads`` workers over a URL slice.
 
-``python bare.py KIND URLS START END OUT --threads 32 --max-bytes N`` with KIND requests (one Session per thread),
-urllib3 (one PoolManager per thread) or aiohttp (one ClientSession, ``threads`` coroutines). URLS is a file of
-``id<TAB>url`` lines; lines START..END are fetched. A 200 whose body starts like a JPEG is written to
-``OUT/<id // 10000>/<id>.jpg``; anything else counts as failed. Prints one JSON line of counts at the end.
+``python bare.py KIND URLS START END OUT --threads 32 --max-bytes N [--ca-file CA]`` with KIND requests (one
+Session per thread), urllib3 (one PoolManager per thread) or aiohttp (one ClientSession, ``threads`` coroutines).
+URLS is a file of ``id<TAB>url`` lines; lines START..END are fetched. A 200 whose body starts like a JPEG is written
+to ``OUT/<id // 10000>/<id>.jpg``; anything else counts as failed. https servers are checked against CA when given
+(else the normal CA store). Prints one JSON line of counts at the end.
 Runs in the harness's own venv (bench/work/venv): aiohttp is no dependency of the project.
 """
 
@@ -53,7 +54,7 @@ def is_image(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def run_threads(kind: str, items: list[tuple[str, str]], out: str, threads: int, max_bytes: int) -> Tally:
+def run_threads(kind: str, items: list[tuple[str, str]], out: str, threads: int, max_bytes: int, ca_file: str) -> Tally:
     tally = Tally()
     iterator = iter(items)
     lock = threading.Lock()
@@ -66,6 +67,8 @@ def run_threads(kind: str, items: list[tuple[str, str]], out: str, threads: int,
         import requests
 
         session = requests.Session()
+        if ca_file:
+            session.verify = ca_file
         while (item := next_item()) is not None:
             ident, url = item
             try:
@@ -88,7 +91,7 @@ def run_threads(kind: str, items: list[tuple[str, str]], out: str, threads: int,
     def loop_urllib3() -> None:
         import urllib3
 
-        pool = urllib3.PoolManager(maxsize=1, retries=False)
+        pool = urllib3.PoolManager(maxsize=1, retries=False, ca_certs=ca_file or None)
         timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT)
         while (item := next_item()) is not None:
             ident, url = item
@@ -122,8 +125,9 @@ def run_threads(kind: str, items: list[tuple[str, str]], out: str, threads: int,
     return tally
 
 
-def run_aiohttp(items: list[tuple[str, str]], out: str, concurrency: int, max_bytes: int) -> Tally:
+def run_aiohttp(items: list[tuple[str, str]], out: str, concurrency: int, max_bytes: int, ca_file: str) -> Tally:
     import asyncio
+    import ssl
 
     import aiohttp
 
@@ -132,7 +136,8 @@ def run_aiohttp(items: list[tuple[str, str]], out: str, concurrency: int, max_by
     async def main() -> None:
         iterator = iter(items)
         timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
-        connector = aiohttp.TCPConnector(limit=concurrency)
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        connector = aiohttp.TCPConnector(limit=concurrency, ssl=context)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
             async def worker() -> None:
@@ -152,7 +157,7 @@ def run_aiohttp(items: list[tuple[str, str]], out: str, concurrency: int, max_by
                             tally.add(None)
                             continue
                         tally.add(write(out, ident, bytes(body)))
-                    except (TimeoutError, aiohttp.ClientError):
+                    except (TimeoutError, aiohttp.ClientError, OSError):
                         tally.add(None)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -170,15 +175,16 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--ca-file", default="", help="CA bundle that https servers are checked against")
     args = parser.parse_args()
     with open(args.urls, encoding="utf-8") as file:
         lines = file.read().splitlines()[args.start : args.end]
     items = [tuple(line.split("\t", 1)) for line in lines]
     started = time.monotonic()
     if args.kind == "aiohttp":
-        tally = run_aiohttp(items, args.out, args.threads, args.max_bytes)
+        tally = run_aiohttp(items, args.out, args.threads, args.max_bytes, args.ca_file)
     else:
-        tally = run_threads(args.kind, items, args.out, args.threads, args.max_bytes)
+        tally = run_threads(args.kind, items, args.out, args.threads, args.max_bytes, args.ca_file)
     print(json.dumps({"stored": tally.stored, "failed": tally.failed, "bytes": tally.bytes,
                       "seconds": time.monotonic() - started}))  # fmt: skip
 

@@ -165,6 +165,12 @@ def url_path(index: int, failures: bool, max_bytes: int) -> str:
 def write_inputs(folder: Path, n: int, port: int, failures: bool, max_bytes: int) -> tuple[Path, Path, Path]:
     """A LAION-shaped parquet (original columns) under folder/parquet/laion/, and the same URLs as id<TAB>url."""
     urls = [f"http://127.0.0.1:{port}{url_path(i, failures, max_bytes)}" for i in range(n)]
+    return write_url_inputs(folder, urls)
+
+
+def write_url_inputs(folder: Path, urls: list[str]) -> tuple[Path, Path, Path]:
+    """``urls`` as a LAION-shaped parquet under folder/parquet/laion/ and as id<TAB>url lines in folder/urls.tsv."""
+    n = len(urls)
     parquet_dir = folder / "parquet"
     subset = parquet_dir / "laion"
     subset.mkdir(parents=True)
@@ -327,6 +333,8 @@ class Setup:
     venv_python: Path | None
     logs: Path
     profile: bool = False
+    client_env: dict[str, dict[str, str]] = field(default_factory=dict)  # client -> extra environment variables
+    bare_args: list[str] = field(default_factory=list)  # extra arguments of bench/bare.py
 
 
 def measure(setup: Setup, client: str, mode: str, run: int, store: Path) -> Result:
@@ -393,6 +401,7 @@ def run_suite(setup: Setup, store: Path, log: Path, sampler: RssSampler) -> list
         LAION_MAX_IMAGE_BYTES=str(setup.max_bytes),
         PYTHONPATH=str(ROOT),
     )
+    env.update(setup.client_env.get("suite", {}))
     store.mkdir(parents=True, exist_ok=True)
     producer = spawn("producer", [sys.executable, str(ROOT / "add_task.py")], env, log / "add_task.log")
     sampler.watch("producer", producer.process.pid)
@@ -425,7 +434,8 @@ def run_img2dataset(setup: Setup, store: Path, log: Path, sampler: RssSampler) -
         "--number_sample_per_shard", str(max(1000, -(-setup.n // (4 * setup.workers)))),
         "--timeout", "10", "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing",
     ]  # fmt: skip
-    child = spawn("img2dataset", command, dict(os.environ), log / "img2dataset.log")
+    env = {**os.environ, **setup.client_env.get("img2dataset", {})}
+    child = spawn("img2dataset", command, env, log / "img2dataset.log")
     sampler.watch("img2dataset", child.process.pid)
     return [child]
 
@@ -438,9 +448,10 @@ def run_bare(setup: Setup, kind: str, store: Path, log: Path, sampler: RssSample
         start, end = setup.n * number // setup.workers, setup.n * (number + 1) // setup.workers
         command = [
             str(setup.venv_python), str(BENCH / "bare.py"), kind, str(setup.tsv), str(start), str(end), str(store),
-            "--threads", str(setup.threads), "--max-bytes", str(setup.max_bytes),
+            "--threads", str(setup.threads), "--max-bytes", str(setup.max_bytes), *setup.bare_args,
         ]  # fmt: skip
-        child = spawn(kind, command, dict(os.environ), log / f"{kind}-{number}.log")
+        env = {**os.environ, **setup.client_env.get(kind, {})}
+        child = spawn(kind, command, env, log / f"{kind}-{number}.log")
         sampler.watch(kind, child.process.pid)
         children.append(child)
     return children
