@@ -193,7 +193,7 @@ def _reencoded(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
     original = _upright_size(image.size, orientation)
     _check(original, policy, policy.decode_area_limit)
     plan = _plan(original, policy)
-    if plan.canvas[0] * plan.canvas[1] > policy.decode_area_limit:
+    if plan.canvas[0] * plan.canvas[1] > max(policy.decode_area_limit, PILLOW_MAX_PIXELS):
         raise _Refused("too_many_pixels", f"output of {plan.canvas[0]} x {plan.canvas[1]} pixels is over the limit")
     digest = hashlib.sha256(data).hexdigest()
     if policy.skip_reencode and _keeps_its_bytes(image, extension, orientation, plan, policy):
