@@ -95,8 +95,10 @@ class ProcessPolicy:
         low, high = QUALITY_RANGES[self.encode_format]
         if not low <= self.encode_quality <= high:
             raise ValueError(f"encode_quality for {self.encode_format} must be {low}-{high}, got {self.encode_quality}")
-        if self.image_size < 1 or self.min_image_size < 0 or self.max_image_area < 0:
-            raise ValueError("image_size must be at least 1, min_image_size and max_image_area not negative")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be at least 1, got {self.image_size}")
+        if self.min_image_size < 0 or self.max_image_area < 0:
+            raise ValueError(f"min_image_size and max_image_area must not be negative, got {self}")
         if self.max_aspect_ratio and self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be 0 (off) or at least 1, got {self.max_aspect_ratio}")
 
@@ -176,7 +178,7 @@ def _as_downloaded(data: bytes, extension: str, policy: ProcessPolicy) -> Proces
     try:
         image = _open(data, extension)
         size = _upright_size(image.size, _orientation(image))
-    except _DECODE_ERRORS:
+    except (*_DECODE_ERRORS, *_BOMBS):
         if filtered:
             raise
         size = None
@@ -193,7 +195,7 @@ def _reencoded(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
     original = _upright_size(image.size, orientation)
     _check(original, policy, policy.decode_area_limit)
     plan = _plan(original, policy)
-    if plan.canvas[0] * plan.canvas[1] > max(policy.decode_area_limit, PILLOW_MAX_PIXELS):
+    if plan.canvas[0] * plan.canvas[1] > max(policy.max_image_area, PILLOW_MAX_PIXELS):  # an upscale of a thin image
         raise _Refused("too_many_pixels", f"output of {plan.canvas[0]} x {plan.canvas[1]} pixels is over the limit")
     digest = hashlib.sha256(data).hexdigest()
     if policy.skip_reencode and _keeps_its_bytes(image, extension, orientation, plan, policy):
