@@ -265,9 +265,13 @@ def test_only_the_first_frame_of_an_animation_is_kept() -> None:
     assert run(data, "gif").data is data  # resize_mode "no" keeps the animation
 
 
-def test_grey_images_stay_grey() -> None:
-    result = run(encoded(Image.new("L", (300, 300), 90)), "jpg", resize_mode="center_crop")
-    assert Image.open(io.BytesIO(result.data)).mode == "L"
+@pytest.mark.parametrize("mode", ["center_crop", "border"])
+def test_grey_images_stay_grey(mode: str) -> None:
+    result = run(encoded(Image.new("L", (300, 150), 0), "PNG"), "png", resize_mode=mode, **PNG)
+    image = Image.open(io.BytesIO(result.data))
+    assert (image.mode, image.size) == ("L", (256, 256))
+    assert image.getpixel((128, 128)) == 0
+    assert image.getpixel((128, 0)) == (255 if mode == "border" else 0)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "1", "CMYK"])
