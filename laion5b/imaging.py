@@ -98,7 +98,10 @@ class ProcessPolicy:
         if self.image_size < 1:
             raise ValueError(f"image_size must be at least 1, got {self.image_size}")
         if self.min_image_size < 0 or self.max_image_area < 0:
-            raise ValueError(f"min_image_size and max_image_area must not be negative, got {self}")
+            raise ValueError(
+                f"min_image_size and max_image_area must not be negative, got {self.min_image_size}, "
+                f"{self.max_image_area}"
+            )
         if self.max_aspect_ratio and self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be 0 (off) or at least 1, got {self.max_aspect_ratio}")
 
