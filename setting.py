@@ -56,6 +56,17 @@ allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127
 fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)
 
+# --- image processing (between download and storage; the names and defaults of img2dataset) ---
+resize_mode = "no"  # "no" (the bytes as downloaded), "keep_ratio", "keep_ratio_largest", "center_crop" or "border"
+image_size = 256  # pixels: the smaller side (keep_ratio, center_crop) or larger side (keep_ratio_largest, border)
+resize_only_if_bigger = False  # leave images whose side is not over image_size at their size
+encode_format = "jpg"  # format of processed images: "jpg", "png" or "webp"
+encode_quality = 95  # jpg and webp: quality 0-100; png: zlib compression level 0-9 (set it: 95 is refused)
+skip_reencode = False  # keep the downloaded bytes of an image that needs no change and is already in encode_format
+min_image_size = 0  # refuse images whose smaller side is under this many pixels (too_small; 0: off)
+max_aspect_ratio = 0.0  # refuse images whose larger side / smaller side is over this (bad_aspect; 0: off)
+max_image_area = 0  # refuse images of more pixels (too_many_pixels); 0: 89478485 when decoding, off with "no"
+
 # --- disk guard and monitor_disk.py ---
 monitor_disk = "."  # path whose disk usage is watched and published
 monitor_interval = 60  # seconds between two disk samples published by monitor_disk.py

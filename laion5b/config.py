@@ -18,6 +18,9 @@ ENV_PREFIX = "LAION_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 ENGINES = ("threads", "async")
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+QUALITY_RANGES = {"jpg": (0, 100), "png": (0, 9), "webp": (0, 100)}  # png: zlib compression level, as img2dataset
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,15 @@ class Config:
     allowed_networks: list[str]
     fsync_images: bool
     log_dir: str
+    resize_mode: str
+    image_size: int
+    resize_only_if_bigger: bool
+    encode_format: str
+    encode_quality: int
+    skip_reencode: bool
+    min_image_size: int
+    max_aspect_ratio: float
+    max_image_area: int
     monitor_disk: str
     monitor_interval: int
     stop_threshold: float
@@ -83,6 +95,7 @@ _AT_LEAST_ONE = (
     "max_attempts",
     "max_image_bytes",
     "monitor_interval",
+    "image_size",
 )
 _POSITIVE = ("connect_timeout", "read_timeout", "download_timeout")
 _NOT_NEGATIVE = (
@@ -95,6 +108,9 @@ _NOT_NEGATIVE = (
     "stop_threshold",
     "min_free_gb",
     "min_success_ratio",
+    "min_image_size",
+    "max_aspect_ratio",
+    "max_image_area",
 )
 
 
@@ -125,6 +141,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:
         raise ConfigError(f"{_named('engine')} must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    _validate_processing(config)
     if config.max_inflight_bytes < config.max_image_bytes:
         raise ConfigError(
             f"{_named('max_inflight_bytes')} must be at least max_image_bytes ({config.max_image_bytes}), "
@@ -135,6 +152,27 @@ def _validate(config: Config) -> None:
     for name in ("redis_ip", "store_dir", "user_agent"):
         if not getattr(config, name):
             raise ConfigError(f"{_named(name)} must not be empty")
+
+
+def _validate_processing(config: Config) -> None:
+    if config.resize_mode not in RESIZE_MODES:
+        raise ConfigError(
+            f"{_named('resize_mode')} must be one of {', '.join(RESIZE_MODES)}, got {config.resize_mode!r}"
+        )
+    if config.encode_format not in ENCODE_FORMATS:
+        raise ConfigError(
+            f"{_named('encode_format')} must be one of {', '.join(ENCODE_FORMATS)}, got {config.encode_format!r}"
+        )
+    low, high = QUALITY_RANGES[config.encode_format]
+    if not low <= config.encode_quality <= high:
+        raise ConfigError(
+            f"{_named('encode_quality')} must be {low}-{high} for encode_format {config.encode_format}, "
+            f"got {config.encode_quality!r}"
+        )
+    if 0 < config.max_aspect_ratio < 1:
+        raise ConfigError(
+            f"{_named('max_aspect_ratio')} must be 0 (off) or at least 1, got {config.max_aspect_ratio!r}"
+        )
 
 
 def _named(setting: str) -> str:
