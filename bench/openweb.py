@@ -350,7 +350,7 @@ def run_benchmark(args: argparse.Namespace, by_name: bool) -> int:
     try:
         parquet_dir, parquet, tsv = speed.write_url_inputs(temp, server.urls)
         setup = Setup(args.n, 2, 0, args.max_bytes, False, parquet_dir, parquet, tsv, redis_service, server,
-                      venv_python, temp / "logs")  # fmt: skip
+                      venv_python, temp / "logs", args.profile)  # fmt: skip
         ca = str(server.ca_file)
         base_env = {
             "suite": {
@@ -501,6 +501,7 @@ def main() -> int:
     parser.add_argument("--max-bytes", type=int, default=4 * 2**20, help="body cap of every client (4 MiB)")
     parser.add_argument("--server-procs", type=int, default=2, help="web server processes (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep logs (bench/work/openweb-*)")
+    parser.add_argument("--profile", action="store_true", help="run suite worker 0 under py-spy (bench/work/profile-*)")
     parser.add_argument("--inside-namespace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.argv = [a for a in sys.argv[1:] if a != "--inside-namespace"]

@@ -5,6 +5,7 @@ actually connected, IP literals included); bodies are decoded here, so the byte 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import concurrent.futures
 import socket
 import ssl
@@ -39,7 +40,12 @@ from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_
 from laion5b.limits import AsyncByteBudget
 
 DNS_THREADS = 64  # look-ups in progress at once; the event loop's default pool (6 threads here) would throttle them
-IDLE_CONNECTION_SECONDS = 5.0  # an idle kept-alive connection is closed after this long (most hosts are seen once)
+IDLE_CONNECTION_SECONDS = 15.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
+TLS_READ_BYTES = 64 * 1024
+"""asyncio's TLS protocol zero-fills a 256 KiB read buffer for every new connection and asks OpenSSL for 256 KiB at
+each read: on traffic where nearly every download opens a TLS connection that was 13 % of a worker's CPU and 256 KiB
+of memory per connection (bench/RESULTS.md). 64 KiB is as much as one read ever brings here."""
+asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BYTES
 _URL_ERRORS = (aiohttp.InvalidURL, urllib3.exceptions.LocationParseError, UnicodeError, ValueError)
 _TIMEOUT_ERRORS = (TimeoutError, aiohttp.ServerTimeoutError)
 _SSL_ERRORS = (aiohttp.ClientSSLError, ssl.SSLError, ssl.CertificateError)
