@@ -507,7 +507,9 @@ class Chaos:
             "LAION_MONITOR_INTERVAL": "1",
             "LAION_MIN_FREE_GB": "0",
             "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "LAION_ENGINE": args.engine,
             "LAION_THREAD_NUM": str(args.threads),
+            "LAION_CONCURRENCY": str(args.threads),
             "LAION_MAX_PER_HOST": "0",
             "LAION_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
             "LAION_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
@@ -996,7 +998,7 @@ class Chaos:
             f"{audit.status_count.get('blocked_address', 0):,}, each refused by the guard before connecting)",
             "",
             f"faults                  {total_faults:>8,}   (seed {self.args.seed}, {self.args.seconds:g} s window, "
-            f"{self.args.workers} workers x {self.args.threads} threads)",
+            f"{self.args.workers} workers x {self.args.threads} {self.args.engine} downloads)",
         ]
         lines += [f"  {count:>5,}  {what}" for what, count in sorted(figures.faults.items(), key=lambda x: -x[1])]
         if figures.producer_mid_file:
@@ -1266,7 +1268,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the fault window")
     parser.add_argument("--seed", type=int, default=1, help="seed of the URL mix and of the faults")
     parser.add_argument("--workers", type=int, default=3, help="downloader processes")
-    parser.add_argument("--threads", type=int, default=16, help="LAION_THREAD_NUM of each downloader")
+    parser.add_argument("--threads", type=int, default=16, help="downloads in flight per downloader (threads or async)")
+    parser.add_argument("--engine", choices=("threads", "async"), default="threads", help="LAION_ENGINE of the workers")
     parser.add_argument("--batch", type=int, default=0, help="LAION_ADDTASK_BATCH (default: rows / 100, 25..200)")
     parser.add_argument("--threshold", type=int, default=0, help="LAION_ADDTASK_THRESHOLD (default: rows / 20)")
     parser.add_argument("--saver-batch", type=int, default=25, help="save_error_task.py --batch")

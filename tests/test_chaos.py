@@ -22,18 +22,18 @@ FAULTS = (
 )
 
 
-def test_chaos_run_small(tmp_path: Path) -> None:
+def chaos(tmp_path: Path, *options: str) -> str:
+    """Run bench/chaos.py small; return its output once it passed with nothing lost, doubled or misjudged."""
     command = [
         sys.executable,
         str(ROOT / "bench" / "chaos.py"),
-        "--rows", "1500",
-        "--seconds", "15",
         "--seed", "7",
         "--workers", "2",
         "--threads", "6",
         "--drain-timeout", "40",
         "--workdir", str(tmp_path),
         "--no-report",
+        *options,
     ]  # fmt: skip
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, check=False)
@@ -43,6 +43,15 @@ def test_chaos_run_small(tmp_path: Path) -> None:
     assert "=== chaos run: PASS ===" in output
     for figure in ("lost", "doubled", "wrong outcome", "sentinel connections"):
         assert re.search(rf"^{figure} +0\b", output, re.MULTILINE), f"{figure} is not 0:\n{output[-6000:]}"
+    assert elapsed < LIMIT
+    return output
+
+
+def test_chaos_run_async_smoke(tmp_path: Path) -> None:
+    chaos(tmp_path, "--engine", "async", "--rows", "600", "--seconds", "6")
+
+
+def test_chaos_run_small(tmp_path: Path) -> None:
+    output = chaos(tmp_path, "--rows", "1500", "--seconds", "15")
     for fault in FAULTS:
         assert re.search(rf"^ +[1-9][\d,]*  {re.escape(fault)}", output, re.MULTILINE), f"no {fault!r}:\n{output}"
-    assert elapsed < LIMIT
