@@ -563,6 +563,8 @@ def main() -> int:
     parser.add_argument("--disk-dir", default=str(WORK / "store"), help="folder for the disk mode")
     parser.add_argument("--keep", action="store_true", help="keep stored files and logs of the last run")
     parser.add_argument("--profile", action="store_true", help="run worker 0 under py-spy (bench/work/profile-*.txt)")
+    parser.add_argument("--engine", choices=("threads", "async"), default="threads",
+                        help="the suite's engine; with async, --threads is its concurrency per process")  # fmt: skip
     args = parser.parse_args()
     clients = [c for c in args.clients.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
@@ -586,6 +588,7 @@ def main() -> int:
         parquet_dir, parquet, tsv = write_inputs(temp, args.n, server.port, args.failures, args.max_bytes)
         setup = Setup(args.n, args.workers, args.threads, args.max_bytes, args.failures, parquet_dir, parquet, tsv,
                       redis_service, server, venv_python, temp / "logs", args.profile)  # fmt: skip
+        setup.client_env["suite"] = {"LAION_ENGINE": args.engine, "LAION_CONCURRENCY": str(args.threads)}
         for mode in modes:
             root = Path(args.disk_dir) if mode == "disk" else Path("/dev/shm") / f"laion5b-bench-{os.getpid()}"
             results: list[Result] = []
