@@ -90,7 +90,8 @@ def test_duplicate_ids_inside_and_across_files_are_each_counted_once(redis_serve
     assert files == ["one/00000/d.jpg", "one/00000/e.jpg", "two/00000/d.jpg"]
 
 
-def test_hostile_urls_never_crash_a_worker_or_escape_the_store(redis_server, env, image_server):
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_hostile_urls_never_crash_a_worker_or_escape_the_store(redis_server, env, image_server, engine):
     port = image_server.port
     urls = {
         "credentials": (f"http://user:s3cretpw@127.0.0.1:{port}/img/cred.jpg", None),
@@ -110,7 +111,7 @@ def test_hostile_urls_never_crash_a_worker_or_escape_the_store(redis_server, env
     tasks = [Task(id=f"u{i}", url=url, subset="s", part="p", row=i) for i, (url, _) in enumerate(urls.values())]
     client.lpush(KEYS.task, *[t.encode() for t in tasks])
     client.incrby(KEYS.tongji_all, len(tasks))
-    result = run("downloader.py", env, "0", "--until-empty", "--debug")
+    result = run("downloader.py", {**env, "LAION_ENGINE": engine}, "0", "--until-empty", "--debug")
     assert result.returncode == 0, result.stderr[-2000:]
     records = {r["id"]: r for r in map(json.loads, client.lrange(KEYS.error, 0, -1))}
     for task, (name, (url, status)) in zip(tasks, urls.items(), strict=True):
