@@ -148,6 +148,12 @@ def main() -> None:
                 os._exit(0)
         children.append(pid)
 
+    supervise(children)
+
+
+def supervise(children: list[int]) -> None:
+    """Wait for the forked server processes; SIGTERM or SIGINT is passed on to them."""
+
     def stop(signum: int, frame: object) -> None:
         for child in children:
             with contextlib.suppress(ProcessLookupError):

@@ -62,7 +62,7 @@ NS_RESOLVER = "127.0.0.53"
 # --- the web server -------------------------------------------------------------------------------------------
 
 
-class WebService:
+class WebService(speed.ServerProcess):
     """bench/webserve.py on one free port for every host address (IP variant) or on 80 / 443 (DNS variant)."""
 
     def __init__(self, web: Web, by_name: bool, folder: Path, procs: int) -> None:
@@ -91,19 +91,6 @@ class WebService:
                 raise RuntimeError(f"web server did not start: {line.strip()}")
         self.ps = psutil.Process(self.process.pid)
         self.urls = web.urls(self.http_port, self.https_port, by_name)
-
-    def cpu(self) -> float:
-        total = 0.0
-        for process in [self.ps, *self.ps.children()]:
-            with contextlib.suppress(psutil.Error):
-                times = process.cpu_times()
-                total += times.user + times.system
-        return total
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 # --- one measured point ---------------------------------------------------------------------------------------

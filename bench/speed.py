@@ -96,7 +96,27 @@ class RedisService:
             self.process.wait(timeout=30)
 
 
-class ImageService:
+class ServerProcess:
+    """A server subprocess (with its children) whose CPU the harness reports and which it stops by PID."""
+
+    process: subprocess.Popen
+    ps: psutil.Process
+
+    def cpu(self) -> float:
+        total = 0.0
+        for process in [self.ps, *self.ps.children()]:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+class ImageService(ServerProcess):
     def __init__(self, procs: int) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
@@ -113,19 +133,6 @@ class ImageService:
                 time.sleep(0.05)
         time.sleep(0.3)  # let every process bind its socket
         self.ps = psutil.Process(self.process.pid)
-
-    def cpu(self) -> float:
-        total = 0.0
-        for process in [self.ps, *self.ps.children()]:
-            with contextlib.suppress(psutil.Error):
-                times = process.cpu_times()
-                total += times.user + times.system
-        return total
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 def ensure_venv() -> tuple[Path | None, str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import ipaddress
 import json
@@ -47,7 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # for tools/; bench/ stays first (bench/speed.py)
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH)]  # imgserve, also when loaded by a test
+sys.path.append(str(BENCH.parent))  # for tools/; bench/ stays first (bench/speed.py)
+
+from imgserve import supervise
 
 from tools.image_server import image_bytes
 
@@ -443,22 +446,7 @@ def main() -> None:
         listener.sock.close()
     print(f"ready listeners={len(listeners)}", flush=True)
 
-    def stop(signum: int, frame: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for child in children:
-        while True:
-            try:
-                os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
+    supervise(children)
 
 
 if __name__ == "__main__":
