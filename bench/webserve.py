@@ -50,9 +50,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH)]  # imgserve, also when loaded by a test
 sys.path.append(str(BENCH.parent))  # for tools/; bench/ stays first (bench/speed.py)
 
-from imgserve import supervise
+from imgserve import supervise  # noqa: E402
 
-from tools.image_server import image_bytes
+from tools.image_server import image_bytes  # noqa: E402
 
 KIND_SHARES = {  # share of hosts (outside the 10 largest); "ok" takes the rest
     "slow": 0.04,
