@@ -15,7 +15,7 @@ import redis
 
 import setting
 from laion5b import cli, redisconn
-from laion5b.inputs import Columns, SourceFile, Spec
+from laion5b.inputs import SourceFile, Spec
 from laion5b.log import setup
 from laion5b.producer import Producer, Progress, show_progress
 
@@ -40,18 +40,7 @@ def main() -> int:
         done_path=Path(config.done_path),
         threshold=config.addtask_threshold,
         batch_size=config.addtask_batch,
-        spec=Spec(
-            input_format=config.input_format,
-            columns=Columns(
-                url=config.url_col,
-                caption=config.caption_col,
-                id=config.id_col,
-                hash=config.hash_col,
-                names=tuple(config.input_columns),
-                save=tuple(config.save_columns),
-            ),
-            verify_hash=config.verify_hash,
-        ),
+        spec=Spec.of(config),
         stop=stop,
         on_batch=show_progress if sys.stderr.isatty() else _plain_progress(),
     )

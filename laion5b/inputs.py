@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from laion5b import parquet, textinput
+from laion5b.config import Config
 from laion5b.rows import Columns, Picked, Row, pick
 from laion5b.tasks import safe_id
 
@@ -33,6 +34,19 @@ class Spec:
     columns: Columns = field(default_factory=Columns)
     verify_hash: str = ""
     """``sha256`` or ``md5``: each task carries its row's hash (from the hash column) to be checked; empty: off."""
+
+    @classmethod
+    def of(cls, config: Config) -> Spec:
+        """The input settings of ``config``."""
+        columns = Columns(
+            url=config.url_col,
+            caption=config.caption_col,
+            id=config.id_col,
+            hash=config.hash_col,
+            names=tuple(config.input_columns),
+            save=tuple(config.save_columns),
+        )
+        return cls(config.input_format, columns, config.verify_hash)
 
 
 @dataclass(frozen=True)
