@@ -7,6 +7,7 @@ from itertools import repeat
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laion5b.rows import InputError, Picked, Row, meta_of, text
@@ -43,7 +44,7 @@ def read_rows(path: Path, picked: Picked, start: int, batch_size: int) -> Iterat
         position += batch.num_rows
         if count <= 0:
             continue
-        values = {column: batch.column(column).slice(skip).to_pylist() for column in picked.needed()}
+        values = {column: _values(batch.column(column).slice(skip)) for column in picked.needed()}
         saved = [values[column] for _, column in picked.save]
         yield list(
             map(
@@ -59,9 +60,22 @@ def read_rows(path: Path, picked: Picked, start: int, batch_size: int) -> Iterat
         )
 
 
+def _values(column: pa.Array) -> list:
+    """The column's values; NaN and infinite floats as None (not in JSON), replaced by Arrow, not row by row."""
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_finite(column), column, pa.scalar(None, column.type))
+    return column.to_pylist()
+
+
 def _plain(kind: pa.DataType) -> bool:
-    """Whether values of this type are JSON values as they are."""
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+    """Whether the values of this type are JSON values as they come (floats: once _values made NaN None)."""
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_floating(kind)
+    )
 
 
 def _open(path: Path) -> pq.ParquetFile:

@@ -8,6 +8,7 @@ import decimal
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -136,4 +137,4 @@ def meta_of(names: Sequence[str], columns: Sequence[Sequence[Any]], count: int, 
     safe: Callable[[Any], Any] = json_safe
     if convert:
         columns = [list(map(safe, column)) for column in columns]
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+    return list(map(dict, map(zip, repeat(names), zip(*columns, strict=True))))  # the fastest form measured

@@ -76,7 +76,7 @@ class Task:
         (the producer encodes hundreds of thousands of tasks a second)."""
         text = "" if self.text is None else f',"text":{_STRING(self.text)}'
         if self.meta:
-            text += ',"meta":{' + ",".join(f"{_STRING(k)}:{_value(v)}" for k, v in self.meta.items()) + "}"
+            text += f',"meta":{_object(self.meta)}'
         if self.expected_hash is not None:
             text += f',"expected_hash":{_STRING(self.expected_hash)}'
         return (
@@ -95,6 +95,14 @@ class Task:
             record_id=os.urandom(8).hex(),
         )
         return _ENCODE(record)
+
+
+def _object(values: dict[str, Any]) -> str:
+    """A JSON object as ``_ENCODE`` writes it; strings, the common case, take the shortest path."""
+    parts = []
+    for key, value in values.items():
+        parts.append(f"{_STRING(key)}:{_STRING(value) if type(value) is str else _value(value)}")
+    return "{" + ",".join(parts) + "}"
 
 
 def _value(value: Any) -> str:
@@ -157,6 +165,8 @@ def safe_id(value: object) -> str:
     """
     if type(value) is int and value >= 0:
         return str(value)
+    if type(value) is float and 0 <= value < 1e100 and value.is_integer():  # LAION's SAMPLE_ID: digits, always safe
+        return str(int(value))
     text = _id_text(value)
     if _is_safe_name(text) and not text.startswith(HASHED_PREFIX):
         return text
@@ -186,6 +196,8 @@ def _safe_folder(subset: str) -> bool:
 
 def url_problem(url: object) -> str | None:
     """Why ``url`` cannot be queued, or None when it is an http(s) URL of sane length."""
+    if type(url) is str and url.startswith(("http://", "https://")) and len(url) <= MAX_URL_CHARS:
+        return None  # the common case, decided without the checks below
     if not isinstance(url, str) or not url.strip():
         return "missing or empty URL"
     if len(url) > MAX_URL_CHARS:
