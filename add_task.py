@@ -1,4 +1,4 @@
-"""Queue the rows of every parquet file under parquet_dir as download tasks in Redis.
+"""Queue the rows of every URL list file (parquet, CSV, TSV, JSON lines, ...) under parquet_dir as download tasks.
 
 Usage: python3 add_task.py
 """
@@ -15,8 +15,8 @@ import redis
 
 import setting
 from laion5b import cli, redisconn
+from laion5b.inputs import SourceFile, Spec
 from laion5b.log import setup
-from laion5b.parquet import SourceFile
 from laion5b.producer import Producer, Progress, show_progress
 
 log = logging.getLogger("add_task")
@@ -40,6 +40,7 @@ def main() -> int:
         done_path=Path(config.done_path),
         threshold=config.addtask_threshold,
         batch_size=config.addtask_batch,
+        spec=Spec.of(config),
         stop=stop,
         on_batch=show_progress if sys.stderr.isatty() else _plain_progress(),
     )

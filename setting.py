@@ -26,10 +26,22 @@ class RedisKey:
 
 
 # --- add_task.py: the producer ---
-parquet_dir = "./parquet"  # folder holding the parquet URL lists (searched recursively)
+parquet_dir = "./parquet"  # folder holding the URL lists: parquet, CSV, TSV, JSON lines, ... (searched recursively)
 addtask_threshold = 5_000_000  # keep the queue at or under this many tasks
 addtask_batch = 10_000  # rows pushed to Redis in one transaction
-done_path = "./done_part.txt"  # parquet files fully queued, one path a line
+done_path = "./done_part.txt"  # URL list files fully queued, one path a line
+
+# --- add_task.py: which files and columns (see "Other URL lists" in the README) ---
+input_format = "auto"  # "auto" (by extension: .parquet .csv .tsv .jsonl, text ones also .gz), or one of parquet,
+#                        csv, tsv, jsonl, txt (one URL per line: read only when set here, from .txt and .txt.gz)
+url_col = ""  # column of the image URL (empty: "url", any case)
+caption_col = ""  # column of the caption (empty: "text" or "caption", any case; none: no caption)
+id_col = ""  # column of the sample id, used as file name (empty: "hash" or "sample_id", any case; none: row number)
+hash_col = ""  # column of each image's content hash (never guessed: LAION's "hash" column is an id)
+verify_hash = ""  # "sha256" or "md5": a body whose hash differs from hash_col's is hash_mismatch (empty: off)
+input_columns = []  # names of the columns of files without a header row, e.g. caption,url for CC3M's TSV
+save_columns = []  # further columns carried with each task into the sample's metadata, e.g. original_width
+status_dir = "./status"  # report.py writes <status_dir>/<subset>/<part>.parquet here
 
 # --- downloader.py: the workers ---
 store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>

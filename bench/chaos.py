@@ -65,7 +65,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from laion5b import errorfiles, parquet  # noqa: E402
+from laion5b import errorfiles, inputs  # noqa: E402
 from laion5b.disk import publish_used  # noqa: E402
 from laion5b.imageformat import image_extension  # noqa: E402
 from laion5b.keys import Keys  # noqa: E402
@@ -309,7 +309,7 @@ def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[lis
         start += size
     (folder / "laion2B-en" / "_SUCCESS").write_text("")
     (folder / "laion2B-en" / ".part-00000.crc").write_bytes(b"crc")
-    sources = {source.key: source for source in parquet.find_files(folder)}
+    sources = {source.key: source for source in inputs.find_files(folder)}
     result = []
     for spec, offset, sample, url, kind, image in drafts:
         source = sources[spec.relpath]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from laion5b.keys import Keys
+from laion5b.tasks import HASH_DIGITS, METADATA_FIELDS
 
 ENV_PREFIX = "LAION_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -20,6 +21,7 @@ _FALSE = {"0", "false", "no", "off"}
 ENGINES = ("threads", "async")
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
+INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "txt")
 QUALITY_RANGES = {"jpg": (0, 100), "png": (0, 9), "webp": (0, 100)}  # png: zlib compression level, as img2dataset
 
 
@@ -41,6 +43,15 @@ class Config:
     addtask_threshold: int
     addtask_batch: int
     done_path: str
+    input_format: str
+    url_col: str
+    caption_col: str
+    id_col: str
+    hash_col: str
+    verify_hash: str
+    input_columns: list[str]
+    save_columns: list[str]
+    status_dir: str
     store_dir: str
     engine: str
     thread_num: int
@@ -142,6 +153,7 @@ def _validate(config: Config) -> None:
     if config.engine not in ENGINES:
         raise ConfigError(f"{_named('engine')} must be one of {', '.join(ENGINES)}, got {config.engine!r}")
     _validate_processing(config)
+    _validate_inputs(config)
     if config.max_inflight_bytes < config.max_image_bytes:
         raise ConfigError(
             f"{_named('max_inflight_bytes')} must be at least max_image_bytes ({config.max_image_bytes}), "
@@ -173,6 +185,28 @@ def _validate_processing(config: Config) -> None:
         raise ConfigError(
             f"{_named('max_aspect_ratio')} must be 0 (off) or at least 1, got {config.max_aspect_ratio!r}"
         )
+
+
+def _validate_inputs(config: Config) -> None:
+    if config.input_format not in INPUT_FORMATS:
+        raise ConfigError(
+            f"{_named('input_format')} must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}"
+        )
+    if config.verify_hash and config.verify_hash not in HASH_DIGITS:
+        raise ConfigError(
+            f"{_named('verify_hash')} must be empty (off) or one of {', '.join(HASH_DIGITS)}, "
+            f"got {config.verify_hash!r}"
+        )
+    if config.verify_hash and not config.hash_col:
+        raise ConfigError(f"{_named('verify_hash')} needs {_named('hash_col')}: the column that holds each row's hash")
+    clashes = [name for name in config.save_columns if name in METADATA_FIELDS]
+    if clashes:
+        raise ConfigError(
+            f"{_named('save_columns')}: {', '.join(map(repr, clashes))} would overwrite a metadata field of the same "
+            f"name ({', '.join(sorted(METADATA_FIELDS))})"
+        )
+    if len(set(config.save_columns)) != len(config.save_columns):
+        raise ConfigError(f"{_named('save_columns')} names a column twice: {config.save_columns!r}")
 
 
 def _named(setting: str) -> str:

@@ -1,76 +1,20 @@
-"""Finding LAION parquet files and streaming their rows in batches, for both LAION schemas."""
+"""Streaming the rows of a parquet URL list in batches (both LAION schemas, DataComp, COYO, ...)."""
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from laion5b.tasks import safe_id
-
-ROOT_SUBSET = "default"
-"""Subset name of files that lie directly in parquet_dir."""
-_SPARK_PART = re.compile(r"^part-(\d+)-[0-9a-fA-F-]{8,}(?:\.c\d+)?(?:\.snappy|\.gz|\.zstd)?\.parquet$")
-_URL_COLUMNS = ("url",)
-_ID_COLUMNS = ("hash", "sample_id")
-_TEXT_COLUMNS = ("text", "caption")
+from laion5b.rows import InputError, Picked, Row, meta_of, text
 
 
-class ParquetError(ValueError):
+class ParquetError(InputError):
     """A parquet file that cannot be used; the message is one line."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """A parquet file and the names its rows' tasks carry."""
-
-    path: Path
-    key: str
-    subset: str
-    part: str
-
-
-class Row(NamedTuple):
-    """One row: its 0-based position in the file, its sample id (None: use the position), URL and caption."""
-
-    row: int
-    sample_id: object
-    url: object
-    text: str | None
-
-
-def find_files(parquet_dir: Path) -> list[SourceFile]:
-    """Every ``*.parquet`` file below ``parquet_dir``, sorted, with subset and part names."""
-    paths = sorted(p for p in parquet_dir.rglob("*.parquet") if p.is_file())
-    names = {path: _part_name(path.name) for path in paths}
-    clashes = Counter((path.parent, name) for path, name in names.items())
-    files = []
-    for path in paths:
-        folder = path.parent.relative_to(parquet_dir).as_posix()
-        part = names[path] if clashes[path.parent, names[path]] == 1 else path.name.removesuffix(".parquet")
-        files.append(
-            SourceFile(
-                path=path,
-                key=path.relative_to(parquet_dir).as_posix(),
-                subset="/".join(safe_id(name) for name in folder.split("/")) if folder != "." else ROOT_SUBSET,
-                part=safe_id(part),
-            )
-        )
-    return files
-
-
-def _part_name(file_name: str) -> str:
-    spark = _SPARK_PART.match(file_name)
-    if spark:
-        return spark.group(1)
-    return file_name.removesuffix(".parquet").removesuffix(".snappy")
 
 
 def count_rows(path: Path) -> int:
@@ -78,35 +22,60 @@ def count_rows(path: Path) -> int:
     return _open(path).metadata.num_rows
 
 
-def read_rows(path: Path, start: int, batch_size: int) -> Iterator[list[Row]]:
+def column_names(path: Path) -> list[str]:
+    """The file's column names, read from its footer."""
+    return _open(path).schema_arrow.names
+
+
+def read_rows(path: Path, picked: Picked, start: int, batch_size: int) -> Iterator[list[Row]]:
     """Rows from position ``start`` on, in lists of at most ``batch_size``; never loads the whole file."""
     parquet = _open(path)
-    columns = _pick_columns(parquet.schema_arrow, path)
     groups, first_row = _groups_from(parquet.metadata, start)
     if not groups:
         return
+    schema = parquet.schema_arrow
+    names = [name for name, _ in picked.save]
+    convert = not all(_plain(schema.field(column).type) for _, column in picked.save)
     position = first_row
-    batches = parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=list(columns.values()))
+    batches = parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=picked.needed())
     for batch in _read_or_raise(batches, path):
         skip = max(0, start - position)
         count = batch.num_rows - skip
         position += batch.num_rows
         if count <= 0:
             continue
-        values = {name: batch.column(column).slice(skip).to_pylist() for name, column in columns.items()}
-        first = position - count
+        values = {column: _values(batch.column(column).slice(skip)) for column in picked.needed()}
+        saved = [values[column] for _, column in picked.save]
         yield list(
             map(
-                Row._make,
-                zip(
-                    range(first, position),
-                    values.get("id") or repeat(None, count),
-                    values["url"],
-                    map(_text, values["text"]) if "text" in values else repeat(None, count),
-                    strict=False,
-                ),
+                Row,
+                range(position - count, position),
+                values[picked.id] if picked.id else repeat(None, count),
+                values[picked.url],
+                map(text, values[picked.text]) if picked.text else repeat(None, count),
+                values[picked.hash] if picked.hash else repeat(None, count),
+                meta_of(names, saved, count, convert),
+                repeat(None, count),
             )
         )
+
+
+def _values(column: pa.Array) -> list:
+    """The column's values; NaN and infinite floats as None (not in JSON), replaced by Arrow, not row by row."""
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_finite(column), column, pa.scalar(None, column.type))
+    return column.to_pylist()
+
+
+def _plain(kind: pa.DataType) -> bool:
+    """Whether the values of this type are JSON values as they come (floats: once _values made NaN None)."""
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_floating(kind)
+    )
 
 
 def _open(path: Path) -> pq.ParquetFile:
@@ -123,19 +92,6 @@ def _read_or_raise(batches: Iterator[pa.RecordBatch], path: Path) -> Iterator[pa
         raise ParquetError(f"{path}: unreadable data: {_one_line(error)}") from None
 
 
-def _pick_columns(schema: pa.Schema, path: Path) -> dict[str, str]:
-    """Map our names (url, id, text) to the file's column names, ignoring case."""
-    by_lower = {name.lower(): name for name in schema.names}
-    picked = {}
-    for ours, candidates in (("url", _URL_COLUMNS), ("id", _ID_COLUMNS), ("text", _TEXT_COLUMNS)):
-        found = next((by_lower[c] for c in candidates if c in by_lower), None)
-        if found is not None:
-            picked[ours] = found
-    if "url" not in picked:
-        raise ParquetError(f"{path}: no URL column (columns: {', '.join(schema.names)[:200]})")
-    return picked
-
-
 def _groups_from(metadata: pq.FileMetaData, start: int) -> tuple[list[int], int]:
     """The row groups that hold rows from ``start`` on, and the position of the first of them."""
     first = 0
@@ -145,14 +101,6 @@ def _groups_from(metadata: pq.FileMetaData, start: int) -> tuple[list[int], int]
             return list(range(group, metadata.num_row_groups)), first
         first += rows
     return [], first
-
-
-def _text(value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
 
 def _one_line(error: BaseException) -> str:

@@ -12,7 +12,7 @@ from laion5b.fetchpolicy import Fetched
 from laion5b.leases import FAILED, RETURN, STORED, retry_outcome
 from laion5b.retry import retry_delay
 from laion5b.store import Store
-from laion5b.tasks import BadTask, Task, bad_task_record, decode, is_transient
+from laion5b.tasks import HASH_MISMATCH, BadTask, Task, bad_task_record, decode, hash_mismatch, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class Pipeline:
         """Store a fetched image, or record why there is none."""
         if fetched.status is not None or fetched.data is None or fetched.extension is None:
             return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg, fetched.retry_after)
+        mismatch = hash_mismatch(task, fetched.data)
+        if mismatch is not None:
+            return self.failure(task, raw, HASH_MISMATCH, mismatch)
         try:
             self.store.save(task, fetched.data, fetched.extension)
         except OSError as error:

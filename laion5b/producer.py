@@ -1,4 +1,4 @@
-"""Queueing the rows of parquet files as tasks: batched, exactly once, resumable after a crash."""
+"""Queueing the rows of URL list files as tasks: batched, exactly once, resumable after a crash."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from pathlib import Path
 
 import redis
 
-from laion5b import parquet
+from laion5b import inputs
+from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
-from laion5b.parquet import ParquetError, Row, SourceFile
 from laion5b.redisconn import retrying
-from laion5b.tasks import Task, safe_id, url_problem
+from laion5b.rows import InputError
+from laion5b.tasks import BAD_ROW, BAD_URL, HASH_DIGITS, Task, safe_id, url_problem
 
 log = logging.getLogger(__name__)
 
 PRODUCER_TTL = 30
 THRESHOLD_POLL = 1.0
-BAD_URL = "bad_url"
 
 # Queues one batch only if the file's recorded position is still where this batch starts, so a batch re-sent
 # after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions.
@@ -70,7 +70,7 @@ class Progress:
 
 @dataclass
 class Producer:
-    """Pushes every row of every parquet file not yet done into the task queue, under a queue-length threshold."""
+    """Pushes every row of every input file not yet done into the task queue, under a queue-length threshold."""
 
     client: redis.Redis
     keys: Keys
@@ -78,6 +78,7 @@ class Producer:
     done_path: Path
     threshold: int
     batch_size: int
+    spec: Spec = field(default_factory=Spec)
     stop: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     on_batch: Callable[[Progress, SourceFile], None] = lambda progress, source: None
@@ -86,11 +87,12 @@ class Producer:
         self._push = self.client.register_script(_PUSH_BATCH)
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
         self._heartbeat_at = 0.0
+        self._columns: dict[SourceFile, Picked] = {}
 
     def run(self) -> Progress:
         """Queue everything; return what was done (``failed_files`` lists files that could not be read)."""
         positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
-        sizes = self._sizes(parquet.find_files(self.parquet_dir), positions)
+        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format), positions)
         self._record_total(sizes, positions)
         for source in sizes:
             if self.stop.is_set():
@@ -108,8 +110,9 @@ class Producer:
             if source.key in done and source.key not in positions:
                 continue
             try:
-                rows = parquet.count_rows(source.path)
-            except ParquetError as error:
+                self._columns[source] = inputs.columns_of(source, self.spec)
+                rows = inputs.count_rows(source, self.spec)
+            except InputError as error:
                 self._fail(source, error)
                 continue
             if source.key in done and int(positions[source.key]) >= rows:
@@ -151,7 +154,7 @@ class Producer:
                 log.warning("redis_lost_writes file=%s queued_up_to=%d: queueing again from there", source.key,
                             rewind.position)  # fmt: skip
                 start = rewind.position
-            except ParquetError as error:
+            except InputError as error:
                 self._fail(source, error)
                 return
         if not complete or self.stop.is_set():
@@ -166,8 +169,8 @@ class Producer:
         """Queue the file's rows from ``start`` on; True when all are queued, False when stopped or in conflict."""
         in_flight: Future[bool] | None = None
         try:
-            for rows in parquet.read_rows(source.path, start, self.batch_size):
-                batch = Batch.of(source, rows)
+            for rows in inputs.read_rows(source, self.spec, self._columns[source], start, self.batch_size):
+                batch = Batch.of(source, rows, self.spec.verify_hash)
                 if in_flight is not None and not in_flight.result():
                     return False
                 self._wait_below_threshold()
@@ -236,18 +239,37 @@ class Batch:
     errors: list[str]
 
     @classmethod
-    def of(cls, source: SourceFile, rows: list[Row]) -> Batch:
+    def of(cls, source: SourceFile, rows: list[Row], verify_hash: str = "") -> Batch:
         tasks, errors = [], []
         subset, part = source.subset, source.part
-        for row, sample_id, url, text in rows:
+        for row, sample_id, url, text, hash_value, meta, unreadable in rows:
+            if unreadable is not None:
+                errors.append(Task(safe_id(row), "", subset, part, row).error_record(BAD_ROW, unreadable, "add_task"))
+                continue
             problem = url_problem(url)
+            expected, hash_problem = expected_hash(verify_hash, hash_value) if verify_hash else (None, None)
             task = Task(safe_id(row if sample_id is None else sample_id),
-                        url.strip() if problem is None else str(url or ""), subset, part, row, text)  # fmt: skip
-            if problem is None:
+                        url.strip() if problem is None else str(url or ""), subset, part, row, text, 0, meta,
+                        expected)  # fmt: skip
+            if problem is None and hash_problem is None:
                 tasks.append(task.encode())
+            elif problem is None:
+                errors.append(task.error_record(BAD_ROW, hash_problem, worker="add_task"))
             else:
                 errors.append(task.error_record(BAD_URL, problem, worker="add_task"))
         return cls(rows[0].row, rows[-1].row + 1, tasks, errors)
+
+
+def expected_hash(algorithm: str, value: object) -> tuple[str | None, str | None]:
+    """(``<algorithm>:<hex>`` to check the body against, or None for an empty value; why the value is unusable)."""
+    if value is None:
+        return None, None
+    text = value.hex() if isinstance(value, bytes) else str(value).strip().lower()
+    if not text:
+        return None, None
+    if len(text) != HASH_DIGITS[algorithm] or text.strip("0123456789abcdef"):
+        return None, f"{algorithm} hash {text[:80]!r} is not {HASH_DIGITS[algorithm]} hex digits"
+    return f"{algorithm}:{text}", None
 
 
 def show_progress(progress: Progress, source: SourceFile) -> None:

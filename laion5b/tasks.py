@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import json.encoder
+import math
 import os
 import re
 import time
@@ -18,9 +19,20 @@ HASHED_PREFIX = "sha1-"
 MAX_URL_CHARS = 4096
 TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns"})
 TRANSIENT_CODES = frozenset({408, 429})
+HASH_DIGITS = {"sha256": 64, "md5": 32}
+"""Content hashes a task may carry to be checked (``verify_hash``), with the hex digits of each."""
+METADATA_FIELDS = frozenset(
+    {"key", "id", "url", "caption", "final_url", "ext", "bytes", "sha256", "width", "height", "downloaded_at"}
+    | {"host_id", "worker", "attempts", "original_width", "original_height", "original_sha256"}
+)
+"""Names of a sample's metadata fields: a ``save_columns`` name must be none of them."""
+BAD_URL = "bad_url"
+BAD_ROW = "bad_row"
+HASH_MISMATCH = "hash_mismatch"
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _STRING = json.encoder.encode_basestring
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.|^\.")
+_EXPECTED_HASH = re.compile(r"sha256:[0-9a-f]{64}|md5:[0-9a-f]{32}")
 
 Status = int | str
 """An HTTP status code, or one of the status words (``timeout``, ``not_image``, ...)."""
@@ -41,6 +53,10 @@ class Task:
     row: int
     text: str | None = None
     attempts: int = 0
+    meta: dict[str, Any] | None = None
+    """The row's ``save_columns`` values by name (JSON values); None or empty: none."""
+    expected_hash: str | None = None
+    """``sha256:<hex>`` or ``md5:<hex>``: the body must hash to this (``verify_hash``); None: not checked."""
 
     def fields(self) -> dict[str, Any]:
         """The task as a flat dict, without empty fields."""
@@ -48,6 +64,10 @@ class Task:
         fields["row"] = self.row
         if self.text is not None:
             fields["text"] = self.text
+        if self.meta:
+            fields["meta"] = self.meta
+        if self.expected_hash is not None:
+            fields["expected_hash"] = self.expected_hash
         fields["attempts"] = self.attempts
         return fields
 
@@ -55,6 +75,10 @@ class Task:
         """The JSON text stored in Redis: the same as ``_ENCODE(self.fields())``, built without the encoder's overhead
         (the producer encodes hundreds of thousands of tasks a second)."""
         text = "" if self.text is None else f',"text":{_STRING(self.text)}'
+        if self.meta:
+            text += f',"meta":{_object(self.meta)}'
+        if self.expected_hash is not None:
+            text += f',"expected_hash":{_STRING(self.expected_hash)}'
         return (
             f'{{"id":{_STRING(self.id)},"url":{_STRING(self.url)},"subset":{_STRING(self.subset)},'
             f'"part":{_STRING(self.part)},"row":{self.row:d}{text},"attempts":{self.attempts:d}}}'
@@ -73,6 +97,35 @@ class Task:
         return _ENCODE(record)
 
 
+def _object(values: dict[str, Any]) -> str:
+    """A JSON object as ``_ENCODE`` writes it; strings, the common case, take the shortest path."""
+    parts = []
+    for key, value in values.items():
+        parts.append(f"{_STRING(key)}:{_STRING(value) if type(value) is str else _value(value)}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _value(value: Any) -> str:
+    """A JSON value as ``_ENCODE`` writes it, for the common types without the encoder's overhead."""
+    kind = type(value)
+    if kind is str:
+        return _STRING(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _ENCODE(value)
+
+
+def hash_mismatch(task: Task, data: bytes) -> str | None:
+    """Why ``data`` is not the body the task expects (an ``error_msg``), or None when it is or nothing is expected."""
+    if task.expected_hash is None:
+        return None
+    name, _, expected = task.expected_hash.partition(":")
+    actual = hashlib.new(name, data).hexdigest()
+    return None if actual == expected else f"{name} {actual} differs from the expected {expected}"
+
+
 def decode(raw: str | bytes) -> Task:
     """Parse a task from Redis; raise BadTask with a one-line reason when it is not one."""
     try:
@@ -85,9 +138,17 @@ def decode(raw: str | bytes) -> Task:
             row=fields["row"],
             text=fields.get("text"),
             attempts=fields.get("attempts", 0),
+            meta=fields.get("meta"),
+            expected_hash=fields.get("expected_hash"),
         )
     except (ValueError, TypeError, KeyError) as error:
         raise BadTask(f"not a task: {type(error).__name__}: {error}") from None
+    if task.meta is not None and not isinstance(task.meta, dict):
+        raise BadTask("not a task: meta must be an object")
+    if task.expected_hash is not None and not (
+        isinstance(task.expected_hash, str) and _EXPECTED_HASH.fullmatch(task.expected_hash)
+    ):
+        raise BadTask("not a task: expected_hash must be sha256:<64 hex digits> or md5:<32 hex digits>")
     if not isinstance(task.row, int) or not isinstance(task.attempts, int) or task.row < 0:
         raise BadTask("not a task: row and attempts must be whole numbers")
     if not all(isinstance(value, str) for value in (task.id, task.url, task.subset, task.part)):
@@ -104,6 +165,8 @@ def safe_id(value: object) -> str:
     """
     if type(value) is int and value >= 0:
         return str(value)
+    if type(value) is float and 0 <= value < 1e100 and value.is_integer():  # LAION's SAMPLE_ID: digits, always safe
+        return str(int(value))
     text = _id_text(value)
     if _is_safe_name(text) and not text.startswith(HASHED_PREFIX):
         return text
@@ -133,6 +196,8 @@ def _safe_folder(subset: str) -> bool:
 
 def url_problem(url: object) -> str | None:
     """Why ``url`` cannot be queued, or None when it is an http(s) URL of sane length."""
+    if type(url) is str and url.startswith(("http://", "https://")) and len(url) <= MAX_URL_CHARS:
+        return None  # the common case, decided without the checks below
     if not isinstance(url, str) or not url.strip():
         return "missing or empty URL"
     if len(url) > MAX_URL_CHARS:

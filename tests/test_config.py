@@ -74,6 +74,11 @@ def test_environment_overrides(variable, value, field, expected):
             "allowed_networks (LAION_ALLOWED_NETWORKS): 'not-a-net' is not a network",
         ),
         ("LAION_MIN_SUCCESS_RATIO", "2", "min_success_ratio (LAION_MIN_SUCCESS_RATIO) must be between 0 and 1"),
+        ("LAION_INPUT_FORMAT", "xml", "input_format (LAION_INPUT_FORMAT) must be one of auto, parquet, csv, tsv"),
+        ("LAION_VERIFY_HASH", "sha1", "verify_hash (LAION_VERIFY_HASH) must be empty (off) or one of sha256, md5"),
+        ("LAION_VERIFY_HASH", "sha256", "verify_hash (LAION_VERIFY_HASH) needs hash_col (LAION_HASH_COL)"),
+        ("LAION_SAVE_COLUMNS", "score,key", "save_columns (LAION_SAVE_COLUMNS): 'key' would overwrite a metadata"),
+        ("LAION_SAVE_COLUMNS", "score,score", "save_columns (LAION_SAVE_COLUMNS) names a column twice"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):

@@ -2,8 +2,17 @@ from pathlib import Path
 
 import pytest
 
-from laion5b.parquet import ParquetError, count_rows, find_files, read_rows
+from laion5b import inputs
+from laion5b.inputs import Columns, SourceFile, Spec, find_files
+from laion5b.parquet import ParquetError, count_rows
+from laion5b.rows import InputError
 from tests.helpers import SAMPLE, write_original, write_wide
+
+
+def read_rows(path: Path, start: int, batch_size: int, columns: Columns | None = None):
+    source = SourceFile(Path(path), "k", "s", "p")
+    spec = Spec(columns=columns or Columns())
+    return inputs.read_rows(source, spec, inputs.columns_of(source, spec), start, batch_size)
 
 
 def test_subset_and_part_names(tmp_path):
@@ -87,7 +96,7 @@ def test_missing_url_column(tmp_path):
 
     path = tmp_path / "nourl.parquet"
     pq.write_table(pa.table({"TEXT": ["a"]}), path)
-    with pytest.raises(ParquetError, match="no URL column"):
+    with pytest.raises(InputError, match="no URL column"):
         list(read_rows(path, 0, 10))
 
 
@@ -97,3 +106,34 @@ def test_truncated_file(tmp_path):
     Path(good).write_bytes(data[: len(data) // 2])
     with pytest.raises(ParquetError):
         list(read_rows(good, 0, 100))
+
+
+def test_named_columns_and_save_columns_with_json_values(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "datacomp.parquet"
+    table = {"uid": ["u0", "u1"], "Link": ["http://x/0", "http://x/1"], "alt": ["a", None]}
+    table |= {"original_width": [640, None], "score": [0.5, float("nan")], "raw": [b"\xff", b"ok"]}
+    pq.write_table(pa.table(table), path)
+    columns = Columns(url="link", id="uid", caption="alt", hash="", save=("original_width", "score", "raw"))
+    rows = [row for batch in read_rows(path, 0, 10, columns) for row in batch]
+    assert [(r.sample_id, r.url, r.text, r.meta) for r in rows] == [
+        ("u0", "http://x/0", "a", {"original_width": 640, "score": 0.5, "raw": "base64:/w=="}),
+        ("u1", "http://x/1", None, {"original_width": None, "score": None, "raw": "ok"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("columns", "named"),
+    [
+        (Columns(url="link"), "url_col 'link'"),
+        (Columns(save=("nope",)), "save_columns 'nope'"),
+        (Columns(hash="sha256"), "hash_col 'sha256'"),
+    ],
+)
+def test_a_column_the_file_lacks_names_the_setting_and_the_columns(tmp_path, columns, named):
+    path = write_wide(tmp_path / "w.parquet", ["http://x/0"])
+    with pytest.raises(InputError) as error:
+        read_rows(path, 0, 10, columns)
+    assert named in str(error.value) and "columns: url, hash, image_suffix, caption" in str(error.value)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from laion5b.tasks import BadTask, Task, decode, is_transient, safe_id, url_problem
+from laion5b.tasks import BadTask, Task, decode, hash_mismatch, is_transient, safe_id, url_problem
 
 
 def test_round_trip_keeps_every_field():
@@ -78,3 +78,32 @@ def test_url_problems(url, problem):
 def test_transient_statuses():
     assert all(is_transient(s) for s in ("timeout", "connection", "dns", 500, 503, 408, 429))
     assert not any(is_transient(s) for s in (404, 403, "ssl", "not_image", "too_large", "disallowed", "bad_url"))
+
+
+def test_meta_and_expected_hash_travel_and_the_error_record_keeps_them():
+    expected = "sha256:" + hashlib.sha256(b"body").hexdigest()
+    task = Task(id="a", url="http://x", subset="s", part="p", row=1, text="cap", meta={"w": 3}, expected_hash=expected)
+    assert decode(task.encode()) == task
+    record = json.loads(task.error_record("hash_mismatch", "differs", "w"))
+    assert record["meta"] == {"w": 3} and record["expected_hash"] == expected and record["text"] == "cap"
+    assert "meta" not in Task(id="a", url="http://x", subset="s", part="p", row=1, meta={}).encode()
+
+
+def test_hash_mismatch_checks_only_what_the_task_expects():
+    body = b"image bytes"
+    plain = Task(id="a", url="http://x", subset="s", part="p", row=1)
+    assert hash_mismatch(plain, body) is None
+    good = Task(
+        id="a", url="http://x", subset="s", part="p", row=1, expected_hash="md5:" + hashlib.md5(body).hexdigest()
+    )
+    assert hash_mismatch(good, body) is None
+    wrong = Task(id="a", url="http://x", subset="s", part="p", row=1, expected_hash="sha256:" + "0" * 64)
+    assert (
+        hash_mismatch(wrong, body) == f"sha256 {hashlib.sha256(body).hexdigest()} differs from the expected {'0' * 64}"
+    )
+
+
+@pytest.mark.parametrize("value", ['"sha256:abc"', '"sha1:' + "0" * 40 + '"', '"SHA256:' + "0" * 64 + '"', "5"])
+def test_bad_expected_hashes_are_refused(value):
+    with pytest.raises(BadTask, match="expected_hash"):
+        decode('{"id":"a","url":"http://x","subset":"s","part":"p","row":1,"expected_hash":' + value + "}")

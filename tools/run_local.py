@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 
 import setting
-from laion5b import cli, parquet, redisconn
+from laion5b import cli, inputs, redisconn
 from laion5b.config import Config
 from tools.demo import make_sample
 from tools.image_server import ImageServer
@@ -71,7 +71,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def has_parquet_files(folder: Path) -> bool:
-    return folder.is_dir() and bool(parquet.find_files(folder))
+    return folder.is_dir() and bool(inputs.find_files(folder))
 
 
 def demo_environment(folder: Path, config: Config) -> dict[str, str]:

@@ -1,0 +1,71 @@
+"""Write a status table per input part: one row per input row, in input order, with its outcome and where it is.
+
+Usage: python3 report.py [--subset S] [--part P]
+
+Writes <status_dir>/<subset>/<part>.parquet and prints a short summary of each part. Reads only files: the input
+lists, the stored samples and the saved error files; records still in Redis are counted (when Redis answers) so that
+they can be saved first with save_error_task.py --until-empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import redis
+
+import setting
+from laion5b import cli, inputs, redisconn, rowstatus
+from laion5b.config import Config
+from laion5b.inputs import Spec
+from laion5b.log import setup
+from laion5b.rows import InputError
+
+log = logging.getLogger("report")
+REDIS_TIMEOUT = 3.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", help="only the parts of this subset (e.g. laion2B-en, or default)")
+    parser.add_argument("--part", help="only the parts of this name (e.g. 00000)")
+    args = parser.parse_args()
+    config = cli.load_settings(setting)
+    setup("report", config.log_dir)
+    spec = Spec.of(config)
+    sources = rowstatus.selected(inputs.find_files(Path(config.parquet_dir), spec.input_format), args.subset, args.part)
+    if not sources:
+        log.error("no_input_parts parquet_dir=%s subset=%s part=%s", config.parquet_dir, args.subset, args.part)
+        return 1
+    _warn_about_unsaved_records(config)
+    errors = rowstatus.saved_errors(Path(config.store_error_dir), {(s.subset, s.part) for s in sources})
+    locator = rowstatus.FileLocator(config.store_dir)
+    failed = 0
+    for source in sources:
+        target = Path(config.status_dir) / source.subset / f"{source.part}.parquet"
+        try:
+            summary = rowstatus.write_table(source, spec, errors[source.subset, source.part], locator, target)
+        except InputError as error:
+            log.error("part_failed %s", error)
+            failed += 1
+            continue
+        sys.stdout.write(rowstatus.render(summary, target))
+    return 1 if failed else 0
+
+
+def _warn_about_unsaved_records(config: Config) -> None:
+    client = redisconn.connect(config, timeout=REDIS_TIMEOUT)
+    try:
+        unsaved = client.llen(config.keys.error)
+    except redis.RedisError as error:
+        log.info("redis_not_checked error=%s: error records still in Redis (if any) are not in this report", error)
+        return
+    if unsaved:
+        log.warning("unsaved_error_records count=%d: run save_error_task.py --until-empty first, or these rows show as "
+                    "pending", unsaved)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
