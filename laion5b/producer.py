@@ -27,10 +27,10 @@ PRODUCER_TTL = 30
 THRESHOLD_POLL = 1.0
 
 # Queues one batch only if the file's recorded position is still where this batch starts, so a batch re-sent
-# after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions.
+# after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions, failures hash.
 # ARGV: file key, start, end, number of tasks, then the tasks, then the error records. Returns the position.
 # Pushes go in chunks of 1000 values, under Lua's limit on unpacked values.
-_PUSH_BATCH = """
+_PUSH_BATCH = f"""
 local position = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
 if position ~= tonumber(ARGV[2]) then return position end
 local tasks = tonumber(ARGV[4])
@@ -42,7 +42,10 @@ for first = 5 + tasks, 4 + total, 1000 do
   redis.call('LPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 1000 - 1, 4 + total)))
 end
 redis.call('INCRBY', KEYS[3], total)
-if total > tasks then redis.call('INCRBY', KEYS[4], total - tasks) end
+if total > tasks then
+  redis.call('INCRBY', KEYS[4], total - tasks)
+  redis.call('HINCRBY', KEYS[6], '{BAD_URL}', total - tasks)
+end
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 return tonumber(ARGV[3])
 """
@@ -188,7 +191,8 @@ class Producer:
         batches (with their position, in the same transaction), so they are queued again from there.
         """
         args = [source.key, batch.start, batch.end, len(batch.tasks), *batch.tasks, *batch.errors]
-        keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions]
+        keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions,
+                self.keys.failures]  # fmt: skip
         position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
         if position < batch.start:
             raise Rewind(position)
