@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from laion5b import inputs
+from laion5b import control, inputs
 from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
 from laion5b.redisconn import retrying
@@ -206,18 +206,28 @@ class Producer:
         return True
 
     def _wait_below_threshold(self) -> None:
+        """Wait while the queue is at the threshold or the whole run is paused (control.py pause)."""
         waiting = False
         while not self.stop.is_set():
             self._beat()
-            queued = self._call(lambda: self.client.llen(self.keys.task), "queue_length")
-            if queued < self.threshold:
+            queued, paused = self._call(self._queue_state, "queue_length")
+            if queued < self.threshold and not paused:
                 break
             if not waiting:
-                log.info("queue_full queued=%d threshold=%d waiting", queued, self.threshold)
+                log.info("%s queued=%d threshold=%d waiting", "run_paused" if paused else "queue_full", queued,
+                         self.threshold)  # fmt: skip
                 waiting = True
             self.stop.wait(THRESHOLD_POLL)
         if waiting:
-            log.info("queue_below_threshold resuming")
+            log.info("producer_resuming")
+
+    def _queue_state(self) -> tuple[int, bool]:
+        """The queue's length, and whether the whole run is paused."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.keys.task)
+        pipe.hexists(self.keys.control, control.PAUSE)
+        queued, paused = pipe.execute()
+        return queued, bool(paused)
 
     def _beat(self) -> None:
         now = time.monotonic()
