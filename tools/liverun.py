@@ -65,8 +65,13 @@ class LiveRun:
     env: dict[str, str]
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(script(name, *args), env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(
+        self, name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run a script to its end, with ``env`` over the run's environment."""
+        return subprocess.run(
+            script(name, *args), env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
 
     def start(self, label: str, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         process = subprocess.Popen(
