@@ -135,7 +135,7 @@ class Keys:
     @property
     def history_hosts(self) -> str:
         """Set: hosts that have a history."""
-        return f"{self.task}:history:hosts"
+        return f"{self.task}:history_hosts"
 
     @property
     def requeued(self) -> str:

@@ -47,7 +47,7 @@ def test_redis_key_names_are_pinned():
     assert keys.history("h", "minute") == "laion5b_task:history:minute:h"
     assert keys.history("*", "hour") == "laion5b_task:history:hour:*"
     assert keys.history_lock(28000000) == "laion5b_task:history_lock:28000000"
-    assert keys.history_hosts == "laion5b_task:history:hosts"
+    assert keys.history_hosts == "laion5b_task:history_hosts"
 
 
 @pytest.mark.parametrize(
