@@ -143,9 +143,9 @@ def make_server(listen: str, token: str, source: Source) -> ThreadingHTTPServer:
     host, port = parse_listen(listen)
     if not token and not is_loopback(host):
         raise ListenError(f"refusing to serve on {host} without a token: set LAION_DASHBOARD_TOKEN (dashboard_token)")
-    server = ThreadingHTTPServer((host, port), handler(source, token, page()))
-    server.daemon_threads = True
-    return server
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("DashboardServer", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+    return server_class((host, port), handler(source, token, page()))
 
 
 def serve(server: ThreadingHTTPServer, stop: threading.Event) -> None:

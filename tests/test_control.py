@@ -60,8 +60,9 @@ def live(redis_server, script_env, image_server, tmp_path):
 def test_pause_resume_drain(live, redis_server):
     client = redis_server.client()
     assert live.run("add_task.py").returncode == 0
-    live.start_workers(2)
-    identities = ["testhost:0", "testhost:1"]
+    live.start("worker-0", "downloader.py", "0")
+    live.start("worker-1", "downloader.py", "1", env={**live.env, "LAION_ENGINE": "async", "LAION_CONCURRENCY": "8"})
+    identities = ["testhost:0", "testhost:1"]  # one worker of each engine
     wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) >= 100, 60)
 
     assert live.run("control.py", "pause").returncode == 0
