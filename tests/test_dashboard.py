@@ -20,8 +20,15 @@ TOKEN = "s3cret-dashboard-token"
 
 
 def urls(image_server, count: int) -> list[str]:
-    images = [image_server.url(f"/slow/0.02/img{i}.jpg?size={2000 + i}") for i in range(count)]
-    return images + [image_server.url("/status/404")] * 40 + [image_server.url("/notimage")] * 10
+    """``count`` images, with a 404 after every 100th and a non-image after every 400th from the start."""
+    mix = []
+    for i in range(count):
+        mix.append(image_server.url(f"/slow/0.02/img{i}.jpg?size={2000 + i}"))
+        if i % 100 == 0:
+            mix.append(image_server.url("/status/404"))
+        if i % 400 == 0:
+            mix.append(image_server.url("/notimage"))
+    return mix
 
 
 @pytest.fixture
