@@ -29,8 +29,9 @@ THRESHOLD_POLL = 1.0
 # Queues one batch only if the file's recorded position is still where this batch starts, so a batch re-sent
 # after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions, failures hash.
 # ARGV: file key, start, end, number of tasks, then the tasks, then the error records. Returns the position.
-# Pushes go in chunks of 1000 values, under Lua's limit on unpacked values.
-_PUSH_BATCH = f"""
+# Pushes go in chunks of 1000 values, under Lua's limit on unpacked values. Each error record's status (bad_url,
+# bad_row: rare) is counted in the failures hash.
+_PUSH_BATCH = """
 local position = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
 if position ~= tonumber(ARGV[2]) then return position end
 local tasks = tonumber(ARGV[4])
@@ -42,9 +43,11 @@ for first = 5 + tasks, 4 + total, 1000 do
   redis.call('LPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 1000 - 1, 4 + total)))
 end
 redis.call('INCRBY', KEYS[3], total)
-if total > tasks then
-  redis.call('INCRBY', KEYS[4], total - tasks)
-  redis.call('HINCRBY', KEYS[6], '{BAD_URL}', total - tasks)
+if total > tasks then redis.call('INCRBY', KEYS[4], total - tasks) end
+for i = 5 + tasks, 4 + total do
+  local ok, record = pcall(cjson.decode, ARGV[i])
+  local status = ok and type(record) == 'table' and record.status ~= nil and tostring(record.status) or 'unknown'
+  redis.call('HINCRBY', KEYS[6], status, 1)
 end
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 return tonumber(ARGV[3])
