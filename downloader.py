@@ -14,6 +14,7 @@ import redis
 
 import setting
 from laion5b import cli, redisconn
+from laion5b.control import EXIT_DRAINED
 from laion5b.leases import IdentityInUse, IdentityLost
 from laion5b.limits import OpenFilesTooLow
 from laion5b.log import setup
@@ -36,7 +37,8 @@ def main() -> int:
     try:
         redisconn.retrying(client.ping, "connect", stop)
         redisconn.warn_if_evicting(client)
-        Worker(client, config, args.name, stop, until_empty=args.until_empty).run()
+        worker = Worker(client, config, args.name, stop, until_empty=args.until_empty)
+        worker.run()
     except IdentityInUse as error:
         log.error("identity_in_use %s", error)
         return 2
@@ -52,7 +54,7 @@ def main() -> int:
     except redis.ConnectionError:
         log.error("stopped while redis was unreachable redis=%s", redisconn.describe(config))
         return 1
-    return 0
+    return EXIT_DRAINED if worker.draining else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import redis
 
 import setting
 from laion5b import cli, redisconn
+from laion5b.history import Historian, History
 from laion5b.log import setup
 from laion5b.monitor import WARM_UP, Monitor, Sampler
 
@@ -33,7 +34,10 @@ def main() -> int:
     client = redisconn.connect(config)
     stop = threading.Event()
     cli.stop_on_signals(stop)
-    monitor = Monitor(client, config.keys, config.host_id, Sampler(config.monitor_disk), config.monitor_interval)
+    history = History(client, config.keys, config.history_days)
+    historian = Historian(history, config.host_id, config.heartbeat_ttl, config.monitor_interval)
+    monitor = Monitor(client, config.keys, config.host_id, Sampler(config.monitor_disk), config.monitor_interval,
+                      historian.record)  # fmt: skip
     try:
         if args.once:
             stop.wait(WARM_UP)

@@ -88,6 +88,9 @@ min_free_gb = 50  # GB free on monitor_disk under which workers stop taking task
 # --- save_error_task.py and speed.py ---
 store_error_dir = "./error_task/"  # error records are saved here as YYYYMMDD_<hour // 4>.txt
 min_success_ratio = 0.5  # speed.py flags an interval whose success ratio falls under this
+history_days = 14  # days of history kept in Redis (a sample a minute for 48 h, one an hour after that)
+dashboard_token = ""  # token the dashboard (speed.py --serve) asks for; needed to listen beyond loopback; set
+# LAION_DASHBOARD_TOKEN instead of writing it here
 
 # --- run.sh: the quick start on one machine ---
 demo_port = 8765  # port of the local sample image server that run.sh --demo starts on 127.0.0.1

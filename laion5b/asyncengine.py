@@ -59,6 +59,11 @@ class AsyncEngine:
     def submit(self, raws: list[str]) -> None:
         self._loop.call_soon_threadsafe(self._accept, raws)
 
+    def drain_unstarted(self) -> list[str]:
+        """Take back every submitted task not started yet (waiting for room on the loop, or parked behind its host)."""
+        future = asyncio.run_coroutine_threadsafe(self._take_unstarted(), self._loop)
+        return future.result(START_TIMEOUT)
+
     def stop(self, timeout: float) -> list[str]:
         """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight."""
         unstarted = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop).result()
@@ -112,11 +117,15 @@ class AsyncEngine:
             if fetched is not None:
                 self._fetcher.release(fetched)
 
-    async def _stop(self, timeout: float) -> list[str]:
-        self._stopping = True
+    async def _take_unstarted(self) -> list[str]:
         unstarted = list(self._waiting)
         self._waiting.clear()
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
+        return unstarted
+
+    async def _stop(self, timeout: float) -> list[str]:
+        self._stopping = True
+        unstarted = await self._take_unstarted()
         if self._running:
             await asyncio.wait(set(self._running), timeout=timeout)
         for task in self._running:

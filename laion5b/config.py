@@ -90,6 +90,8 @@ class Config:
     min_free_gb: float
     store_error_dir: str
     min_success_ratio: float
+    history_days: int
+    dashboard_token: str = field(repr=False)
     demo_port: int
     keys: Keys = field(default_factory=Keys)
 
@@ -107,6 +109,7 @@ _AT_LEAST_ONE = (
     "max_image_bytes",
     "monitor_interval",
     "image_size",
+    "history_days",
 )
 _POSITIVE = ("connect_timeout", "read_timeout", "download_timeout")
 _NOT_NEGATIVE = (

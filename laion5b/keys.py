@@ -103,6 +103,41 @@ class Keys:
         return f"{self.error}:saver:{saver}"
 
     @property
+    def failures(self) -> str:
+        """Hash: status -> tasks whose error record carries it (lowered again by requeue)."""
+        return f"{self.task}:failures"
+
+    @property
+    def requeued_total(self) -> str:
+        """Counter: error records put back on the queue by requeue, ever."""
+        return f"{self.task}:requeued"
+
+    @property
+    def control(self) -> str:
+        """Hash: what the operator asked (control.py): ``pause`` / ``pause:host:<host>`` / ``pause:worker:<identity>``
+        -> Redis time asked; ``drain`` / ``drain:host:<host>`` / ``drain:worker:<identity>`` -> Redis time asked."""
+        return f"{self.task}:control"
+
+    @property
+    def control_acks(self) -> str:
+        """Hash: worker identity -> JSON ``{"state": ..., "at": ...}``: what the worker last did about the control."""
+        return f"{self.task}:control:acks"
+
+    def history(self, scope: str, resolution: str) -> str:
+        """List of compact samples, oldest first: ``resolution`` is ``minute`` or ``hour``; ``scope`` a host or the
+        run-wide scope ``*``."""
+        return f"{self.task}:history:{resolution}:{scope}"
+
+    def history_lock(self, minute: int) -> str:
+        """Short lock: the monitor that takes it writes the run-wide sample of that minute."""
+        return f"{self.task}:history_lock:{minute}"
+
+    @property
+    def history_hosts(self) -> str:
+        """Set: hosts that have a history."""
+        return f"{self.task}:history_hosts"
+
+    @property
     def requeued(self) -> str:
         """Hash: ``<host_id>:<error file path>`` -> JSON ``{selector: byte offset}`` of what requeue handled."""
         return f"{self.error}:requeued"

@@ -24,8 +24,8 @@ import redis
 from laion5b.keys import Keys
 
 STORED, FAILED, RETRY, RETURN = "s", "e", "r", "q"
-"""Outcome kinds: stored (payload: bytes), failed (payload: error record), retry later (payload: see
-``retry_outcome``), returned untouched (to the queue's head)."""
+"""Outcome kinds: stored (payload: bytes), failed (payload: see ``failed_outcome``; a bare error record is read for
+its status), retry later (payload: see ``retry_outcome``), returned untouched (to the queue's head)."""
 PROMOTE_BATCH = 1000
 """Due tasks moved from the delayed set to the queue by one script run at most."""
 
@@ -75,9 +75,21 @@ return moved
 
 # Records (kind, task, payload) triples from ARGV[first] on, each only if its task is still in the lease list.
 # A retry's payload is "<delay>|<nonce>|<task>": "<nonce>|<task>" goes into the delayed set, due at now + delay.
+# A failure's payload is "<status>|<error record>" (or a bare JSON record, whose status is read from it); the record
+# goes to the error list and its status is counted in the failures hash.
 _RECORD = """
-local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, delayed, now, first)
+local function failure(payload)
+  if string.sub(payload, 1, 1) == '{' then
+    local ok, decoded = pcall(cjson.decode, payload)
+    if ok and type(decoded) == 'table' and decoded.status ~= nil then return tostring(decoded.status), payload end
+    return 'unknown', payload
+  end
+  local bar = string.find(payload, '|', 1, true) or 0
+  return string.sub(payload, 1, bar - 1), string.sub(payload, bar + 1)
+end
+local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, delayed, now, first, failures)
   local stored, failed, bytes, applied = 0, 0, 0, 0
+  local statuses = {}
   for i = first, #ARGV, 3 do
     local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if redis.call('LREM', lease, 1, task) == 1 then
@@ -87,7 +99,9 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
         bytes = bytes + tonumber(payload)
       elseif kind == 'e' then
         failed = failed + 1
-        redis.call('LPUSH', errors, payload)
+        local status, error_record = failure(payload)
+        statuses[status] = (statuses[status] or 0) + 1
+        redis.call('LPUSH', errors, error_record)
       elseif kind == 'r' then
         local bar = string.find(payload, '|', 1, true) or 0
         local delay = tonumber(string.sub(payload, 1, bar - 1))
@@ -108,12 +122,14 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
     redis.call('INCRBY', error_key, failed)
     redis.call('HINCRBY', hosts, host .. ':error', failed)
   end
+  for status, count in pairs(statuses) do redis.call('HINCRBY', failures, status, count) end
   return applied
 end
 """
 
 # Records outcomes, promotes due retries, then claims tasks, in one round trip. KEYS: lease, queue, error list,
-# succ counter, error counter, bytes counter, host counters, heartbeat, workers, delayed set. ARGV: host, token,
+# succ counter, error counter, bytes counter, host counters, heartbeat, workers, delayed set, failures hash. ARGV:
+# host, token,
 # ttl, worker, count, then triples. Returns {applied, 1, claimed tasks...}, or {applied, 0} when another process
 # owns the identity (nothing claimed).
 _EXCHANGE = (
@@ -123,7 +139,8 @@ _EXCHANGE = (
     + _RECORD
     + """
 local now = clock()
-local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], KEYS[10], now, 6)
+local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], KEYS[10], now, 6,
+  KEYS[11])
 promote(KEYS[10], KEYS[2], now)
 if not touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4]) then return {applied, 0} end
 local reply = {applied, 1}
@@ -169,6 +186,12 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[4], ARGV[2])
 return moved
 """
+
+
+def failed_outcome(raw: str, status: int | str, record: str) -> tuple[str, str, str]:
+    """The outcome of a held task ``raw`` that failed with ``status``: ``record`` goes to the error list, the status
+    is counted in the failures hash."""
+    return FAILED, raw, f"{status}|{record}"
 
 
 def retry_outcome(raw: str, task: str, delay: float) -> tuple[str, str, str]:
@@ -245,6 +268,7 @@ class Leases:
             self.heartbeat_key,
             keys.workers,
             keys.delayed,
+            keys.failures,
         ]
         self._register = client.register_script(_REGISTER)
         self._exchange = client.register_script(_EXCHANGE)

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -117,6 +117,8 @@ class Monitor:
     host_id: str
     sampler: Sampler
     interval: float
+    after_publish: Callable[[HostSample], None] | None = None
+    """Called with each sample once it is published (monitor_disk.py writes the history there)."""
 
     def publish_once(self) -> HostSample:
         """Take one sample and publish it in one transaction; Redis and OS errors are raised."""
@@ -136,6 +138,8 @@ class Monitor:
             sample.memory_percent,
             sample.downloaders,
         )
+        if self.after_publish is not None:
+            self.after_publish(sample)
         return sample
 
     def run(self, stop: threading.Event) -> None:

@@ -9,7 +9,7 @@ import threading
 from urllib.parse import urlsplit
 
 from laion5b.fetchpolicy import Fetched
-from laion5b.leases import FAILED, RETURN, STORED, retry_outcome
+from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
 from laion5b.retry import retry_delay
 from laion5b.store import Store
 from laion5b.tasks import HASH_MISMATCH, BadTask, Task, bad_task_record, decode, hash_mismatch, is_transient
@@ -55,7 +55,7 @@ class Pipeline:
             task = decode(raw)
         except BadTask as error:
             log.debug("bad_task worker=%s error=%s", self.identity, error)
-            return FAILED, raw, bad_task_record(raw, str(error), self.identity)
+            return failed_outcome(raw, "bad_task", bad_task_record(raw, str(error), self.identity))
         try:
             if self.store.existing(task) is not None:
                 return STORED, raw, 0
@@ -91,7 +91,7 @@ class Pipeline:
             delay = retry_delay(task.attempts, retry_after, self.retry_backoff, self.max_retry_after)
             return retry_outcome(raw, task.encode(), delay)
         log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
-        return FAILED, raw, task.error_record(status, error_msg, self.identity)
+        return failed_outcome(raw, status, task.error_record(status, error_msg, self.identity))
 
     def _store_error(self, task: Task, raw: str, error: OSError) -> Outcome:
         if error.errno in DISK_FULL_ERRORS:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from laion5b import inputs
+from laion5b import control, inputs
 from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
 from laion5b.redisconn import retrying
@@ -27,9 +27,10 @@ PRODUCER_TTL = 30
 THRESHOLD_POLL = 1.0
 
 # Queues one batch only if the file's recorded position is still where this batch starts, so a batch re-sent
-# after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions.
+# after a lost reply is never queued twice. KEYS: task, error, tongji_all, tongji_error, positions, failures hash.
 # ARGV: file key, start, end, number of tasks, then the tasks, then the error records. Returns the position.
-# Pushes go in chunks of 1000 values, under Lua's limit on unpacked values.
+# Pushes go in chunks of 1000 values, under Lua's limit on unpacked values. Each error record's status (bad_url,
+# bad_row: rare) is counted in the failures hash.
 _PUSH_BATCH = """
 local position = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
 if position ~= tonumber(ARGV[2]) then return position end
@@ -43,6 +44,11 @@ for first = 5 + tasks, 4 + total, 1000 do
 end
 redis.call('INCRBY', KEYS[3], total)
 if total > tasks then redis.call('INCRBY', KEYS[4], total - tasks) end
+for i = 5 + tasks, 4 + total do
+  local ok, record = pcall(cjson.decode, ARGV[i])
+  local status = ok and type(record) == 'table' and record.status ~= nil and tostring(record.status) or 'unknown'
+  redis.call('HINCRBY', KEYS[6], status, 1)
+end
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
 return tonumber(ARGV[3])
 """
@@ -188,7 +194,8 @@ class Producer:
         batches (with their position, in the same transaction), so they are queued again from there.
         """
         args = [source.key, batch.start, batch.end, len(batch.tasks), *batch.tasks, *batch.errors]
-        keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions]
+        keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions,
+                self.keys.failures]  # fmt: skip
         position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
         if position < batch.start:
             raise Rewind(position)
@@ -202,18 +209,28 @@ class Producer:
         return True
 
     def _wait_below_threshold(self) -> None:
+        """Wait while the queue is at the threshold or the whole run is paused (control.py pause)."""
         waiting = False
         while not self.stop.is_set():
             self._beat()
-            queued = self._call(lambda: self.client.llen(self.keys.task), "queue_length")
-            if queued < self.threshold:
+            queued, paused = self._call(self._queue_state, "queue_length")
+            if queued < self.threshold and not paused:
                 break
             if not waiting:
-                log.info("queue_full queued=%d threshold=%d waiting", queued, self.threshold)
+                log.info("%s queued=%d threshold=%d waiting", "run_paused" if paused else "queue_full", queued,
+                         self.threshold)  # fmt: skip
                 waiting = True
             self.stop.wait(THRESHOLD_POLL)
         if waiting:
-            log.info("queue_below_threshold resuming")
+            log.info("producer_resuming")
+
+    def _queue_state(self) -> tuple[int, bool]:
+        """The queue's length, and whether the whole run is paused."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.keys.task)
+        pipe.hexists(self.keys.control, control.PAUSE)
+        queued, paused = pipe.execute()
+        return queued, bool(paused)
 
     def _beat(self) -> None:
         now = time.monotonic()

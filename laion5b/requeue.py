@@ -38,18 +38,27 @@ CHUNK_TASKS = 1000
 CHUNK_BYTES = 16 * 1024 * 1024
 THRESHOLD_POLL = 1.0
 
-# KEYS: queue, tongji_error, host counters, marks hash. ARGV: file field, marks read ('' for none), new marks,
-# task count, the tasks, then (host, count) pairs. Returns the tasks pushed, or -1 when the marks changed since
-# they were read (another run requeued from this file). Pushes go in chunks of 1000 values, under Lua's limit.
+# KEYS: queue, tongji_error, host counters, marks hash, failures hash, requeued counter. ARGV: file field, marks
+# read ('' for none), new marks, task count, host pair count, the tasks, (host, count) pairs, then (status, count)
+# pairs. Returns the tasks pushed, or -1 when the marks changed since they were read (another run requeued from this
+# file). Pushes go in chunks of 1000 values, under Lua's limit. A status count never goes under 0 (records saved
+# before the failures hash existed were never counted there).
 _REQUEUE = """
 if (redis.call('HGET', KEYS[4], ARGV[1]) or '') ~= ARGV[2] then return -1 end
 local count = tonumber(ARGV[4])
-for first = 5, 4 + count, 1000 do
-  redis.call('LPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 999, 4 + count)))
+local hosts_end = 5 + count + 2 * tonumber(ARGV[5])
+for first = 6, 5 + count, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 999, 5 + count)))
 end
-if count > 0 then redis.call('DECRBY', KEYS[2], count) end
-for i = 5 + count, #ARGV, 2 do
+if count > 0 then
+  redis.call('DECRBY', KEYS[2], count)
+  redis.call('INCRBY', KEYS[6], count)
+end
+for i = 6 + count, hosts_end, 2 do
   redis.call('HINCRBY', KEYS[3], ARGV[i] .. ':error', -tonumber(ARGV[i + 1]))
+end
+for i = hosts_end + 1, #ARGV, 2 do
+  if redis.call('HINCRBY', KEYS[5], ARGV[i], -tonumber(ARGV[i + 1])) <= 0 then redis.call('HDEL', KEYS[5], ARGV[i]) end
 end
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
 return count
@@ -88,6 +97,7 @@ class Chunk:
     end: int
     tasks: list[str] = field(default_factory=list)
     hosts: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
     unusable: int = 0
 
 
@@ -156,10 +166,12 @@ class Requeuer:
         return pushed
 
     def _push(self, field_name: str, stored: str, marks: dict[str, int], chunk: Chunk) -> int:
-        keys = [self.keys.task, self.keys.tongji_error, self.keys.host_counters, self.keys.requeued]
+        keys = [self.keys.task, self.keys.tongji_error, self.keys.host_counters, self.keys.requeued,
+                self.keys.failures, self.keys.requeued_total]  # fmt: skip
         hosts = [value for host, count in chunk.hosts.items() for value in (host, count)]
+        statuses = [value for status, count in chunk.statuses.items() for value in (status, count)]
         new = json.dumps(marks, sort_keys=True)
-        args = [field_name, stored, new, len(chunk.tasks), *chunk.tasks, *hosts]
+        args = [field_name, stored, new, len(chunk.tasks), len(chunk.hosts), *chunk.tasks, *hosts, *statuses]
         return self._requeue(keys=keys, args=args)
 
     def _wait_below_threshold(self) -> None:
@@ -189,6 +201,7 @@ def collect(path: Path, start: int, marks: dict[str, int], chosen: Sequence[str]
             continue
         task.attempts = 0
         chunk.tasks.append(task.encode())
+        chunk.statuses[str(record.get("status"))] += 1
         host = failing_host(record)
         if host:
             chunk.hosts[host] += 1

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
+from laion5b import control
 from laion5b.keys import Keys
 from laion5b.leases import Owner
 from laion5b.monitor import RECORD_TTL_INTERVALS, HostSample
@@ -46,6 +48,7 @@ class Host:
     stale_workers: int
     sample: HostSample | None
     state: str
+    in_flight: int = 0
 
     @property
     def dead(self) -> bool:
@@ -68,6 +71,10 @@ class Snapshot:
     total: int | None
     started: float | None
     hosts: list[Host]
+    failures: dict[str, int] = field(default_factory=dict)
+    requeued: int = 0
+    control: dict[str, str] = field(default_factory=dict)
+    acks: dict[str, str] = field(default_factory=dict)
 
     @property
     def done(self) -> int:
@@ -97,9 +104,12 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
     pipe.smembers(keys.workers)
     pipe.hgetall(keys.host_counters)
     pipe.hgetall(keys.tongji_disk)
-    added, succeeded, failed, stored_bytes, total, started, queued, delayed, errors, members, counters, disks = (
-        pipe.execute()
-    )
+    pipe.hgetall(keys.failures)
+    pipe.get(keys.requeued_total)
+    pipe.hgetall(keys.control)
+    pipe.hgetall(keys.control_acks)
+    (added, succeeded, failed, stored_bytes, total, started, queued, delayed, errors, members, counters, disks,
+     failures, requeued, requests, acks) = pipe.execute()  # fmt: skip
     now = time.time()
     workers = read_workers(client, keys, sorted(members), heartbeat_ttl)
     per_host = _host_counters(counters)
@@ -125,7 +135,18 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
         total=_int(total) if total is not None else None,
         started=_float(started),
         hosts=hosts,
+        failures={status: _int(count) for status, count in sorted(failures.items())},
+        requeued=_int(requeued),
+        control=requests,
+        acks={identity: _ack_state(text) for identity, text in sorted(acks.items())},
     )
+
+
+def _ack_state(text: str) -> str:
+    try:
+        return str(json.loads(text).get("state", "?"))
+    except (ValueError, AttributeError):
+        return "?"
 
 
 def read_workers(client: redis.Redis, keys: Keys, identities: list[str], heartbeat_ttl: int) -> list[Worker]:
@@ -193,6 +214,7 @@ def _host(
         stale_workers=stale,
         sample=sample,
         state=_state(live, stale, monitor),
+        in_flight=sum(worker.leased for worker in workers),
     )
 
 
@@ -294,6 +316,18 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "success_ratio": _round(rates.success_ratio if rates else None, 4),
         "eta_seconds": _round(eta_seconds(snapshot, rates), 0),
         "hosts": [_host_json(host, per_host[host.host]) for host in snapshot.hosts],
+        "failures_by_status": snapshot.failures,
+        "requeued": snapshot.requeued,
+        "control": control_json(snapshot),
+    }
+
+
+def control_json(snapshot: Snapshot) -> dict[str, Any]:
+    """What is paused or drained, and each worker's acknowledgement."""
+    return {
+        "paused": sorted(control.scope(name) for name in snapshot.control if name.startswith(control.PAUSE)),
+        "drains": sorted(control.scope(name) for name in snapshot.control if name.startswith(control.DRAIN)),
+        "acks": snapshot.acks,
     }
 
 
@@ -308,6 +342,7 @@ def _host_json(host: Host, rate: float) -> dict[str, Any]:
         "disk_free_gb": _round(host.free_gb),
         "disk_age_seconds": _round(host.disk_age, 1),
         "heartbeat_age_seconds": _round(host.heartbeat_age, 1),
+        "in_flight": host.in_flight,
         "live_workers": host.live_workers,
         "stale_workers": host.stale_workers,
         "state": host.state,
@@ -347,9 +382,29 @@ def render(snapshot: Snapshot, before: Snapshot | None, min_success_ratio: float
             f"!! success ratio {100 * last.success_ratio:.0f}% over the last {_seconds(last.seconds)} s is under "
             f"{100 * min_success_ratio:.0f}%: check DNS and the network of the download hosts"
         )
+    if snapshot.failures:
+        lines.append("failures: " + ", ".join(f"{status} {count:,}" for status, count in _by_count(snapshot.failures)))
+    lines += _control_lines(snapshot)
     if snapshot.hosts:
         lines += ["", _hosts_table(snapshot, host_rates(before, snapshot))]
     return "\n".join(lines) + "\n"
+
+
+def _by_count(failures: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(failures.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _control_lines(snapshot: Snapshot) -> list[str]:
+    state = control_json(snapshot)
+    lines = []
+    if state["paused"]:
+        lines.append(f"PAUSED: {', '.join(state['paused'])} (control.py resume)")
+    if state["drains"]:
+        lines.append(f"drains asked: {', '.join(state['drains'])}")
+    waiting = Counter(ack for ack in snapshot.acks.values() if ack != control.RUNNING)
+    if waiting:
+        lines.append("workers: " + ", ".join(f"{count} {ack}" for ack, count in sorted(waiting.items())))
+    return lines
 
 
 def _rates_line(label: str, rates: Rates) -> str:

@@ -49,8 +49,8 @@ class ThreadEngine:
         for raw in raws:
             self._todo.put(raw)
 
-    def stop(self, timeout: float) -> list[str]:
-        """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight."""
+    def drain_unstarted(self) -> list[str]:
+        """Take back every submitted task not started yet (waiting for a thread, or parked behind its host)."""
         unstarted = []
         while True:
             try:
@@ -60,6 +60,11 @@ class ThreadEngine:
             if raw is not None:
                 unstarted.append(raw)
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
+        return unstarted
+
+    def stop(self, timeout: float) -> list[str]:
+        """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight."""
+        unstarted = self.drain_unstarted()
         for _ in self._threads:
             self._todo.put(None)
         deadline = time.monotonic() + timeout

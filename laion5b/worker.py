@@ -15,6 +15,7 @@ import redis
 
 from laion5b.asyncengine import AsyncEngine
 from laion5b.config import Config
+from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
 from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context
@@ -36,6 +37,8 @@ DRAIN_POLL = 0.1
 DISK_CHECK_EVERY = 10.0
 DISK_RECHECK_MAX = 30.0
 SUMMARY_EVERY = 30.0
+CONTROL_EVERY = 1.0
+"""Seconds between two reads of the control state (pause, drain)."""
 THREADS_KNEE = 128
 """Past this many threads the threads engine gains nothing on web-like traffic (bench/RESULTS.md): use async."""
 
@@ -144,6 +147,9 @@ class Worker:
         self._last_heartbeat: float | None = None
         self._next: dict[str, float] = {}
         self._next_claim = 0.0
+        self.control = WorkerControl(client, config.keys, config.host_id, self.identity)
+        self.paused = False
+        self.draining = False
 
     # --- life cycle ---
 
@@ -156,6 +162,7 @@ class Worker:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
         returned = self._redis(self.leases.register, "register")
+        self._redis(self.control.start, "control")
         log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
         self.store.open()
@@ -173,7 +180,7 @@ class Worker:
             self._periodic(now)
             # Tasks not yet finished: in flight, or waiting in the engine. Keep 2 x its capacity of them, topping up
             # once half a capacity is missing, so downloads never wait on Redis; outcomes ride along in the same call.
-            room = 2 * capacity - (self.held_count - len(self.pending)) if self.pause_reason is None else 0
+            room = 2 * capacity - (self.held_count - len(self.pending)) if self._may_claim() else 0
             want = room >= max(1, capacity // 2) and now >= self._next_claim
             flush = bool(self.pending) and (
                 len(self.pending) >= capacity
@@ -185,6 +192,8 @@ class Worker:
                 claimed = self._exchange(room)
                 if claimed < room:  # the queue ran dry: ask again later, not at every tick
                     self._next_claim = now + CLAIM_RETRY
+            if self.draining and self.held_count == 0:
+                return
             if self.until_empty and claimed == 0 and self.held_count == 0 and self._nothing_left():
                 log.info("queue_drained worker=%s", self.identity)
                 return
@@ -198,6 +207,7 @@ class Worker:
             if self.pending:
                 self._record()
             returned = self._redis(self.leases.retire, "retire")
+            self._acknowledge_exit()
         except redis.RedisError as error:
             log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
                       error)  # fmt: skip
@@ -281,6 +291,8 @@ class Worker:
             self._check_disk()
             paused_recheck = min(DISK_RECHECK_MAX, self.config.monitor_interval)
             self._next["disk"] = now + (paused_recheck if self.pause_reason else DISK_CHECK_EVERY)
+        if self._due("control", now, CONTROL_EVERY):
+            self._follow_control()
         if self._due("summary", now, SUMMARY_EVERY):
             elapsed = max(now - self.tally.started, 1e-9)
             log.info(
@@ -296,6 +308,40 @@ class Worker:
                 self.round_trips,
                 self.heartbeat_gap_max,
             )
+
+    # --- remote control (control.py) ---
+
+    def _may_claim(self) -> bool:
+        return self.pause_reason is None and not self.paused and not self.draining
+
+    def _follow_control(self) -> None:
+        """Read the control state; on a new pause or drain, return the tasks not started yet; acknowledge."""
+        asked = self._redis(self.control.read, "control")
+        if asked.drain and not self.draining:
+            log.info("drain_asked worker=%s held=%d", self.identity, self.held_count)
+            self.draining = True
+            self._return_unstarted()
+        elif asked.paused != self.paused:
+            log.info("%s worker=%s held=%d", "pause_asked" if asked.paused else "resume_asked", self.identity,
+                     self.held_count)  # fmt: skip
+            self.paused = asked.paused
+            if self.paused:
+                self._return_unstarted()
+        if self.draining:
+            state = DRAINING
+        elif self.paused:
+            state = PAUSED if self.held_count == 0 else PAUSING
+        else:
+            state = RUNNING
+        self._redis(lambda: self.control.ack(state), "control")
+
+    def _return_unstarted(self) -> None:
+        for raw in self.engine.drain_unstarted():
+            self.done.put((RETURN, raw, ""))
+
+    def _acknowledge_exit(self) -> None:
+        """A drained worker says so; any other leaves no acknowledgement behind."""
+        self._redis(lambda: self.control.ack(DRAINED) if self.draining else self.control.forget(), "control")
 
     def _heartbeat_sent(self, now: float) -> None:
         """Keep the longest time between two heartbeats (every exchange keeps the heartbeat alive too)."""

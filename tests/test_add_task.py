@@ -55,6 +55,7 @@ def test_real_sample_is_queued_once_with_bad_rows_as_errors(redis_server, script
     assert len(tasks) + len(bad) == 10_000
     assert [record["url"] for record in bad] == ["UNLIKELY"]
     assert bad[0]["status"] == "bad_url" and bad[0]["row"] == 4674 and "not http" in bad[0]["error_msg"]
+    assert client.hgetall("laion5b_task:failures") == {"bad_url": "1"}, "counted by status"
     assert sorted(t.row for t in tasks) == [r for r in range(10_000) if r != 4674]
     assert {(t.subset, t.part) for t in tasks} == {("laion400m", "laion_sample_10000")}
     assert all(t.id == str(t.row) for t in tasks)

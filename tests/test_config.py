@@ -40,6 +40,14 @@ def test_redis_key_names_are_pinned():
     assert keys.tongji_total == "laion5b_task:total"
     assert keys.delayed == "laion5b_task:delayed"
     assert keys.disk_timestamp_field("h") == "h:ts"
+    assert keys.failures == "laion5b_task:failures"
+    assert keys.requeued_total == "laion5b_task:requeued"
+    assert keys.control == "laion5b_task:control"
+    assert keys.control_acks == "laion5b_task:control:acks"
+    assert keys.history("h", "minute") == "laion5b_task:history:minute:h"
+    assert keys.history("*", "hour") == "laion5b_task:history:hour:*"
+    assert keys.history_lock(28000000) == "laion5b_task:history_lock:28000000"
+    assert keys.history_hosts == "laion5b_task:history_hosts"
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,8 @@ def test_requeue_balances_the_books_and_never_repeats(redis_server, script_env):
     record_outcomes(client, "h2", ["dns", 429, 404, None], start=100)
     assert run_saver(script_env, "--until-empty").returncode == 0
     assert books(client) == (11, 11) and int(client.get(KEYS.tongji_error)) == 8
+    counted = {"timeout": "1", "503": "1", "404": "3", "not_image": "1", "dns": "1", "429": "1"}
+    assert client.hgetall(KEYS.failures) == counted, "the outcome script counts failures by status"
     result = run_saver(script_env, "--requeue")
     assert result.returncode == 0, result.stderr
     assert "requeued=4 " in result.stderr
@@ -215,10 +217,12 @@ def test_requeue_balances_the_books_and_never_repeats(redis_server, script_env):
     assert all(task.attempts == 0 for task in requeued)
     assert int(client.get(KEYS.tongji_error)) == 4 and books(client) == (11, 11)
     assert client.hget(KEYS.host_counters, "h1:error") == "3" and client.hget(KEYS.host_counters, "h2:error") == "1"
+    assert client.hgetall(KEYS.failures) == {"404": "3", "not_image": "1"} and client.get(KEYS.requeued_total) == "4"
     assert run_saver(script_env, "--requeue").returncode == 0
     assert client.llen(KEYS.task) == 4, "a second run requeues nothing"
     assert run_saver(script_env, "--requeue", "--status", "404").returncode == 0
     assert client.llen(KEYS.task) == 7 and int(client.get(KEYS.tongji_error)) == 1 and books(client) == (11, 11)
+    assert client.hgetall(KEYS.failures) == {"not_image": "1"} and client.get(KEYS.requeued_total) == "7"
     assert run_saver(script_env, "--requeue", "--status", "404", "--status", "timeout").returncode == 0
     assert run_saver(script_env, "--requeue").returncode == 0
     assert client.llen(KEYS.task) == 7
