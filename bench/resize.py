@@ -183,13 +183,13 @@ def end_to_end(args: argparse.Namespace) -> int:
                     else:
                         setup.client_env["suite"] = {**suite_env, "LAION_ENGINE": name}
                         result = measure(setup, "suite", name, run, store)
-                        result.client = f"suite-{name}"
                         gaps[name, run] = heartbeat_gap(setup.logs / f"{name}-{run}-suite")
                         result.note += check_sizes(store, args.size)
                 finally:
                     shutil.rmtree(store, ignore_errors=True)
                 results.append(result)
-                print(f"{row(result)} {gaps.get((name, run), float('nan')):.2f} |", flush=True)
+                shown = row(result).replace("| suite |", f"| {label(result)} |", 1)
+                print(f"{shown} {gaps.get((name, run), float('nan')):.2f} |", flush=True)
         print(summary(results, gaps))
     finally:
         server.stop()
@@ -224,7 +224,7 @@ def summary(results: list[Result], gaps: dict[tuple[str, int], float]) -> str:
     lines = ["", "| contender | images/s | CPU ms/image (client) | CPU ms/image (all suite processes) |",
              "|---|---|---|---|"]  # fmt: skip
     for client in ("suite-threads", "suite-async", "img2dataset"):
-        group = [result for result in results if result.client == client]
+        group = [result for result in results if label(result) == client]
         role = "img2dataset" if client == "img2dataset" else "workers"
         rate = statistics.median(result.images_per_s for result in group)
         cpu = statistics.median(result.cpu_ms_per_image(role) for result in group)
@@ -235,7 +235,7 @@ def summary(results: list[Result], gaps: dict[tuple[str, int], float]) -> str:
     for engine in ENGINES:
         speed, cpu, cpu_all = [], [], []
         for run in sorted(runs):
-            by_client = {result.client: result for result in results if result.run == run}
+            by_client = {label(result): result for result in results if result.run == run}
             suite, other = by_client[f"suite-{engine}"], by_client["img2dataset"]
             speed.append(suite.images_per_s / other.images_per_s)
             cpu.append(suite.cpu_ms_per_image("workers") / other.cpu_ms_per_image("img2dataset"))
@@ -248,6 +248,11 @@ def summary(results: list[Result], gaps: dict[tuple[str, int], float]) -> str:
             f"{worst_gap:.2f} s"
         )
     return "\n".join(lines)
+
+
+def label(result: Result) -> str:
+    """suite-<engine> (measured as client "suite" of mode <engine>) or img2dataset."""
+    return f"suite-{result.mode}" if result.client == "suite" else result.client
 
 
 def suite_cpu_ms(result: Result) -> float:
