@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from urllib.parse import urlsplit
 
@@ -35,7 +36,8 @@ class Pipeline:
     """The stages of a task before and after its fetch: ``begin`` (decode, already stored?) and ``finish`` (process,
     store, or classify the failure). Thread-safe: engines call it from many threads or from their event loop.
 
-    ``processing`` is skipped entirely when it asks for nothing (``resize_mode`` "no" and no filter set).
+    ``processing`` is skipped entirely when it asks for nothing (``resize_mode`` "no" and no filter set); otherwise
+    at most one image per core is processed at once: more would not go faster, and each holds an image's pixels.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class Pipeline:
         self.retry_backoff = retry_backoff
         self.max_retry_after = max_retry_after
         self.processing = processing if processing is not None and processing.active else None
+        self._processing_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         self.disk_full = threading.Event()
 
     @property
@@ -84,7 +87,8 @@ class Pipeline:
             return self.failure(task, raw, HASH_MISMATCH, mismatch)
         if self.processing is None:
             return self._save(task, raw, Processed(fetched.data, fetched.extension, None))
-        image = process(fetched.data, fetched.extension, self.processing)
+        with self._processing_slots:
+            image = process(fetched.data, fetched.extension, self.processing)
         if image.status is not None:
             return self.failure(task, raw, image.status, image.error_msg)
         return self._save(task, raw, image)
