@@ -12,8 +12,9 @@ e2e: a redis-server and a multi-process image server (bench/imgserve.py, serving
 loopback, N URLs cycling over the photos, then per run, in an order that rotates between runs: the suite (add_task.py
 + W x downloader.py --until-empty, engine threads with T threads, then engine async with concurrency T) and
 img2dataset (W processes x T threads, bench/work/venv of bench/speed.py), both with --resize_mode/--image_size and
-their jpg quality 95. Prints images/s, CPU ms per image, peak RSS and the workers' heartbeat_gap_max, then medians
-and the ratios to img2dataset taken within each run. Every stored image of the suite is checked to be size x size.
+their jpg quality 95. Prints images/s, CPU ms per image, peak RSS, the machine's load average at the end (note) and
+the workers' heartbeat_gap_max, then medians and the ratios to img2dataset taken within each run. Every stored
+image of the suite is checked to be size x size.
 
 bombs: in a fresh process, the time and peak-RSS growth of refusing a 1 MB PNG and a 1 MB JPEG that claim 50,000 x
 50,000 pixels (center_crop 256), with a control that decodes a 3,000 x 3,000 PNG (it must show, or RSS is blind).
@@ -187,6 +188,7 @@ def end_to_end(args: argparse.Namespace) -> int:
                         result.note += check_sizes(store, args.size)
                 finally:
                     shutil.rmtree(store, ignore_errors=True)
+                result.note += f"load {os.getloadavg()[0]:.1f}"
                 results.append(result)
                 shown = row(result).replace("| suite |", f"| {label(result)} |", 1)
                 print(f"{shown} {gaps.get((name, run), float('nan')):.2f} |", flush=True)
