@@ -1,7 +1,7 @@
 """Resizing bench: the suite's workers against img2dataset, end to end, on generated photos served from loopback.
 
     python3 bench/resize.py e2e [--n 2000] [--photos 500] [--runs 3] [--workers 2] [--threads 32] [--mode center_crop]
-                                [--size 256]
+                                [--size 256] [--contenders threads,async,img2dataset]
     python3 bench/resize.py bombs
     python3 bench/resize.py stage [--n 400] [--threads 1,2] [--img2dataset]
 
@@ -173,9 +173,10 @@ def end_to_end(args: argparse.Namespace) -> int:
         setup.resize_args = ["--resize_mode", args.mode, "--image_size", str(args.size)]
         suite_env = {"LAION_RESIZE_MODE": args.mode, "LAION_IMAGE_SIZE": str(args.size),
                      "LAION_CONCURRENCY": str(args.threads)}  # fmt: skip
-        contenders = [*ENGINES, "img2dataset"]
+        contenders = args.contenders.split(",")
         for run in range(args.runs):
-            for name in contenders[run % 3 :] + contenders[: run % 3]:
+            shift = run % len(contenders)
+            for name in contenders[shift:] + contenders[:shift]:
                 store = root / f"{name}-{run}"
                 shutil.rmtree(store, ignore_errors=True)
                 try:
@@ -225,7 +226,8 @@ def summary(results: list[Result], gaps: dict[tuple[str, int], float]) -> str:
     """Medians over the runs, and each engine's ratios to img2dataset taken within each run."""
     lines = ["", "| contender | images/s | CPU ms/image (client) | CPU ms/image (all suite processes) |",
              "|---|---|---|---|"]  # fmt: skip
-    for client in ("suite-threads", "suite-async", "img2dataset"):
+    present = {label(result) for result in results}
+    for client in (name for name in ("suite-threads", "suite-async", "img2dataset") if name in present):
         group = [result for result in results if label(result) == client]
         role = "img2dataset" if client == "img2dataset" else "workers"
         rate = statistics.median(result.images_per_s for result in group)
@@ -234,7 +236,7 @@ def summary(results: list[Result], gaps: dict[tuple[str, int], float]) -> str:
         lines.append(f"| {client} | {rate:.1f} | {cpu:.2f} | {everything:.2f} |")
     lines.append("")
     runs = {result.run for result in results}
-    for engine in ENGINES:
+    for engine in (name for name in ENGINES if "img2dataset" in present and f"suite-{name}" in present):
         speed, cpu, cpu_all = [], [], []
         for run in sorted(runs):
             by_client = {label(result): result for result in results if result.run == run}
@@ -365,6 +367,7 @@ def main() -> int:
     e2e.add_argument("--threads", type=int, default=32, help="threads (or async concurrency) per process")
     e2e.add_argument("--server-procs", type=int, default=2, help="image server processes (default 2)")
     e2e.add_argument("--max-bytes", type=int, default=32 * 2**20, help="the suite's body cap (default 32 MiB)")
+    e2e.add_argument("--contenders", default="threads,async,img2dataset", help="comma-separated subset, in this order")
     commands.add_parser("bombs", help="cost of refusing 1 MB bombs claiming 50,000 x 50,000 pixels")
     alone = commands.add_parser("stage", help="process() against img2dataset's Resizer, nothing downloaded")
     alone.add_argument("--n", type=int, default=400, help="photos in the corpus (default 400)")
