@@ -91,7 +91,7 @@ def image_bytes(name: str, ext: str = "jpg", size: int = 20000) -> bytes:
     return _EMBEDDERS[ext](base, label, size - len(base))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def photo_bytes(width: int, height: int, ext: str = "jpg", orientation: int = 1) -> bytes:
     """A picture of ``width`` x ``height`` pixels as stored (a gradient and a few shapes), in format ``ext``; with
     an EXIF orientation tag when ``orientation`` is not 1 (jpg only)."""
