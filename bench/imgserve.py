@@ -9,6 +9,8 @@ Routes (a subset of tools/image_server.py's, plus a bounded ``/endless``):
   /status/<code>              that status with a short body
   /slow/<seconds>/<name>.jpg?size=N   waits, then serves the image
   /notimage/<name>            200 image/jpeg whose 4096 bytes are no image
+  /file/<name>                200, the bytes of the file <name> of the folder given with ``--files`` (read at each
+                              request: the page cache keeps them), Content-Type from its suffix
   /endless/<name>?bytes=N     200 image/jpeg with no Content-Length: a JPEG header then zeros, closed after N bytes
                               (a client without a byte cap reads all N; the cap keeps img2dataset from reading forever)
 SIGTERM to the parent stops every process.
@@ -32,6 +34,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # for tools/; benc
 from tools.image_server import image_bytes
 
 _JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+_CONTENT_TYPES = {".jpg": b"image/jpeg", ".png": b"image/png", ".webp": b"image/webp"}
 _REASONS = {200: b"OK", 404: b"Not Found", 500: b"Internal Server Error", 403: b"Forbidden"}
 
 
@@ -47,6 +50,8 @@ def _response(status: int, body: bytes, content_type: bytes = b"image/jpeg") -> 
 
 
 class _Http(asyncio.Protocol):
+    files: Path | None = None  # the folder that /file/ serves
+
     def __init__(self) -> None:
         self.buffer = b""
         self.busy = False
@@ -74,7 +79,7 @@ class _Http(asyncio.Protocol):
             try:
                 target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
                 self._route(target)
-            except (IndexError, ValueError, KeyError):
+            except (IndexError, ValueError, KeyError, FileNotFoundError):
                 self.transport.write(_response(400, b"bad request\n", b"text/plain"))
 
     def _route(self, target: str) -> None:
@@ -92,6 +97,9 @@ class _Http(asyncio.Protocol):
             self.busy = True
             body = _response(200, _image(image, query))
             asyncio.get_running_loop().call_later(float(seconds), self._late, body)
+        elif route == "file" and self.files is not None and "/" not in rest:
+            path = self.files / rest
+            transport.write(_response(200, path.read_bytes(), _CONTENT_TYPES.get(path.suffix, b"image/jpeg")))
         elif route == "notimage":
             transport.write(_response(200, b"NOTIMAGE" + random.Random(rest).randbytes(4088)))
         elif route == "endless":
@@ -137,7 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--files", type=Path, help="folder served under /file/")
     args = parser.parse_args()
+    _Http.files = args.files
     children = []
     for _ in range(args.procs):
         pid = os.fork()

@@ -1,14 +1,25 @@
-"""Processing-stage bench: laion5b.imaging.process against img2dataset's Resizer on the same generated photos.
+"""Resizing bench: the suite's workers against img2dataset, end to end, on generated photos served from loopback.
 
-    python3 bench/resize.py [--n 400] [--mode center_crop] [--size 256] [--threads 1,2] [--img2dataset]
+    python3 bench/resize.py e2e [--n 2000] [--photos 500] [--runs 3] [--workers 2] [--threads 32] [--mode center_crop]
+                                [--size 256] [--contenders threads,async,img2dataset]
+    python3 bench/resize.py bombs
+    python3 bench/resize.py stage [--n 400] [--threads 1,2] [--img2dataset]
 
-Generates N photos of 500-2,000 pixels a side (80 % JPEG of quality 75-95, 10 % PNG, 10 % WebP; gradients, shapes
-and grain, so that they cost what photos cost to decode) into bench/work/resize-corpus-N/ once, then for each thread
-count processes every photo with this suite's ``process`` and, with ``--img2dataset``, with img2dataset's
-``Resizer`` (same mode, size, jpg quality 95) in the bench venv of bench/speed.py, and prints images/s and CPU ms
-per image of each. Nothing is downloaded: this measures the stage alone. The issue's end-to-end target (photos
-served from loopback through the workers, against img2dataset with the same settings) is bench/speed.py's job once
-the worker calls ``process``.
+Photos: 500-2,000 pixels a side (80 % JPEG of quality 75-95, 10 % PNG, 10 % WebP; gradients, shapes and grain, so
+that they cost what photos cost to decode), generated once into bench/work/resize-corpus-N/.
+
+e2e: a redis-server and a multi-process image server (bench/imgserve.py, serving the photos under /file/) on
+loopback, N URLs cycling over the photos, then per run, in an order that rotates between runs: the suite (add_task.py
++ W x downloader.py --until-empty, engine threads with T threads, then engine async with concurrency T) and
+img2dataset (W processes x T threads, bench/work/venv of bench/speed.py), both with --resize_mode/--image_size and
+their jpg quality 95. Prints images/s, CPU ms per image, peak RSS, the machine's load average at the end (note) and
+the workers' heartbeat_gap_max, then medians and the ratios to img2dataset taken within each run. Every stored
+image of the suite is checked to be size x size.
+
+bombs: in a fresh process, the time and peak-RSS growth of refusing a 1 MB PNG and a 1 MB JPEG that claim 50,000 x
+50,000 pixels (center_crop 256), with a control that decodes a 3,000 x 3,000 PNG (it must show, or RSS is blind).
+
+stage: ``process`` alone against img2dataset's ``Resizer`` on the same files, in threads; nothing downloaded.
 """
 
 from __future__ import annotations
@@ -16,10 +27,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
+import re
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +49,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from laion5b.imageformat import image_extension  # noqa: E402
 from laion5b.imaging import ProcessPolicy, process  # noqa: E402
-from speed import WORK, ensure_venv  # noqa: E402
+from speed import (  # noqa: E402
+    HEADER,
+    WORK,
+    ImageService,
+    RedisService,
+    Result,
+    Setup,
+    ensure_venv,
+    machine,
+    measure,
+    row,
+    write_url_inputs,
+)
+
+ENGINES = ("threads", "async")
+CLAIMED = 50_000  # side claimed by the decompression bombs
 
 IMG2DATASET_SCRIPT = """
 import io, json, sys, time
@@ -110,14 +142,205 @@ def line(name: str, threads: int, n: int, figures: dict[str, float]) -> str:
     return f"{name:<12} threads={threads:<2} ok={ok:>5}/{n}  {rate:8.1f} images/s  {cpu_ms:6.2f} CPU ms/image"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=400, help="photos in the corpus (default 400)")
-    parser.add_argument("--mode", default="center_crop", help="resize_mode (default center_crop)")
-    parser.add_argument("--size", type=int, default=256, help="image_size (default 256)")
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--img2dataset", action="store_true", help="also run img2dataset's Resizer (bench venv)")
-    args = parser.parse_args()
+# --- end to end -----------------------------------------------------------------------------------------------
+
+
+def end_to_end(args: argparse.Namespace) -> int:
+    python, note = ensure_venv()
+    if note or python is None:
+        print(f"img2dataset unavailable: {note}")
+        return 1
+    folder = corpus(args.photos)
+    names = sorted(path.name for path in folder.iterdir())
+    temp = Path(tempfile.mkdtemp(prefix="resize-", dir=WORK))
+    (temp / "redis").mkdir()
+    redis_service = RedisService(temp / "redis")
+    server = ImageService(args.server_procs, folder)
+    root = Path("/dev/shm") / f"laion5b-resize-{os.getpid()}"
+    print(f"command: `python3 bench/resize.py {' '.join(sys.argv[1:])}`\n\nmachine: {machine()}\n")
+    print(
+        f"N={args.n} URLs over {len(names)} photos, {args.workers} processes x {args.threads} threads or coroutines "
+        f"each, resize_mode={args.mode} image_size={args.size}, jpg quality 95, stores on tmpfs\n"
+    )
+    print(HEADER.replace("| note |\n", "| note | heartbeat_gap_max s |\n") + "---|")
+    results: list[Result] = []
+    gaps: dict[tuple[str, int], float] = {}
+    try:
+        urls = [f"http://127.0.0.1:{server.port}/file/{names[i % len(names)]}" for i in range(args.n)]
+        parquet_dir, parquet, tsv = write_url_inputs(temp, urls)
+        setup = Setup(args.n, args.workers, args.threads, args.max_bytes, False, parquet_dir, parquet, tsv,
+                      redis_service, server, python, temp / "logs")  # fmt: skip
+        setup.resize_args = ["--resize_mode", args.mode, "--image_size", str(args.size)]
+        suite_env = {"LAION_RESIZE_MODE": args.mode, "LAION_IMAGE_SIZE": str(args.size),
+                     "LAION_CONCURRENCY": str(args.threads)}  # fmt: skip
+        contenders = args.contenders.split(",")
+        for run in range(args.runs):
+            shift = run % len(contenders)
+            for name in contenders[shift:] + contenders[:shift]:
+                store = root / f"{name}-{run}"
+                shutil.rmtree(store, ignore_errors=True)
+                try:
+                    if name == "img2dataset":
+                        result = measure(setup, name, "e2e", run, store)
+                    else:
+                        setup.client_env["suite"] = {**suite_env, "LAION_ENGINE": name}
+                        result = measure(setup, "suite", name, run, store)
+                        gaps[name, run] = heartbeat_gap(setup.logs / f"{name}-{run}-suite")
+                        result.note += check_sizes(store, args.size)
+                finally:
+                    shutil.rmtree(store, ignore_errors=True)
+                result.note += f"load {os.getloadavg()[0]:.1f}"
+                results.append(result)
+                shown = row(result).replace("| suite |", f"| {label(result)} |", 1)
+                print(f"{shown} {gaps.get((name, run), float('nan')):.2f} |", flush=True)
+        print(summary(results, gaps))
+    finally:
+        server.stop()
+        redis_service.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
+    return 0
+
+
+def heartbeat_gap(logs: Path) -> float:
+    """The longest time between two heartbeats of any worker, from their worker_exit lines."""
+    found = [
+        float(value)
+        for path in logs.glob("worker-*.log")
+        for value in re.findall(r"worker_exit .* heartbeat_gap_max=([\d.]+)", path.read_text(errors="replace"))
+    ]
+    return max(found, default=float("nan"))
+
+
+def check_sizes(store: Path, size: int) -> str:
+    """A note naming the stored images that are not ``size`` x ``size`` JPEGs ('' when all are)."""
+    wrong = 0
+    for path in store.rglob("*"):
+        if path.is_file() and ".tmp" not in path.parts:
+            with Image.open(path) as image:
+                wrong += (image.format, image.size) != ("JPEG", (size, size))
+    return f"{wrong} stored images of the wrong size; " if wrong else ""
+
+
+def summary(results: list[Result], gaps: dict[tuple[str, int], float]) -> str:
+    """Medians over the runs, and each engine's ratios to img2dataset taken within each run."""
+    lines = ["", "| contender | images/s | CPU ms/image (client) | CPU ms/image (all suite processes) |",
+             "|---|---|---|---|"]  # fmt: skip
+    present = {label(result) for result in results}
+    for client in (name for name in ("suite-threads", "suite-async", "img2dataset") if name in present):
+        group = [result for result in results if label(result) == client]
+        role = "img2dataset" if client == "img2dataset" else "workers"
+        rate = statistics.median(result.images_per_s for result in group)
+        cpu = statistics.median(result.cpu_ms_per_image(role) for result in group)
+        everything = statistics.median(suite_cpu_ms(result) for result in group) if role == "workers" else cpu
+        lines.append(f"| {client} | {rate:.1f} | {cpu:.2f} | {everything:.2f} |")
+    lines.append("")
+    runs = {result.run for result in results}
+    for engine in (name for name in ENGINES if "img2dataset" in present and f"suite-{name}" in present):
+        speed, cpu, cpu_all = [], [], []
+        for run in sorted(runs):
+            by_client = {label(result): result for result in results if result.run == run}
+            suite, other = by_client[f"suite-{engine}"], by_client["img2dataset"]
+            speed.append(suite.images_per_s / other.images_per_s)
+            cpu.append(suite.cpu_ms_per_image("workers") / other.cpu_ms_per_image("img2dataset"))
+            cpu_all.append(suite_cpu_ms(suite) / other.cpu_ms_per_image("img2dataset"))
+        worst_gap = max(gap for (name, _), gap in gaps.items() if name == engine)
+        lines.append(
+            f"- {engine}: images/s ÷ img2dataset median **{statistics.median(speed):.2f}** ({_list(speed)}); "
+            f"worker CPU/image ÷ img2dataset median **{statistics.median(cpu):.2f}** ({_list(cpu)}); with producer "
+            f"and Redis **{statistics.median(cpu_all):.2f}** ({_list(cpu_all)}); heartbeat_gap_max up to "
+            f"{worst_gap:.2f} s"
+        )
+    return "\n".join(lines)
+
+
+def label(result: Result) -> str:
+    """suite-<engine> (measured as client "suite" of mode <engine>) or img2dataset."""
+    return f"suite-{result.mode}" if result.client == "suite" else result.client
+
+
+def suite_cpu_ms(result: Result) -> float:
+    return sum(result.cpu_ms_per_image(role) for role in ("workers", "producer", "redis"))
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{value:.2f}" for value in values)
+
+
+# --- decompression bombs --------------------------------------------------------------------------------------
+
+BOMB_SCRIPT = """
+import json, statistics, sys, time
+from laion5b.imaging import ProcessPolicy, process
+def peak():  # VmHWM: this process's own high-water mark
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+policy = ProcessPolicy(resize_mode="center_crop", image_size=256)
+bombs = [(open(path, "rb").read(), ext) for path, ext in json.loads(sys.argv[1])]
+control = open(sys.argv[2], "rb").read()
+process(bombs[1][0][:3000], "jpg", policy)  # load the decoders
+figures = []
+for data, ext in bombs:
+    before = peak()
+    seconds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        status = process(data, ext, policy).status
+        seconds.append(time.perf_counter() - started)
+    figures.append([ext, len(data), status, 1000 * statistics.median(seconds), 1000 * max(seconds), peak() - before])
+before = peak()
+started = time.perf_counter()
+status = process(control, "png", policy).status
+figures.append(["control png", len(control), status, 1000 * (time.perf_counter() - started), 0, peak() - before])
+print(json.dumps(figures))
+"""
+
+
+def png_bomb() -> bytes:
+    """A 1 MB PNG whose header claims CLAIMED x CLAIMED pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = CLAIMED.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    pixels = zlib.compress(os.urandom(1_000_000), 1)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def jpeg_bomb() -> bytes:
+    """A 1 MB JPEG (real noise of 1,000 x 1,000 pixels) whose frame header claims CLAIMED x CLAIMED."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (1000, 1000), os.urandom(3_000_000)).save(buffer, "JPEG", quality=95)
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = CLAIMED.to_bytes(2, "big") * 2
+    return bytes(data)
+
+
+def bombs() -> int:
+    folder = Path(tempfile.mkdtemp(prefix="bombs-", dir=WORK))
+    try:
+        files = []
+        for ext, make in (("png", png_bomb), ("jpg", jpeg_bomb)):
+            path = folder / f"bomb.{ext}"
+            path.write_bytes(make())
+            files.append((str(path), ext))
+        control = folder / "control.png"
+        Image.new("RGB", (3000, 3000), (20, 40, 60)).save(control, "PNG", compress_level=1)
+        command = [sys.executable, "-c", BOMB_SCRIPT, json.dumps(files), str(control)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print("| image | bytes | status | median ms | max ms (of 5) | peak RSS growth MB |\n|---|---|---|---|---|---|")
+    for name, size, status, median_ms, max_ms, growth in json.loads(output.stdout):
+        print(f"| {name} | {size:,} | {status} | {median_ms:.3f} | {max_ms:.3f} | {growth / 2**20:.1f} |")
+    return 0
+
+
+# --- the stage alone ------------------------------------------------------------------------------------------
+
+
+def stage(args: argparse.Namespace) -> int:
     policy = ProcessPolicy(resize_mode=args.mode, image_size=args.size)
     folder = corpus(args.n)
     python = None
@@ -131,6 +354,35 @@ def main() -> int:
         if python is not None:
             print(line("img2dataset", threads, args.n, run_img2dataset(python, folder, policy, threads)), flush=True)
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    e2e = commands.add_parser("e2e", help="the workers against img2dataset, photos served from loopback")
+    e2e.add_argument("--n", type=int, default=2000, help="URLs per run (default 2000)")
+    e2e.add_argument("--photos", type=int, default=500, help="distinct photos the URLs cycle over (default 500)")
+    e2e.add_argument("--runs", type=int, default=3, help="runs; medians and per-run ratios (default 3)")
+    e2e.add_argument("--workers", type=int, default=2, help="processes per contender (default 2)")
+    e2e.add_argument("--threads", type=int, default=32, help="threads (or async concurrency) per process")
+    e2e.add_argument("--server-procs", type=int, default=2, help="image server processes (default 2)")
+    e2e.add_argument("--max-bytes", type=int, default=32 * 2**20, help="the suite's body cap (default 32 MiB)")
+    e2e.add_argument("--contenders", default="threads,async,img2dataset", help="comma-separated subset, in this order")
+    commands.add_parser("bombs", help="cost of refusing 1 MB bombs claiming 50,000 x 50,000 pixels")
+    alone = commands.add_parser("stage", help="process() against img2dataset's Resizer, nothing downloaded")
+    alone.add_argument("--n", type=int, default=400, help="photos in the corpus (default 400)")
+    alone.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    alone.add_argument("--img2dataset", action="store_true", help="also run img2dataset's Resizer (bench venv)")
+    for command in (e2e, alone):
+        command.add_argument("--mode", default="center_crop", help="resize_mode (default center_crop)")
+        command.add_argument("--size", type=int, default=256, help="image_size (default 256)")
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.command == "e2e":
+        return end_to_end(args)
+    if args.command == "bombs":
+        return bombs()
+    return stage(args)
 
 
 if __name__ == "__main__":

@@ -117,11 +117,10 @@ class ServerProcess:
 
 
 class ImageService(ServerProcess):
-    def __init__(self, procs: int) -> None:
+    def __init__(self, procs: int, files: Path | None = None) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, str(BENCH / "imgserve.py"), "--port", str(self.port), "--procs", str(procs)]
-        )
+        command = [sys.executable, str(BENCH / "imgserve.py"), "--port", str(self.port), "--procs", str(procs)]
+        self.process = subprocess.Popen([*command, "--files", str(files)] if files is not None else command)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -342,6 +341,8 @@ class Setup:
     profile: bool = False
     client_env: dict[str, dict[str, str]] = field(default_factory=dict)  # client -> extra environment variables
     bare_args: list[str] = field(default_factory=list)  # extra arguments of bench/bare.py
+    resize_args: list[str] = field(default_factory=lambda: ["--resize_mode", "no", "--skip_reencode", "True"])
+    """img2dataset's processing arguments (default: the bytes as downloaded)."""
 
 
 def measure(setup: Setup, client: str, mode: str, run: int, store: Path) -> Result:
@@ -436,7 +437,7 @@ def run_img2dataset(setup: Setup, store: Path, log: Path, sampler: RssSampler) -
     command = [
         str(setup.venv_python.parent / "img2dataset"),
         "--url_list", str(setup.parquet), "--input_format", "parquet", "--url_col", "URL", "--caption_col", "TEXT",
-        "--output_format", "files", "--output_folder", str(store), "--resize_mode", "no", "--skip_reencode", "True",
+        "--output_format", "files", "--output_folder", str(store), *setup.resize_args,
         "--processes_count", str(setup.workers), "--thread_count", str(setup.threads),
         "--number_sample_per_shard", str(max(1000, -(-setup.n // (4 * setup.workers)))),
         "--timeout", "10", "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing",

@@ -1,16 +1,19 @@
 """The async engine: one asyncio event loop, on a thread of its own, with ``concurrency`` downloads in flight.
 
 The worker's main thread keeps talking to Redis while the loop downloads: only two threads share the interpreter,
-so heartbeats stay on time at any concurrency.
+so heartbeats stay on time at any concurrency. When finishing a task may block (an fsync, or decoding and resizing
+pixels), a pool of about one thread per core does it, off the loop; Pillow releases the interpreter while it works.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import ssl
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
@@ -21,6 +24,16 @@ from laion5b.tasks import Task
 
 Parked = tuple[str, Task]
 START_TIMEOUT = 30.0
+
+
+def finish_pool(pipeline: Pipeline) -> ThreadPoolExecutor | None:
+    """Threads that finish tasks off the loop when that may block: one per core for pixels, a few more for fsyncs
+    alone (as asyncio's default executor); None when finishing never blocks."""
+    if not pipeline.blocks:
+        return None
+    cores = os.cpu_count() or 1
+    size = cores if pipeline.processing is not None else min(32, cores + 4)
+    return ThreadPoolExecutor(size, thread_name_prefix="async-finish")
 
 
 class AsyncEngine:
@@ -51,6 +64,7 @@ class AsyncEngine:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._fetcher: AsyncFetcher | None = None
+        self._finishers = finish_pool(pipeline)
 
     def start(self) -> None:
         self._thread.start()
@@ -69,6 +83,8 @@ class AsyncEngine:
         unstarted = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+        if self._finishers is not None:
+            self._finishers.shutdown(wait=False, cancel_futures=True)
         return unstarted
 
     async def _open(self) -> None:
@@ -108,8 +124,8 @@ class AsyncEngine:
         fetched: Fetched | None = None
         try:
             fetched = await self._fetcher.fetch(task.url)
-            if self.pipeline.blocks:
-                return await self._loop.run_in_executor(None, self.pipeline.finish, task, raw, fetched)
+            if self._finishers is not None:
+                return await self._loop.run_in_executor(self._finishers, self.pipeline.finish, task, raw, fetched)
             return self.pipeline.finish(task, raw, fetched)
         except Exception as error:
             return self.pipeline.crashed(task, raw, error)

@@ -106,6 +106,16 @@ class ProcessPolicy:
             raise ValueError(f"max_aspect_ratio must be 0 (off) or at least 1, got {self.max_aspect_ratio}")
 
     @property
+    def active(self) -> bool:
+        """Whether images go through ``process`` at all: a resize, or a filter set explicitly."""
+        return self.resize_mode != "no" or self.filtered
+
+    @property
+    def filtered(self) -> bool:
+        """Whether a filter is set explicitly."""
+        return bool(self.min_image_size or self.max_aspect_ratio or self.max_image_area)
+
+    @property
     def decode_area_limit(self) -> int:
         """Most pixels an image may have when it is decoded."""
         return self.max_image_area or PILLOW_MAX_PIXELS
@@ -177,12 +187,11 @@ def process(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
 
 def _as_downloaded(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
     """The bytes as downloaded; only the filters set explicitly apply, to the size the header gives."""
-    filtered = bool(policy.min_image_size or policy.max_aspect_ratio or policy.max_image_area)
     try:
         image = _open(data, extension)
         size = _upright_size(image.size, _orientation(image))
     except (*_DECODE_ERRORS, *_BOMBS):
-        if filtered:
+        if policy.filtered:
             raise
         size = None
     if size is not None:

@@ -1,14 +1,16 @@
 """What happens to one task around its download, whatever the engine: decode it, skip it when an earlier try stored
-it, store what was fetched, and turn every failure into its outcome."""
+it, process (filter, resize) and store what was fetched, and turn every failure into its outcome."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from urllib.parse import urlsplit
 
 from laion5b.fetchpolicy import Fetched
+from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
 from laion5b.retry import retry_delay
 from laion5b.store import Store
@@ -31,23 +33,36 @@ def host_key(url: str) -> str:
 
 
 class Pipeline:
-    """The stages of a task before and after its fetch: ``begin`` (decode, already stored?) and ``finish`` (store,
-    or classify the failure). Thread-safe: engines call it from many threads or from their event loop."""
+    """The stages of a task before and after its fetch: ``begin`` (decode, already stored?) and ``finish`` (process,
+    store, or classify the failure). Thread-safe: engines call it from many threads or from their event loop.
+
+    ``processing`` is skipped entirely when it asks for nothing (``resize_mode`` "no" and no filter set); otherwise
+    at most one image per core is processed at once: more would not go faster, and each holds an image's pixels.
+    """
 
     def __init__(
-        self, store: Store, identity: str, max_attempts: int, retry_backoff: float, max_retry_after: float
+        self,
+        store: Store,
+        identity: str,
+        max_attempts: int,
+        retry_backoff: float,
+        max_retry_after: float,
+        processing: ProcessPolicy | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
         self.max_attempts = max_attempts
         self.retry_backoff = retry_backoff
         self.max_retry_after = max_retry_after
+        self.processing = processing if processing is not None and processing.active else None
+        self._processing_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         self.disk_full = threading.Event()
 
     @property
     def blocks(self) -> bool:
-        """Whether ``finish`` may block for long (an fsync per image): the async engine then runs it off its loop."""
-        return self.store.fsync
+        """Whether ``finish`` may block for long (an fsync, or decoding and resizing pixels): the async engine then
+        runs it off its loop."""
+        return self.store.fsync or self.processing is not None
 
     def begin(self, raw: str) -> Task | Outcome:
         """The task to download, or the outcome when there is nothing to download (not a task, already stored)."""
@@ -64,17 +79,29 @@ class Pipeline:
         return task
 
     def finish(self, task: Task, raw: str, fetched: Fetched) -> Outcome:
-        """Store a fetched image, or record why there is none."""
+        """Process (when asked) and store a fetched image, or record why there is none."""
         if fetched.status is not None or fetched.data is None or fetched.extension is None:
             return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg, fetched.retry_after)
         mismatch = hash_mismatch(task, fetched.data)
         if mismatch is not None:
             return self.failure(task, raw, HASH_MISMATCH, mismatch)
+        if self.processing is None:
+            return self._save(task, raw, Processed(fetched.data, fetched.extension, None))
+        with self._processing_slots:
+            image = process(fetched.data, fetched.extension, self.processing)
+        if image.status is not None:
+            return self.failure(task, raw, image.status, image.error_msg)
+        return self._save(task, raw, image)
+
+    def _save(self, task: Task, raw: str, image: Processed) -> Outcome:
+        """Store an image's bytes. When it was processed, ``image`` also holds its stored and original sizes and
+        hashes (for the metadata written beside it)."""
+        assert image.data is not None and image.extension is not None
         try:
-            self.store.save(task, fetched.data, fetched.extension)
+            self.store.save(task, image.data, image.extension)
         except OSError as error:
             return self._store_error(task, raw, error)
-        return STORED, raw, len(fetched.data)
+        return STORED, raw, len(image.data)
 
     def crashed(self, task: Task, raw: str, error: Exception) -> Outcome:
         """The outcome of a task whose handling raised a bug's exception."""

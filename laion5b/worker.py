@@ -20,6 +20,7 @@ from laion5b.disk import DiskGuard
 from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context
 from laion5b.guard import Resolver, system_resolver
+from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline
@@ -132,7 +133,12 @@ class Worker:
             config.monitor_interval,
         )
         self.pipeline = Pipeline(
-            self.store, self.identity, config.max_attempts, config.retry_backoff, config.max_retry_after
+            self.store,
+            self.identity,
+            config.max_attempts,
+            config.retry_backoff,
+            config.max_retry_after,
+            process_policy(config),
         )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver)

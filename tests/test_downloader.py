@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from laion5b.disk import publish_used
 from laion5b.keys import Keys
@@ -175,6 +176,38 @@ def test_stored_bytes_are_what_the_server_sent(redis_server, env, image_server):
     for i, task in enumerate(tasks):
         stored = Path(env["LAION_STORE_DIR"]) / "s" / "p" / "00000" / f"{task.id}.jpg"
         assert stored.read_bytes() == image_bytes(f"n{i}", "jpg")
+
+
+def test_images_are_resized_and_filtered_with_the_books_exact(redis_server, env, image_server):
+    cases = {  # path: the stored size, or the status of its refusal
+        "/photo/200x100.jpg": (64, 64),
+        "/photo/100x300.png": (64, 64),  # aspect ratio 3: not over the limit
+        "/photo/48x40.webp": (64, 64),  # enlarged
+        "/photo/300x120.jpg?orientation=6": (64, 64),
+        "/photo/20x100.jpg": "too_small",
+        "/photo/400x100.jpg": "bad_aspect",
+        "/photo/1100x1000.jpg": "too_many_pixels",
+        "/photo/200x100.jpg?truncate=600": "decode_error",
+        "/img/h.heic": "decode_error",  # no decoder
+        "/status/404": 404,
+    }
+    client = redis_server.client()
+    tasks = queue_urls(client, [image_server.url(path) for path in cases])
+    settings = {"LAION_RESIZE_MODE": "center_crop", "LAION_IMAGE_SIZE": "64", "LAION_MIN_IMAGE_SIZE": "32",
+                "LAION_MAX_ASPECT_RATIO": "3", "LAION_MAX_IMAGE_AREA": "1000000"}  # fmt: skip
+    result = run_worker({**env, **settings})
+    assert result.returncode == 0, result.stderr[-2000:]
+    store = Path(env["LAION_STORE_DIR"])
+    errors = errors_by_id(client)
+    for task, (path, expected) in zip(tasks, cases.items(), strict=True):
+        if isinstance(expected, tuple):
+            with Image.open(store / "s" / "p" / "00000" / f"{task.id}.jpg") as image:
+                assert (image.format, image.size) == ("JPEG", expected), path
+            assert task.id not in errors, path
+        else:
+            assert (errors[task.id]["status"], errors[task.id]["attempts"]) == (expected, 1), path
+    assert_books_balance(client, store, len(tasks))
+    assert int(client.get(KEYS.tongji_bytes)) == sum(f.stat().st_size for f in stored_files(store))
 
 
 def test_private_addresses_are_refused_by_default(redis_server, env, image_server):

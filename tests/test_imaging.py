@@ -376,6 +376,21 @@ def test_every_status_is_permanent() -> None:
     assert not any(is_transient(status) for status in STATUSES)
 
 
+@pytest.mark.parametrize(
+    ("settings", "active"),
+    [
+        ({}, False),
+        ({"encode_format": "webp", "skip_reencode": True}, False),  # no resize: encoding settings alone do nothing
+        ({"resize_mode": "border"}, True),
+        ({"min_image_size": 10}, True),
+        ({"max_aspect_ratio": 3.0}, True),
+        ({"max_image_area": 10**6}, True),
+    ],
+)
+def test_the_worker_skips_processing_only_when_nothing_is_asked(settings: dict, active: bool) -> None:
+    assert ProcessPolicy(**settings).active is active
+
+
 def test_an_upscale_to_too_many_pixels_is_refused() -> None:
     thread = encoded(Image.new("RGB", (3000, 1)), "PNG")  # keep_ratio would make it 768000 x 256
     assert process(thread, "png", ProcessPolicy(resize_mode="keep_ratio")).status == "too_many_pixels"

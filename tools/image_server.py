@@ -1,11 +1,14 @@
 """Loopback HTTP server of real images and misbehaving responses, for tests, the demo and benchmarks.
 
-Standard library only. Import it (``ImageServer(port=0).start()``) or run it:
+Standard library, and Pillow for ``/photo``. Import it (``ImageServer(port=0).start()``) or run it:
 ``python3 tools/image_server.py --port 8765``. HTTP/1.1 with keep-alive; every path is deterministic.
 
 Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of ``FORMATS``):
   /img/<name>.<ext>[?size=N]     200, the bytes of ``image_bytes(name, ext, N)`` (N defaults to 20000);
                                  every image response carries ``X-Content-SHA256`` (hex digest of the body)
+  /photo/<W>x<H>.<ext>[?orientation=O&truncate=N]  200, ``photo_bytes(W, H, ext, O)``: a Pillow-made picture of
+                                 W x H pixels (``ext`` jpg, png or webp; EXIF orientation O for jpg), cut to its first
+                                 N bytes when ``truncate`` is given
   /status/<code>[?retry_after=V] that status with a short body and ``Retry-After: V`` (429: ``1`` unless V is given)
   /retry-after/<value>/<name>.<ext>  the first request for ``name``: 429 with ``Retry-After: <value>`` (no header
                                  when value is ``-``); later ones: the image. ``ImageServer.asked(name)`` tells when
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import io
 import itertools
 import logging
 import random
@@ -52,6 +56,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from PIL import Image, ImageDraw
+
 FORMATS = {
     "jpg": "image/jpeg",
     "png": "image/png",
@@ -62,7 +68,10 @@ FORMATS = {
     "avif": "image/avif",
     "heic": "image/heic",
 }
+PHOTO_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MAX_IMAGE_SIZE = 64 * 1024 * 1024
+MAX_PHOTO_SIDE = 4096
+_ORIENTATION_TAG = 0x0112
 GZIP_BOMB_MB = 100
 _IMAGES = Path(__file__).resolve().with_name("images")
 _LABEL = b"laion5b-test-image:"
@@ -80,6 +89,28 @@ def image_bytes(name: str, ext: str = "jpg", size: int = 20000) -> bytes:
     base = _asset(ext)
     label = _LABEL + name.encode("utf-8") + b"\x00"
     return _EMBEDDERS[ext](base, label, size - len(base))
+
+
+@functools.lru_cache(maxsize=64)
+def photo_bytes(width: int, height: int, ext: str = "jpg", orientation: int = 1) -> bytes:
+    """A picture of ``width`` x ``height`` pixels as stored (a gradient and a few shapes), in format ``ext``; with
+    an EXIF orientation tag when ``orientation`` is not 1 (jpg only)."""
+    if ext not in PHOTO_FORMATS or not (0 < width <= MAX_PHOTO_SIDE and 0 < height <= MAX_PHOTO_SIDE):
+        raise ValueError(f"no photo of {width} x {height} in {ext!r}")
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width // 3, height // 3), fill=(200, 40, 40))
+    draw.ellipse((width // 2, height // 2, width - 1, height - 1), fill=(40, 40, 200))
+    options: dict[str, Any] = {}
+    if orientation != 1:
+        if ext != "jpg":
+            raise ValueError("EXIF orientation is served on jpg only")
+        exif = Image.Exif()
+        exif[_ORIENTATION_TAG] = orientation
+        options["exif"] = exif.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, PHOTO_FORMATS[ext], **options)
+    return buffer.getvalue()
 
 
 @functools.cache
@@ -284,6 +315,14 @@ class _Handler(BaseHTTPRequestHandler):
     def route_img(self, rest: str, query: dict[str, str]) -> None:
         self._image(rest, query)
 
+    def route_photo(self, rest: str, query: dict[str, str]) -> None:
+        sizes, _, ext = rest.rpartition(".")
+        width, _, height = sizes.partition("x")
+        body = photo_bytes(int(width), int(height), ext, int(query.get("orientation", 1)))
+        if "truncate" in query:
+            body = body[: int(query["truncate"])]
+        self._reply(200, body, FORMATS[ext])
+
     def route_status(self, rest: str, query: dict[str, str]) -> None:
         code = int(rest)
         if not 200 <= code <= 599:
@@ -389,6 +428,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 _ROUTES = {
     "img": _Handler.route_img,
+    "photo": _Handler.route_photo,
     "status": _Handler.route_status,
     "retry-after": _Handler.route_retry_after,
     "slow": _Handler.route_slow,
