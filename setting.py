@@ -66,6 +66,8 @@ dns_cache_ttl = 300.0  # seconds a DNS answer is reused in a process (failed loo
 tls_ca_file = ""  # CA bundle that image servers' certificates are checked against (empty: the bundle requests ships)
 allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127.0.0.0/8 for a local test server
 fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)
+save_caption = False  # write each image's caption beside it as <id>.txt
+save_metadata = False  # write each image's metadata beside it as <id>.json (url, sizes, sha256, ...)
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)
 
 # --- image processing (between download and storage; the names and defaults of img2dataset) ---

@@ -147,18 +147,18 @@ class AsyncFetcher:
             async with self._session.get(url, allow_redirects=False) as response:
                 location = redirect_location(response.status, response.headers)
                 if not location:
-                    return await self._image(response, body)
+                    return await self._image(response, body, url)
                 await self._drain(response, deadline)
             url = redirect_target(url, location, seen, self._policy.max_redirects)
 
-    async def _image(self, response: aiohttp.ClientResponse, body: Body) -> Fetched:
+    async def _image(self, response: aiohttp.ClientResponse, body: Body, url: str) -> Fetched:
         try:
             check_final(response.status, response.reason, response.headers, self._policy)
         except FetchFailure:
             await self._drain(response, body.deadline)
             raise
         await _read_body(response, body, self._budget)
-        return body.image()
+        return body.image(url)
 
     async def _drain(self, response: aiohttp.ClientResponse, deadline: float) -> None:
         """Read a small unwanted body so that its connection can be reused; anything else closes it."""

@@ -74,6 +74,8 @@ class Config:
     tls_ca_file: str
     allowed_networks: list[str]
     fsync_images: bool
+    save_caption: bool
+    save_metadata: bool
     log_dir: str
     resize_mode: str
     image_size: int

@@ -105,7 +105,7 @@ class Fetcher:
             try:
                 location = redirect_location(response.status_code, response.headers)
                 if not location:
-                    return self._image(response, body)
+                    return self._image(response, body, url)
                 self._drain(response, deadline)
             finally:
                 response.close()
@@ -120,7 +120,7 @@ class Fetcher:
         adapter = self._session.get_adapter(request.url)
         return adapter.send(request, stream=True, timeout=timeout, verify=True, cert=None, proxies={})
 
-    def _image(self, response: requests.Response, body: Body) -> Fetched:
+    def _image(self, response: requests.Response, body: Body, url: str) -> Fetched:
         """Turn a final response into a Fetched: check status, opt-out and size, then read and identify the body."""
         try:
             check_final(response.status_code, response.reason, response.headers, self._policy)
@@ -128,7 +128,7 @@ class Fetcher:
             self._drain(response, body.deadline)
             raise
         _read_body(response.raw, body, self._budget)
-        return body.image()
+        return body.image(url)
 
     def _drain(self, response: requests.Response, deadline: float) -> None:
         """Read a small unwanted body so that its connection can be reused; anything else is left to close()."""

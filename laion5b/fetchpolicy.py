@@ -64,6 +64,7 @@ class Fetched:
     status: int | str | None
     error_msg: str = ""
     retry_after: float | None = None  # seconds a 429 or 503 asked the client to wait (Retry-After)
+    final_url: str | None = None  # the URL the image came from, after redirects
 
 
 class FetchFailure(Exception):
@@ -158,13 +159,13 @@ class Body:
                 raise FetchFailure("not_image", "body is not a known image format")
             self._checked = True
 
-    def image(self) -> Fetched:
-        """The complete body as a Fetched image; refuse it when it is no known image."""
+    def image(self, url: str) -> Fetched:
+        """The complete body (of ``url``) as a Fetched image; refuse it when it is no known image."""
         data = bytes(self._data)
         extension = image_extension(data)
         if extension is None:
             raise FetchFailure("not_image", "body is not a known image format")
-        return Fetched(data, extension, None)
+        return Fetched(data, extension, None, final_url=url)
 
 
 def failed(exc: FetchFailure, url: str) -> Fetched:

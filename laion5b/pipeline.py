@@ -13,6 +13,7 @@ from laion5b.fetchpolicy import Fetched
 from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
 from laion5b.retry import retry_delay
+from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.tasks import HASH_MISMATCH, BadTask, Task, bad_task_record, decode, hash_mismatch, is_transient
 
@@ -22,6 +23,8 @@ Outcome = tuple[str, str, str | int]
 """(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
 
 DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+AS_DOWNLOADED = ProcessPolicy()
+"""Bytes kept as downloaded, no filter: ``process`` then only reads the header's size and hashes the bytes."""
 
 
 def host_key(url: str) -> str:
@@ -48,6 +51,7 @@ class Pipeline:
         retry_backoff: float,
         max_retry_after: float,
         processing: ProcessPolicy | None = None,
+        sidecars: Sidecars | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
@@ -55,6 +59,7 @@ class Pipeline:
         self.retry_backoff = retry_backoff
         self.max_retry_after = max_retry_after
         self.processing = processing if processing is not None and processing.active else None
+        self.sidecars = sidecars or Sidecars()
         self._processing_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         self.disk_full = threading.Event()
 
@@ -85,20 +90,22 @@ class Pipeline:
         mismatch = hash_mismatch(task, fetched.data)
         if mismatch is not None:
             return self.failure(task, raw, HASH_MISMATCH, mismatch)
-        if self.processing is None:
-            return self._save(task, raw, Processed(fetched.data, fetched.extension, None))
-        with self._processing_slots:
-            image = process(fetched.data, fetched.extension, self.processing)
-        if image.status is not None:
-            return self.failure(task, raw, image.status, image.error_msg)
-        return self._save(task, raw, image)
+        if self.processing is not None:
+            with self._processing_slots:
+                image = process(fetched.data, fetched.extension, self.processing)
+            if image.status is not None:
+                return self.failure(task, raw, image.status, image.error_msg)
+        elif self.sidecars.metadata:
+            image = process(fetched.data, fetched.extension, AS_DOWNLOADED)  # sizes from the header, and hashes
+        else:
+            image = Processed(fetched.data, fetched.extension, None)
+        return self._save(task, raw, image, fetched.final_url)
 
-    def _save(self, task: Task, raw: str, image: Processed) -> Outcome:
-        """Store an image's bytes. When it was processed, ``image`` also holds its stored and original sizes and
-        hashes (for the metadata written beside it)."""
+    def _save(self, task: Task, raw: str, image: Processed, final_url: str | None) -> Outcome:
+        """Store an image's bytes, and the files asked for beside it (caption, metadata)."""
         assert image.data is not None and image.extension is not None
         try:
-            self.store.save(task, image.data, image.extension)
+            self.store.save(task, image.data, image.extension, self.sidecars.files(task, image, final_url))
         except OSError as error:
             return self._store_error(task, raw, error)
         return STORED, raw, len(image.data)

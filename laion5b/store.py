@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -70,27 +71,35 @@ class Store:
                 return Path(folder, name)
         return None
 
-    def save(self, task: Task, data: bytes, extension: str) -> Path:
-        """Write ``data`` to a temporary file and rename it to its final name; return that name."""
+    def save(self, task: Task, data: bytes, extension: str, sidecars: Mapping[str, bytes] | None = None) -> Path:
+        """Write ``data`` to a temporary file and rename it to its final name; return that name. The ``sidecars``
+        (extension -> content: caption, metadata) are written beside it the same way, first: an image on disk always
+        has them."""
         folder = image_folder(self._root, task)
         if folder not in self._known_folders:
             os.makedirs(folder, exist_ok=True)
             if len(self._known_folders) >= _KNOWN_FOLDERS_LIMIT:
                 self._known_folders.clear()
             self._known_folders.add(folder)
+        for sidecar, content in (sidecars or {}).items():
+            self._write(content, f"{folder}/{task.id}.{sidecar}")
         name = f"{task.id}.{extension}"
         final = f"{folder}/{name}"
-        temporary = f"{self._temp}/{threading.get_ident()}.{extension}"
+        self._write(data, final)
+        listed = self._listings.get(folder)
+        if listed is not None:
+            listed[1].add(name)
+        return Path(final)
+
+    def _write(self, data: bytes, final: str) -> None:
+        """Write ``data`` under a temporary name of this thread, then rename it to ``final`` (atomic)."""
+        temporary = f"{self._temp}/{threading.get_ident()}.part"
         with open(temporary, "wb") as file:
             file.write(data)
             if self.fsync:
                 file.flush()
                 os.fsync(file.fileno())
         os.replace(temporary, final)
-        listed = self._listings.get(folder)
-        if listed is not None:
-            listed[1].add(name)
-        return Path(final)
 
     def _listing(self, folder: str) -> set[str]:
         now = time.monotonic()

@@ -25,6 +25,7 @@ from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline
 from laion5b.redisconn import retrying
+from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.threadengine import ThreadEngine
 
@@ -139,6 +140,7 @@ class Worker:
             config.retry_backoff,
             config.max_retry_after,
             process_policy(config),
+            Sidecars(config.save_caption, config.save_metadata, config.host_id, self.identity),
         )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver)

@@ -3,6 +3,7 @@ per engine (threads, async)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
@@ -208,6 +210,59 @@ def test_images_are_resized_and_filtered_with_the_books_exact(redis_server, env,
             assert (errors[task.id]["status"], errors[task.id]["attempts"]) == (expected, 1), path
     assert_books_balance(client, store, len(tasks))
     assert int(client.get(KEYS.tongji_bytes)) == sum(f.stat().st_size for f in stored_files(store))
+
+
+def test_captions_and_metadata_are_written_beside_each_image(redis_server, env, image_server):
+    photo = image_server.url("/photo/120x80.png")
+    urls = [photo, image_server.url(f"/redirect-to?url={quote(photo, safe='')}")]
+    client = redis_server.client()
+    tasks = [
+        Task(id=f"m{row}", url=url, subset="s", part="p.a", row=row, text=f"caption {row} ü", meta={"NSFW": "NO"})
+        for row, url in enumerate(urls)
+    ]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    client.incrby(KEYS.tongji_all, len(tasks))
+    result = run_worker({**env, "LAION_SAVE_CAPTION": "1", "LAION_SAVE_METADATA": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = Path(env["LAION_STORE_DIR"]) / "s" / "p.a" / "00000"
+    for task in tasks:
+        image = (folder / f"{task.id}.png").read_bytes()
+        assert (folder / f"{task.id}.txt").read_text(encoding="utf-8") == task.text
+        metadata = json.loads((folder / f"{task.id}.json").read_text(encoding="utf-8"))
+        digest = hashlib.sha256(image).hexdigest()
+        assert metadata == {
+            **metadata,
+            "key": f"p_a-{task.row:09d}",
+            "id": task.id,
+            "url": task.url,
+            "caption": task.text,
+            "NSFW": "NO",
+            "final_url": photo,
+            "ext": "png",
+            "bytes": len(image),
+            "sha256": digest,
+            "original_sha256": digest,
+            "width": 120,
+            "height": 80,
+            "original_width": 120,
+            "original_height": 80,
+            "host_id": "testhost",
+            "worker": "testhost:0",
+            "attempts": 1,
+        }
+        assert metadata["downloaded_at"].endswith("+00:00")
+    client.lpush(KEYS.task, Task(id="r", url=photo, subset="s", part="q", row=0).encode())
+    client.incr(KEYS.tongji_all)
+    resize = {"LAION_SAVE_METADATA": "1", "LAION_RESIZE_MODE": "center_crop", "LAION_IMAGE_SIZE": "32"}
+    resized = run_worker({**env, **resize})
+    assert resized.returncode == 0, resized.stderr[-2000:]
+    metadata = json.loads((Path(env["LAION_STORE_DIR"]) / "s" / "q" / "00000" / "r.json").read_text())
+    stored = (Path(env["LAION_STORE_DIR"]) / "s" / "q" / "00000" / "r.jpg").read_bytes()
+    assert (metadata["width"], metadata["height"], metadata["original_width"], metadata["original_height"]) == (
+        32, 32, 120, 80)  # fmt: skip
+    assert metadata["sha256"] == hashlib.sha256(stored).hexdigest() != metadata["original_sha256"]
+    assert metadata["original_sha256"] == json.loads((folder / "m0.json").read_text())["sha256"]
+    assert not (Path(env["LAION_STORE_DIR"]) / "s" / "q" / "00000" / "r.txt").exists()
 
 
 def test_private_addresses_are_refused_by_default(redis_server, env, image_server):
