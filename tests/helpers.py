@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -59,3 +62,16 @@ def wait_until(condition: Callable[[], object], timeout: float = 60.0, interval:
     while not condition():
         assert time.monotonic() < deadline, f"still waiting after {timeout} s"
         time.sleep(interval)
+
+
+def kill_add_task_midway(env: dict[str, str], client, rows: int, file_key: str) -> int:
+    """Start add_task.py, SIGKILL it once a quarter of ``rows`` is queued; return the file's recorded position (the
+    rows queued, all of them in the queue)."""
+    process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.DEVNULL)
+    wait_until(lambda: client.llen("laion5b_task") >= rows // 4, interval=0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    position = int(client.hget("laion5b_task:position", file_key))
+    assert 0 < position < rows, "the kill must land in the middle of the file"
+    assert client.llen("laion5b_task") == position
+    return position

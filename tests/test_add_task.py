@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from laion5b.tasks import decode
-from tests.helpers import SAMPLE, run_script, wait_until, write_original, write_wide
+from tests.helpers import SAMPLE, kill_add_task_midway, run_script, wait_until, write_original, write_wide
 
 
 def run_add_task(env: dict[str, str], **overrides: str) -> subprocess.CompletedProcess:
@@ -133,13 +131,7 @@ def test_kill_9_mid_file_resumes_exactly_once(redis_server, script_env):
     )
     env = {**script_env, "LAION_ADDTASK_BATCH": "1000"}
     client = redis_server.client()
-    process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.DEVNULL)
-    wait_until(lambda: client.llen("laion5b_task") >= rows // 4, interval=0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    position = int(client.hget("laion5b_task:position", "s/big.parquet"))
-    assert 0 < position < rows, "the kill must land in the middle of the file"
-    assert client.llen("laion5b_task") == position
+    kill_add_task_midway(env, client, rows, "s/big.parquet")
     assert run_add_task(env).returncode == 0
     counts = Counter(t.row for t in queued(client))
     assert len(counts) == rows and set(counts.values()) == {1}

@@ -6,8 +6,6 @@ import csv
 import gzip
 import hashlib
 import json
-import os
-import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 
 from laion5b.inputs import find_files
 from laion5b.tasks import decode
-from tests.helpers import run_script, wait_until
+from tests.helpers import kill_add_task_midway, run_script
 from tools.image_server import image_bytes
 
 
@@ -150,13 +148,7 @@ def test_kill_9_mid_csv_resumes_exactly_once(redis_server, script_env):
                 file.write("\n")  # blank lines are no rows
     env = {**script_env, "LAION_ADDTASK_BATCH": "1000"}
     client = redis_server.client()
-    process = subprocess.Popen(run_script("add_task.py"), env=env, stderr=subprocess.DEVNULL)
-    wait_until(lambda: client.llen("laion5b_task") >= rows // 4, interval=0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    position = int(client.hget("laion5b_task:position", "big.csv.gz"))
-    assert 0 < position < rows, "the kill must land in the middle of the file"
-    assert client.llen("laion5b_task") == position
+    kill_add_task_midway(env, client, rows, "big.csv.gz")
     assert run_add_task(env).returncode == 0
     tasks = [decode(raw) for raw in client.lrange("laion5b_task", 0, -1)]
     counts = Counter(t.row for t in tasks)
