@@ -92,6 +92,12 @@ def demo_environment(folder: Path, config: Config) -> dict[str, str]:
     }
 
 
+def _shown(folder: str) -> str:
+    """``folder`` relative to the project when it lies inside it (as the demo's do), else absolute."""
+    path = Path(folder).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted
 
@@ -225,8 +231,8 @@ def print_summary(config: Config, before: dict, after: dict, elapsed: float, env
     stored_mb = (after["bytes"] - before["bytes"]) / 1024**2
     print("\n=== laion5b-downloader: finished ===")
     print(f"added        {after['added']:>10,}")
-    print(f"succeeded    {after['succeeded']:>10,}   images in {Path(config.store_dir).resolve()}")
-    print(f"failed       {after['failed']:>10,}   records in {Path(config.store_error_dir).resolve()}")
+    print(f"succeeded    {after['succeeded']:>10,}   images in {_shown(config.store_dir)}")
+    print(f"failed       {after['failed']:>10,}   records in {_shown(config.store_error_dir)}")
     print(f"queued       {after['queued']:>10,}")
     print(f"delayed      {after['delayed']:>10,}   waiting to be tried again")
     print(f"this run     {done:>10,} tasks in {elapsed:.1f} s: {done / elapsed:,.0f} images/s, "
