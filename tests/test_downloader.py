@@ -410,3 +410,12 @@ def test_a_lease_the_worker_does_not_hold_is_returned_and_done(redis_server, env
     assert worker.wait(timeout=60) == 0
     assert "strays_returned" in worker.stderr.read()
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 2)
+
+
+def test_threads_past_the_knee_are_named_at_start(redis_server, script_env):
+    result = run_worker({**script_env, "LAION_ENGINE": "threads", "LAION_THREAD_NUM": "200"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "threads_past_knee" in line]
+    assert len(warnings) == 1 and "engine=async" in warnings[0]
+    quiet = run_worker({**script_env, "LAION_ENGINE": "threads", "LAION_THREAD_NUM": "128"})
+    assert quiet.returncode == 0 and "threads_past_knee" not in quiet.stderr
