@@ -92,7 +92,8 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
   local statuses = {}
   for i = first, #ARGV, 3 do
     local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if redis.call('LREM', lease, 1, task) == 1 then
+    -- from the tail: claims are pushed at the head, and tasks end roughly in the order they were claimed
+    if redis.call('LREM', lease, -1, task) == 1 then
       applied = applied + 1
       if kind == 's' then
         stored = stored + 1
