@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,9 +61,9 @@ from speed import (  # noqa: E402
     row,
     write_url_inputs,
 )
+from tools.bombs import jpeg_bomb, png_bomb  # noqa: E402
 
 ENGINES = ("threads", "async")
-CLAIMED = 50_000  # side claimed by the decompression bombs
 
 IMG2DATASET_SCRIPT = """
 import io, json, sys, time
@@ -294,27 +293,6 @@ status = process(control, "png", policy).status
 figures.append(["control png", len(control), status, 1000 * (time.perf_counter() - started), 0, peak() - before])
 print(json.dumps(figures))
 """
-
-
-def png_bomb() -> bytes:
-    """A 1 MB PNG whose header claims CLAIMED x CLAIMED pixels."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
-
-    header = CLAIMED.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
-    pixels = zlib.compress(os.urandom(1_000_000), 1)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
-def jpeg_bomb() -> bytes:
-    """A 1 MB JPEG (real noise of 1,000 x 1,000 pixels) whose frame header claims CLAIMED x CLAIMED."""
-    buffer = io.BytesIO()
-    Image.frombytes("RGB", (1000, 1000), os.urandom(3_000_000)).save(buffer, "JPEG", quality=95)
-    data = bytearray(buffer.getvalue())
-    frame = data.index(b"\xff\xc0")
-    data[frame + 5 : frame + 9] = CLAIMED.to_bytes(2, "big") * 2
-    return bytes(data)
 
 
 def bombs() -> int:

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from laion5b import config
 from laion5b.imageformat import image_extension
 from laion5b.imaging import STATUSES, Processed, ProcessPolicy, process, process_policy
 from laion5b.tasks import is_transient
+from tools.bombs import BOMBS, png_bomb
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tools" / "images"
@@ -38,7 +38,6 @@ RED, GREEN, BLUE, YELLOW, MAGENTA, WHITE = (
     (255, 0, 255),
     (255, 255, 255),
 )
-CLAIMED = 50_000  # side claimed by the decompression bombs
 PIXELS_LIMIT = 89_478_485  # Pillow's own limit, int(1024 * 1024 * 1024 // 4 // 3)
 PNG = {"encode_format": "png", "encode_quality": 1}  # lossless output, for exact pixel checks
 
@@ -398,37 +397,6 @@ def test_an_upscale_to_too_many_pixels_is_refused() -> None:
 
 
 # --- decompression bombs, broken files, memory and time ---
-
-
-def png_bomb(side: int = CLAIMED) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
-
-    header = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
-    pixels = zlib.compress(os.urandom(1_000_000), 1)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
-def jpeg_bomb() -> bytes:
-    data = bytearray(encoded(Image.frombytes("RGB", (1000, 1000), os.urandom(1000 * 1000 * 3)), quality=95))
-    frame = data.index(b"\xff\xc0")
-    data[frame + 5 : frame + 9] = CLAIMED.to_bytes(2, "big") * 2
-    return bytes(data)
-
-
-def gif_bomb() -> bytes:
-    data = bytearray(encoded(Image.new("P", (8, 8)), "GIF"))
-    data[6:10] = CLAIMED.to_bytes(2, "little") * 2
-    return bytes(data) + os.urandom(1_000_000)
-
-
-def bmp_bomb() -> bytes:
-    data = bytearray(encoded(Image.new("RGB", (8, 8)), "BMP"))
-    data[18:26] = CLAIMED.to_bytes(4, "little") * 2
-    return bytes(data) + os.urandom(1_000_000)
-
-
-BOMBS = {"png": png_bomb, "jpg": jpeg_bomb, "gif": gif_bomb, "bmp": bmp_bomb}
 
 
 @pytest.mark.parametrize("extension", BOMBS)
