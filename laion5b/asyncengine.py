@@ -19,10 +19,9 @@ from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import AsyncByteBudget, HostSlots
-from laion5b.pipeline import Outcome, Pipeline, host_key
+from laion5b.pipeline import Outcome, Parked, Pipeline, admit
 from laion5b.tasks import Task
 
-Parked = tuple[str, Task]
 START_TIMEOUT = 30.0
 
 
@@ -107,14 +106,11 @@ class AsyncEngine:
 
     async def _run(self, raw: str) -> None:
         """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on)."""
-        begun = self.pipeline.begin(raw)
-        if isinstance(begun, tuple):
-            self.done.put(begun)
+        admitted = admit(self.pipeline, self.slots, self.done, raw)
+        if admitted is None:
             return
-        host = host_key(begun.url)
-        if not self.slots.acquire(host, (raw, begun)):
-            return
-        turn: Parked | None = (raw, begun)
+        host, first = admitted
+        turn: Parked | None = first
         while turn is not None:
             self.done.put(await self._download(*turn))
             turn = self.slots.release(host)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import threading
 from urllib.parse import urlsplit
 
 from laion5b.fetchpolicy import Fetched
 from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
+from laion5b.limits import HostSlots
 from laion5b.retry import retry_delay
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 
 Outcome = tuple[str, str, str | int]
 """(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
+Parked = tuple[str, Task]
+"""(task as queued, task): a task waiting for a slot of its host."""
 
 DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 AS_DOWNLOADED = ProcessPolicy()
@@ -33,6 +37,21 @@ def host_key(url: str) -> str:
         return (urlsplit(url.strip()).hostname or "").rstrip(".")
     except ValueError:
         return ""
+
+
+def admit(
+    pipeline: Pipeline, slots: HostSlots[Parked], done: queue.SimpleQueue[Outcome], raw: str
+) -> tuple[str, Parked] | None:
+    """Begin a task in an engine: its outcome goes to ``done`` when there is nothing to download, it is parked when its
+    host is busy; otherwise return (host, task to download), holding a slot of that host."""
+    begun = pipeline.begin(raw)
+    if isinstance(begun, tuple):
+        done.put(begun)
+        return None
+    host = host_key(begun.url)
+    if not slots.acquire(host, (raw, begun)):
+        return None
+    return host, (raw, begun)
 
 
 class Pipeline:

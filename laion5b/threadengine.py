@@ -10,10 +10,8 @@ import time
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import ByteBudget, HostSlots
-from laion5b.pipeline import Outcome, Pipeline, host_key
+from laion5b.pipeline import Outcome, Parked, Pipeline, admit
 from laion5b.tasks import Task
-
-Parked = tuple[str, Task]
 
 
 class ThreadEngine:
@@ -82,14 +80,11 @@ class ThreadEngine:
 
     def _run(self, raw: str, fetcher: Fetcher) -> None:
         """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on)."""
-        begun = self.pipeline.begin(raw)
-        if isinstance(begun, tuple):
-            self.done.put(begun)
+        admitted = admit(self.pipeline, self.slots, self.done, raw)
+        if admitted is None:
             return
-        host = host_key(begun.url)
-        if not self.slots.acquire(host, (raw, begun)):
-            return
-        turn: Parked | None = (raw, begun)
+        host, first = admitted
+        turn: Parked | None = first
         while turn is not None:
             self.done.put(self._download(*turn, fetcher))
             turn = self.slots.release(host)
