@@ -68,6 +68,9 @@ allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127
 fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)
 save_caption = False  # write each image's caption beside it as <id>.txt
 save_metadata = False  # write each image's metadata beside it as <id>.json (url, sizes, sha256, ...)
+output_format = "files"  # "files" (one file per image, as the original) or "webdataset" (tar shards, see README)
+shard_size = 10_000  # webdataset: samples per shard; a shard is also closed when the worker stops or is paused
+shard_max_seconds = 600.0  # webdataset: a shard open this long is closed even when not full
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)
 
 # --- image processing (between download and storage; the names and defaults of img2dataset) ---

@@ -19,6 +19,7 @@ ENV_PREFIX = "LAION_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 ENGINES = ("threads", "async")
+OUTPUT_FORMATS = ("files", "webdataset")
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "txt")
@@ -76,6 +77,9 @@ class Config:
     fsync_images: bool
     save_caption: bool
     save_metadata: bool
+    output_format: str
+    shard_size: int
+    shard_max_seconds: float
     log_dir: str
     resize_mode: str
     image_size: int
@@ -112,8 +116,9 @@ _AT_LEAST_ONE = (
     "monitor_interval",
     "image_size",
     "history_days",
+    "shard_size",
 )
-_POSITIVE = ("connect_timeout", "read_timeout", "download_timeout")
+_POSITIVE = ("connect_timeout", "read_timeout", "download_timeout", "shard_max_seconds")
 _NOT_NEGATIVE = (
     "redis_db",
     "max_redirects",
@@ -157,6 +162,10 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:
         raise ConfigError(f"{_named('engine')} must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    if config.output_format not in OUTPUT_FORMATS:
+        raise ConfigError(
+            f"{_named('output_format')} must be one of {', '.join(OUTPUT_FORMATS)}, got {config.output_format!r}"
+        )
     _validate_processing(config)
     _validate_inputs(config)
     if config.max_inflight_bytes < config.max_image_bytes:

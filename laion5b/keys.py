@@ -49,7 +49,8 @@ class Keys:
 
     @property
     def host_counters(self) -> str:
-        """Hash: ``<host_id>:succ``, ``<host_id>:error``, ``<host_id>:bytes`` per download host."""
+        """Hash: ``<host_id>:succ``, ``<host_id>:error``, ``<host_id>:bytes`` per download host, and ``<host_id>:open``:
+        samples in its workers' unfinished shards (webdataset output), not counted as succeeded yet."""
         return f"{self.task}:hosts"
 
     @property
@@ -81,6 +82,30 @@ class Keys:
     def lease(self, worker: str) -> str:
         """List: tasks held by one worker."""
         return f"{self.task}:lease:{worker}"
+
+    def kept(self, worker: str) -> str:
+        """Hash: shard -> host_id, for each open shard of a worker (webdataset output); the tasks of its samples,
+        out of the lease list but not counted yet, are held in the list ``kept_tasks(worker, shard)``."""
+        return f"{self.task}:kept:{worker}"
+
+    def kept_tasks(self, worker: str, shard: str) -> str:
+        """List: tasks whose samples are in one open shard of a worker. The scripts build it as ``kept(worker)``
+        + ``:`` + shard."""
+        return f"{self.kept(worker)}:{shard}"
+
+    @property
+    def shards(self) -> str:
+        """Hash: ``<host_id>|<shard>`` -> JSON record of a shard being finished (its files fsynced, maybe not renamed
+        yet); its tasks wait in ``shard_tasks``. An entry left by a dead worker is finished by its host's workers."""
+        return f"{self.task}:shards"
+
+    def shard_tasks(self, field: str) -> str:
+        """List: the tasks of a shard being finished (``field`` as in ``shards``)."""
+        return f"{self.task}:shard:{field}"
+
+    def shard_lock(self, host_id: str) -> str:
+        """Short lock taken by the worker that finishes the shards dead workers of ``host_id`` left."""
+        return f"{self.task}:shard_lock:{host_id}"
 
     def heartbeat(self, worker: str) -> str:
         """String with a TTL: the live process that owns a worker identity."""

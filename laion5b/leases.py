@@ -8,6 +8,14 @@ Every step is one Lua script, so it is atomic in Redis and safe to send again af
 - a retry waits in the delayed set, scored by the Redis time it is due; ``exchange`` and ``heartbeat`` move due
   tasks (a bounded number per call) back to the end of the queue that is claimed next, in the same script;
 - ``reap`` returns the leases of a worker whose heartbeat has expired to the queue, exactly once.
+
+With webdataset output a stored sample's task is *kept* instead (kind KEPT): it leaves the lease list for a list of
+its open shard, and is counted as succeeded only when its shard is finished (README, "Webdataset output"):
+- ``prepare_shard`` moves a shard's kept tasks, all of them or none, to the shard's own list once its files are
+  written and fsynced, before they are renamed; ``commit_shard`` counts them once the files have their final names;
+- ``release_shard`` returns them to the queue when the shard is discarded;
+- a dead worker's kept tasks return to the queue with its leases; a shard it left prepared is finished (or, when its
+  files are gone, released) by a worker of its host (``laion5b.shards.recover``).
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import redis
 
 from laion5b.keys import Keys
 
-STORED, FAILED, RETRY, RETURN = "s", "e", "r", "q"
+STORED, FAILED, RETRY, RETURN, KEPT = "s", "e", "r", "q", "k"
 """Outcome kinds: stored (payload: bytes), failed (payload: see ``failed_outcome``; a bare error record is read for
-its status), retry later (payload: see ``retry_outcome``), returned untouched (to the queue's head)."""
+its status), retry later (payload: see ``retry_outcome``), returned untouched (to the queue's head), kept in an open
+shard (payload: the shard)."""
 PROMOTE_BATCH = 1000
 """Due tasks moved from the delayed set to the queue by one script run at most."""
 
@@ -62,16 +71,37 @@ local function touch(hb, workers, token, ttl, worker)
 end
 """
 
-# KEYS: heartbeat, lease, queue, workers. ARGV: token, ttl, worker, token it may replace ('' for none).
-_REGISTER = """
+# Returns every task of a worker to the queue: its leases, and the tasks kept in its open shards (which leave the
+# open count of the shard's host).
+_RELEASE = """
+local function release(lease, kept, queue, hosts)
+  local moved = 0
+  while redis.call('LMOVE', lease, queue, 'RIGHT', 'RIGHT') do moved = moved + 1 end
+  local shards = redis.call('HGETALL', kept)
+  for i = 1, #shards, 2 do
+    local list, count = kept .. ':' .. shards[i], 0
+    while redis.call('LMOVE', list, queue, 'RIGHT', 'RIGHT') do count = count + 1 end
+    if count > 0 then redis.call('HINCRBY', hosts, shards[i + 1] .. ':open', -count) end
+    moved = moved + count
+  end
+  redis.call('DEL', kept)
+  return moved
+end
+"""
+
+# KEYS: heartbeat, lease, queue, workers, kept, host counters. ARGV: token, ttl, worker, token it may replace ('' for
+# none).
+_REGISTER = (
+    _RELEASE
+    + """
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[4] then return current end
-local moved = 0
-while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+local moved = release(KEYS[2], KEYS[5], KEYS[3], KEYS[6])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
 return moved
 """
+)
 
 # Records (kind, task, payload) triples from ARGV[first] on, each only if its task is still in the lease list.
 # A retry's payload is "<delay>|<nonce>|<task>": "<nonce>|<task>" goes into the delayed set, due at now + delay.
@@ -87,8 +117,9 @@ local function failure(payload)
   local bar = string.find(payload, '|', 1, true) or 0
   return string.sub(payload, 1, bar - 1), string.sub(payload, bar + 1)
 end
-local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, delayed, now, first, failures)
-  local stored, failed, bytes, applied = 0, 0, 0, 0
+local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, delayed, now, first, failures,
+  kept)
+  local stored, failed, bytes, applied, held = 0, 0, 0, 0, 0
   local statuses = {}
   for i = first, #ARGV, 3 do
     local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -108,6 +139,10 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
         local delay = tonumber(string.sub(payload, 1, bar - 1))
         if not delay or delay ~= delay then delay = 0 end
         redis.call('ZADD', delayed, now + delay, string.sub(payload, bar + 1))
+      elseif kind == 'k' then
+        held = held + 1
+        redis.call('RPUSH', kept .. ':' .. payload, task)
+        redis.call('HSET', kept, payload, host)
       else
         redis.call('RPUSH', queue, task)
       end
@@ -123,16 +158,16 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
     redis.call('INCRBY', error_key, failed)
     redis.call('HINCRBY', hosts, host .. ':error', failed)
   end
+  if held > 0 then redis.call('HINCRBY', hosts, host .. ':open', held) end
   for status, count in pairs(statuses) do redis.call('HINCRBY', failures, status, count) end
   return applied
 end
 """
 
 # Records outcomes, promotes due retries, then claims tasks, in one round trip. KEYS: lease, queue, error list,
-# succ counter, error counter, bytes counter, host counters, heartbeat, workers, delayed set, failures hash. ARGV:
-# host, token,
-# ttl, worker, count, then triples. Returns {applied, 1, claimed tasks...}, or {applied, 0} when another process
-# owns the identity (nothing claimed).
+# succ counter, error counter, bytes counter, host counters, heartbeat, workers, delayed set, failures hash, kept.
+# ARGV: host, token, ttl, worker, count, then triples. Returns {applied, 1, claimed tasks...}, or {applied, 0} when
+# another process owns the identity (nothing claimed).
 _EXCHANGE = (
     _TOUCH
     + _CLOCK
@@ -141,7 +176,7 @@ _EXCHANGE = (
     + """
 local now = clock()
 local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], KEYS[10], now, 6,
-  KEYS[11])
+  KEYS[11], KEYS[12])
 promote(KEYS[10], KEYS[2], now)
 if not touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4]) then return {applied, 0} end
 local reply = {applied, 1}
@@ -169,23 +204,67 @@ return touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0
 """
 )
 
-# KEYS: heartbeat, lease, queue, workers. ARGV: worker. Returns the tasks returned, or -1 when it is alive.
-_REAP = """
+# KEYS: heartbeat, lease, queue, workers, kept, host counters. ARGV: worker. Returns the tasks returned, or -1 when
+# it is alive.
+_REAP = (
+    _RELEASE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local moved = 0
-while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+local moved = release(KEYS[2], KEYS[5], KEYS[3], KEYS[6])
 redis.call('SREM', KEYS[4], ARGV[1])
 return moved
 """
+)
 
-# KEYS: heartbeat, lease, queue, workers. ARGV: token, worker. Gives the identity up and returns its leases.
-_RETIRE = """
+# KEYS: heartbeat, lease, queue, workers, kept, host counters. ARGV: token, worker. Gives the identity up and
+# returns its tasks.
+_RETIRE = (
+    _RELEASE
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local moved = 0
-while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+local moved = release(KEYS[2], KEYS[5], KEYS[3], KEYS[6])
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[4], ARGV[2])
 return moved
+"""
+)
+
+# KEYS: kept, kept tasks, shards, shard tasks. ARGV: shard, samples in its files, field, record. Moves the shard's
+# kept tasks to its own list and records it as being finished, only if every sample's task is there; returns -1
+# then (also when it already was), else how many are there.
+_PREPARE = """
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return -1 end
+local held = redis.call('LLEN', KEYS[2])
+if held ~= tonumber(ARGV[2]) then return held end
+redis.call('RENAME', KEYS[2], KEYS[4])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+return -1
+"""
+
+# KEYS: shards, shard tasks, succ counter, bytes counter, host counters. ARGV: field, host, bytes. Counts a prepared
+# shard's tasks as succeeded and forgets it; returns how many, or -1 when it is not (or no longer) prepared.
+_COMMIT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local count = redis.call('LLEN', KEYS[2])
+redis.call('DEL', KEYS[2])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('INCRBY', KEYS[3], count)
+redis.call('INCRBY', KEYS[4], ARGV[3])
+redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':succ', count)
+redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':bytes', ARGV[3])
+redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':open', -count)
+return count
+"""
+
+# KEYS: the shard's task list, queue, the hash that records the shard, host counters. ARGV: field, host. Returns a
+# discarded shard's tasks to the queue; returns how many.
+_RELEASE_SHARD = """
+local count = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do count = count + 1 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+if count > 0 then redis.call('HINCRBY', KEYS[4], ARGV[2] .. ':open', -count) end
+return count
 """
 
 
@@ -258,6 +337,7 @@ class Leases:
         self.token = self.owner.token()
         self.lease_key = keys.lease(worker)
         self.heartbeat_key = keys.heartbeat(worker)
+        self.kept_key = keys.kept(worker)
         self._finish_keys = [
             self.lease_key,
             keys.task,
@@ -270,19 +350,30 @@ class Leases:
             keys.workers,
             keys.delayed,
             keys.failures,
+            self.kept_key,
         ]
         self._register = client.register_script(_REGISTER)
         self._exchange = client.register_script(_EXCHANGE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._reap = client.register_script(_REAP)
         self._retire = client.register_script(_RETIRE)
+        self._prepare = client.register_script(_PREPARE)
+        self._commit = client.register_script(_COMMIT)
+        self._release_shard = client.register_script(_RELEASE_SHARD)
 
     def register(self) -> int:
         """Take the identity, returning a dead predecessor's leases to the queue; return how many were returned.
 
         Raise IdentityInUse when a live process holds it (on another host, a live heartbeat is taken as alive).
         """
-        keys = [self.heartbeat_key, self.lease_key, self.keys.task, self.keys.workers]
+        keys = [
+            self.heartbeat_key,
+            self.lease_key,
+            self.keys.task,
+            self.keys.workers,
+            self.kept_key,
+            self.keys.host_counters,
+        ]
         result = self._register(keys=keys, args=[self.token, self.ttl, self.worker, ""])
         if not isinstance(result, str):
             return int(result)
@@ -330,9 +421,38 @@ class Leases:
         leased.subtract(Counter(held))
         return [task for task, count in leased.items() for _ in range(count) if count > 0]
 
+    def prepare_shard(self, shard: str, samples: int, field: str, record: str) -> bool:
+        """Move the tasks kept for ``shard`` to the list of the shard being finished (``field`` in the shards hash,
+        holding ``record``), if all ``samples`` of its files are there; False when some are not (a lease was lost)."""
+        keys = [self.kept_key, self.keys.kept_tasks(self.worker, shard), self.keys.shards, self.keys.shard_tasks(field)]
+        return int(self._prepare(keys=keys, args=[shard, samples, field, record])) < 0
+
+    def commit_shard(self, field: str, host_id: str, stored_bytes: int) -> int:
+        """Count a prepared shard's tasks as succeeded; return how many (-1: not prepared, or counted already)."""
+        keys = [self.keys.shards, self.keys.shard_tasks(field), self.keys.tongji_succ, self.keys.tongji_bytes]
+        keys.append(self.keys.host_counters)
+        return int(self._commit(keys=keys, args=[field, host_id, stored_bytes]))
+
+    def release_kept(self, shard: str) -> int:
+        """Return the tasks kept for one of this worker's open shards to the queue (the shard is discarded)."""
+        keys = [self.keys.kept_tasks(self.worker, shard), self.keys.task, self.kept_key, self.keys.host_counters]
+        return int(self._release_shard(keys=keys, args=[shard, self.host_id]))
+
+    def release_prepared(self, field: str, host_id: str) -> int:
+        """Return a prepared shard's tasks to the queue (its files are gone)."""
+        keys = [self.keys.shard_tasks(field), self.keys.task, self.keys.shards, self.keys.host_counters]
+        return int(self._release_shard(keys=keys, args=[field, host_id]))
+
     def retire(self) -> int:
         """Give the identity up, returning every task still leased to the queue."""
-        keys = [self.heartbeat_key, self.lease_key, self.keys.task, self.keys.workers]
+        keys = [
+            self.heartbeat_key,
+            self.lease_key,
+            self.keys.task,
+            self.keys.workers,
+            self.kept_key,
+            self.keys.host_counters,
+        ]
         return int(self._retire(keys=keys, args=[self.token, self.worker]))
 
     def reap(self) -> int:
@@ -348,5 +468,6 @@ class Leases:
         for worker, exists in zip(workers, alive, strict=True):
             if not exists:
                 keys = [self.keys.heartbeat(worker), self.keys.lease(worker), self.keys.task, self.keys.workers]
+                keys += [self.keys.kept(worker), self.keys.host_counters]
                 returned += max(0, int(self._reap(keys=keys, args=[worker])))
         return returned

@@ -15,14 +15,16 @@ from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
 from laion5b.limits import HostSlots
 from laion5b.retry import retry_delay
-from laion5b.sidecars import Sidecars
+from laion5b.shards import ShardSink
 from laion5b.store import Store
 from laion5b.tasks import HASH_MISMATCH, BadTask, Task, bad_task_record, decode, hash_mismatch, is_transient
 
 log = logging.getLogger(__name__)
 
 Outcome = tuple[str, str, str | int]
-"""(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN."""
+"""(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN, KEPT."""
+Sink = Store | ShardSink
+"""Where stored images go: files (``Store``) or webdataset shards (``ShardSink``), as ``output_format`` says."""
 Parked = tuple[str, Task]
 """(task as queued, task): a task waiting for a slot of its host."""
 
@@ -64,21 +66,19 @@ class Pipeline:
 
     def __init__(
         self,
-        store: Store,
+        sink: Sink,
         identity: str,
         max_attempts: int,
         retry_backoff: float,
         max_retry_after: float,
         processing: ProcessPolicy | None = None,
-        sidecars: Sidecars | None = None,
     ) -> None:
-        self.store = store
+        self.sink = sink
         self.identity = identity
         self.max_attempts = max_attempts
         self.retry_backoff = retry_backoff
         self.max_retry_after = max_retry_after
         self.processing = processing if processing is not None and processing.active else None
-        self.sidecars = sidecars or Sidecars()
         self._processing_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         self.disk_full = threading.Event()
 
@@ -86,7 +86,7 @@ class Pipeline:
     def blocks(self) -> bool:
         """Whether ``finish`` may block for long (an fsync, or decoding and resizing pixels): the async engine then
         runs it off its loop."""
-        return self.store.fsync or self.processing is not None
+        return self.sink.fsync or self.processing is not None
 
     def begin(self, raw: str) -> Task | Outcome:
         """The task to download, or the outcome when there is nothing to download (not a task, already stored)."""
@@ -96,7 +96,7 @@ class Pipeline:
             log.debug("bad_task worker=%s error=%s", self.identity, error)
             return failed_outcome(raw, "bad_task", bad_task_record(raw, str(error), self.identity))
         try:
-            if self.store.existing(task) is not None:
+            if self.sink.existing(task) is not None:
                 return STORED, raw, 0
         except OSError as error:
             return self._store_error(task, raw, error)
@@ -114,20 +114,18 @@ class Pipeline:
                 image = process(fetched.data, fetched.extension, self.processing)
             if image.status is not None:
                 return self.failure(task, raw, image.status, image.error_msg)
-        elif self.sidecars.metadata:
+        elif self.sink.sidecars.metadata:
             image = process(fetched.data, fetched.extension, AS_DOWNLOADED)  # sizes from the header, and hashes
         else:
             image = Processed(fetched.data, fetched.extension, None)
         return self._save(task, raw, image, fetched.final_url)
 
     def _save(self, task: Task, raw: str, image: Processed, final_url: str | None) -> Outcome:
-        """Store an image's bytes, and the files asked for beside it (caption, metadata)."""
-        assert image.data is not None and image.extension is not None
+        """Store an image, and the files asked for beside it (caption, metadata)."""
         try:
-            self.store.save(task, image.data, image.extension, self.sidecars.files(task, image, final_url))
+            return self.sink.put(task, raw, image, final_url)
         except OSError as error:
             return self._store_error(task, raw, error)
-        return STORED, raw, len(image.data)
 
     def crashed(self, task: Task, raw: str, error: Exception) -> Outcome:
         """The outcome of a task whose handling raised a bug's exception."""

@@ -13,6 +13,9 @@ from pathlib import Path
 import psutil
 
 from laion5b.imageformat import EXTENSIONS
+from laion5b.imaging import Processed
+from laion5b.leases import STORED
+from laion5b.sidecars import Sidecars
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -30,15 +33,19 @@ def image_folder(store_dir: str, task: Task) -> str:
 
 
 class Store:
-    """Stores images under ``store_dir``; one instance per worker process, shared by its threads.
+    """Stores images under ``store_dir`` (``output_format`` "files"); one instance per worker process, shared by its
+    threads.
 
     Paths are plain strings inside: pathlib costs more than the system calls on this per-image path.
     """
 
-    def __init__(self, store_dir: Path, host_id: str, worker_name: str, fsync: bool) -> None:
+    def __init__(
+        self, store_dir: Path, host_id: str, worker_name: str, fsync: bool, sidecars: Sidecars | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.fsync = fsync
-        self.temp_dir = temp_root(store_dir, host_id) / f"{_file_safe(worker_name)}.{os.getpid()}"
+        self.sidecars = sidecars or Sidecars()
+        self.temp_dir = worker_temp_folder(store_dir, host_id, worker_name)
         self._root = os.fspath(store_dir)
         self._temp = os.fspath(self.temp_dir)
         self._known_folders: set[str] = set()
@@ -47,9 +54,7 @@ class Store:
 
     def open(self) -> None:
         """Create this worker's empty temporary folder, removing those of dead workers of this host."""
-        remove_dead_temp_folders(self.temp_dir.parent)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.temp_dir.mkdir(parents=True)
+        fresh_temp_folder(self.temp_dir)
 
     def close(self) -> None:
         """Remove this worker's temporary folder."""
@@ -70,6 +75,12 @@ class Store:
             if name in names:
                 return Path(folder, name)
         return None
+
+    def put(self, task: Task, raw: str, image: Processed, final_url: str | None) -> tuple[str, str, int]:
+        """Store an image with the files asked for beside it; the outcome counts it as stored."""
+        assert image.data is not None and image.extension is not None
+        self.save(task, image.data, image.extension, self.sidecars.files(task, image, final_url))
+        return STORED, raw, len(image.data)
 
     def save(self, task: Task, data: bytes, extension: str, sidecars: Mapping[str, bytes] | None = None) -> Path:
         """Write ``data`` to a temporary file and rename it to its final name; return that name. The ``sidecars``
@@ -120,7 +131,19 @@ class Store:
 
 def temp_root(store_dir: Path, host_id: str) -> Path:
     """The folder that holds the temporary folders of this host's workers."""
-    return store_dir / TEMP_FOLDER / _file_safe(host_id)
+    return store_dir / TEMP_FOLDER / file_safe(host_id)
+
+
+def worker_temp_folder(store_dir: Path, host_id: str, worker_name: str) -> Path:
+    """This process's temporary folder: ``<worker>.<pid>`` under the host's, on the store's file system."""
+    return temp_root(store_dir, host_id) / f"{file_safe(worker_name)}.{os.getpid()}"
+
+
+def fresh_temp_folder(folder: Path) -> None:
+    """Make ``folder`` an empty folder, removing the temporary folders of dead workers beside it."""
+    remove_dead_temp_folders(folder.parent)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
 
 
 def remove_dead_temp_folders(root: Path) -> None:
@@ -141,5 +164,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _file_safe(name: str) -> str:
+def file_safe(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

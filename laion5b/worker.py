@@ -21,10 +21,11 @@ from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context
 from laion5b.guard import Resolver, system_resolver
 from laion5b.imaging import process_policy
-from laion5b.leases import FAILED, RETRY, RETURN, STORED, Leases
+from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, Leases
 from laion5b.limits import raise_open_files_limit
-from laion5b.pipeline import Outcome, Pipeline
+from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
+from laion5b.shards import Shard, ShardSink, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.threadengine import ThreadEngine
@@ -44,7 +45,19 @@ CONTROL_EVERY = 1.0
 THREADS_KNEE = 128
 """Past this many threads the threads engine gains nothing on web-like traffic (bench/RESULTS.md): use async."""
 
+SHARD_WAIT = 0.05
+"""Seconds a stopping worker waits at a time for its last shards to be sealed."""
+
 Engine = ThreadEngine | AsyncEngine
+
+
+def make_sink(config: Config, name: str, identity: str) -> Sink:
+    """Where this worker stores images, as ``config.output_format`` says."""
+    if config.output_format == "webdataset":
+        store_dir = Path(config.store_dir)
+        return ShardSink(store_dir, config.host_id, name, identity, config.shard_size, config.shard_max_seconds)
+    sidecars = Sidecars(config.save_caption, config.save_metadata, config.host_id, identity)
+    return Store(Path(config.store_dir), config.host_id, name, config.fsync_images, sidecars)
 
 
 def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolicy:
@@ -100,7 +113,7 @@ class Tally:
             self.failed += 1
         elif kind == RETRY:
             self.retried += 1
-        else:
+        elif kind == RETURN:
             self.returned += 1
 
 
@@ -123,7 +136,8 @@ class Worker:
         self.stop = stop
         self.until_empty = until_empty
         self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
-        self.store = Store(Path(config.store_dir), config.host_id, name, config.fsync_images)
+        self.sink = make_sink(config, name, self.identity)
+        self.shards = self.sink if isinstance(self.sink, ShardSink) else None
         self.guard = DiskGuard(
             client,
             config.keys,
@@ -134,18 +148,20 @@ class Worker:
             config.monitor_interval,
         )
         self.pipeline = Pipeline(
-            self.store,
+            self.sink,
             self.identity,
             config.max_attempts,
             config.retry_backoff,
             config.max_retry_after,
             process_policy(config),
-            Sidecars(config.save_caption, config.save_metadata, config.host_id, self.identity),
         )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver)
         self.held: Counter[str] = Counter()
         self.held_count = 0
+        self.kept: Counter[str] = Counter()
+        """Shard -> its samples' outcomes (kind KEPT) recorded in Redis: a shard is finished once all of them are."""
+        self.sealed: list[Shard] = []
         self.pending: list[Outcome] = []
         self.pending_since = 0.0
         self.pause_reason: str | None = None
@@ -173,7 +189,10 @@ class Worker:
         self._redis(self.control.start, "control")
         log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
-        self.store.open()
+        if self.shards is not None:
+            recovered = self._redis(lambda: recover(self.leases, config.host_id, config.heartbeat_ttl), "shard")
+            log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
+        self.sink.open()
         self.engine.start()
         try:
             self._main_loop()
@@ -186,6 +205,8 @@ class Worker:
         while not self.stop.is_set():
             now = time.monotonic()
             self._periodic(now)
+            if self.shards is not None:
+                self._finish_shards()
             # Tasks not yet finished: in flight, or waiting in the engine. Keep 2 x its capacity of them, topping up
             # once half a capacity is missing, so downloads never wait on Redis; outcomes ride along in the same call.
             room = 2 * capacity - (self.held_count - len(self.pending)) if self._may_claim() else 0
@@ -200,9 +221,11 @@ class Worker:
                 claimed = self._exchange(room)
                 if claimed < room:  # the queue ran dry: ask again later, not at every tick
                     self._next_claim = now + CLAIM_RETRY
-            if self.draining and self.held_count == 0:
+            if self.shards is not None and self.held_count == 0 and (not self._may_claim() or claimed == 0):
+                self.shards.seal_all()  # nothing in flight, nothing more coming for now: do not hold the tasks
+            if self.draining and self._holding() == 0:
                 return
-            if self.until_empty and claimed == 0 and self.held_count == 0 and self._nothing_left():
+            if self.until_empty and claimed == 0 and self._holding() == 0 and self._nothing_left():
                 log.info("queue_drained worker=%s", self.identity)
                 return
             self._collect(idle if self.held_count == 0 else TICK)
@@ -212,6 +235,8 @@ class Worker:
             self.done.put((RETURN, raw, ""))
         self._collect(0)
         try:
+            if self.shards is not None:
+                self._finish_last_shards()
             if self.pending:
                 self._record()
             returned = self._redis(self.leases.retire, "retire")
@@ -220,7 +245,7 @@ class Worker:
             log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
                       error)  # fmt: skip
             returned = -1
-        self.store.close()
+        self.sink.close()
         log.info(
             "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d round_trips=%d heartbeat_gap_max=%.2f",
             self.identity,
@@ -236,7 +261,7 @@ class Worker:
 
     def _redis(self, call, what: str):
         self.round_trips += 1
-        return retrying(call, what, self.stop if what not in ("retire", "finish") else None)
+        return retrying(call, what, self.stop if what not in ("retire", "finish", "shard") else None)
 
     def _exchange(self, count: int) -> int:
         """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came."""
@@ -276,7 +301,9 @@ class Worker:
 
     def _settle(self, batch: list[Outcome], applied: int) -> None:
         for outcome in batch:
-            raw = outcome[1]
+            kind, raw, payload = outcome
+            if kind == KEPT:
+                self.kept[str(payload)] += 1
             self.held[raw] -= 1
             if self.held[raw] <= 0:
                 del self.held[raw]
@@ -294,6 +321,8 @@ class Worker:
         if self._due("reap", now, ttl / 2):
             self._return_strays()
             self._reap()
+            if self.shards is not None:
+                self._redis(lambda: recover(self.leases, self.config.host_id), "shard")
         if self.pipeline.disk_full.is_set() or now >= self._next.get("disk", 0.0):
             self.pipeline.disk_full.clear()
             self._check_disk()
@@ -318,6 +347,51 @@ class Worker:
                 self.heartbeat_gap_max,
             )
 
+    # --- webdataset shards ---
+
+    def _holding(self) -> int:
+        """Tasks this worker still answers for: leased, or in a shard not finished yet."""
+        return self.held_count + (self.shards.unfinished if self.shards is not None else 0)
+
+    def _finish_shards(self) -> None:
+        """Seal shards open too long; finish (or discard) each sealed one whose samples' outcomes are all in Redis."""
+        assert self.shards is not None
+        self.shards.seal_old(time.monotonic())
+        while True:
+            try:
+                self.sealed.append(self.shards.ready.get_nowait())
+            except queue.Empty:
+                break
+        for shard in list(self.sealed):
+            if self.kept[shard.id] < shard.samples:
+                if not self.pending:
+                    continue
+                self._record()
+                if self.kept[shard.id] < shard.samples:
+                    continue
+            self.sealed.remove(shard)
+            del self.kept[shard.id]
+            if shard.error is not None:
+                self._redis(lambda shard=shard: self.shards.discard(shard, self.leases), "shard")
+                continue
+            counted = self._redis(
+                lambda shard=shard: self.shards.finish(shard, self.leases, self.leases.owner), "shard"
+            )
+            if counted > 0:
+                self.tally.stored += counted
+                self.tally.bytes += shard.bytes
+
+    def _finish_last_shards(self) -> None:
+        """At exit: seal every shard and finish it before the leases are given up."""
+        assert self.shards is not None
+        self.shards.seal_all()
+        while True:
+            self._collect(0)
+            self._finish_shards()
+            if not self.shards.unfinished:
+                return
+            time.sleep(SHARD_WAIT)
+
     # --- remote control (control.py) ---
 
     def _may_claim(self) -> bool:
@@ -339,7 +413,7 @@ class Worker:
         if self.draining:
             state = DRAINING
         elif self.paused:
-            state = PAUSED if self.held_count == 0 else PAUSING
+            state = PAUSED if self._holding() == 0 else PAUSING
         else:
             state = RUNNING
         self._redis(lambda: self.control.ack(state), "control")
@@ -390,13 +464,15 @@ class Worker:
             pipe.llen(self.keys.task)
             pipe.zcard(self.keys.delayed)
             pipe.smembers(self.keys.workers)
-            producing, queued, delayed, workers = pipe.execute()
-            if producing or queued or delayed:
+            pipe.hlen(self.keys.shards)
+            producing, queued, delayed, workers, finishing = pipe.execute()
+            if producing or queued or delayed or finishing:
                 return False
             self.round_trips += 1
             pipe = self.client.pipeline(transaction=False)
             for worker in workers:
                 pipe.llen(self.keys.lease(worker))
+                pipe.exists(self.keys.kept(worker))
             return not any(pipe.execute())
 
         if self._redis(check, "drain_check"):

@@ -1,0 +1,346 @@
+"""Webdataset output: a worker writes its samples into tar shards in its temporary folder, and a shard is finished
+(fsynced, renamed to ``store_dir/<subset>/<host_id>-<NAME>-<seq>.tar`` beside its ``.parquet`` index) before its
+samples count as succeeded. The protocol and its crash windows are in the README ("Webdataset output")."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from laion5b.imaging import Processed
+from laion5b.leases import KEPT, Leases, Owner
+from laion5b.sidecars import Sidecars, sample_key
+from laion5b.store import file_safe, fresh_temp_folder, worker_temp_folder
+from laion5b.tasks import Task
+
+log = logging.getLogger(__name__)
+
+TAR_BLOCK = 512
+TAR_END = bytes(2 * TAR_BLOCK)
+INDEX_FIELDS = ("key", "id", "url", "caption", "part", "row", "members", "bytes", "sha256", "width", "height")
+"""Columns of a shard's index, the ``save_columns`` going after ``caption``."""
+RECOVERY_LOCK_SECONDS = 60
+
+
+def tar_member(name: str, data: bytes, mtime: int) -> bytes:
+    """One tar member (header, data, padding to the block size): a whole sample is written with one call."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8") + data + bytes(-len(data) % TAR_BLOCK)
+
+
+@dataclass
+class Shard:
+    """One shard of a worker: where its files go, and what its tar holds so far."""
+
+    subset: str
+    name: str
+    temp_dir: str
+    final_dir: str
+    file: Any = None
+    opened: float = field(default_factory=time.monotonic)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    bytes: int = 0
+    error: OSError | None = None
+
+    @property
+    def id(self) -> str:
+        """The shard's name in Redis: unique among the shards of a store."""
+        return f"{self.subset}/{self.name}"
+
+    @property
+    def samples(self) -> int:
+        return len(self.rows)
+
+    def paths(self) -> dict[str, str]:
+        """Temporary and final paths of its tar and its index, absolute."""
+        temp, final = os.path.abspath(self.temp_dir), os.path.abspath(self.final_dir)
+        return {
+            "temp_tar": f"{temp}/{self.name}.tar",
+            "temp_index": f"{temp}/{self.name}.parquet",
+            "tar": f"{final}/{self.name}.tar",
+            "index": f"{final}/{self.name}.parquet",
+        }
+
+
+class ShardSink:
+    """Webdataset output of one worker process: ``put`` appends a sample to the open shard of its subset (any
+    thread); a full or old shard is sealed by a thread of its own (tar end, index, fsync); the worker's main thread
+    takes sealed shards from ``ready`` and finishes them in Redis and on disk (``finish``, ``discard``)."""
+
+    fsync = False
+    """``put`` only appends to an open file: the fsync is the sealer's, once per shard."""
+
+    def __init__(
+        self, store_dir: Path, host_id: str, worker_name: str, identity: str, shard_size: int, max_seconds: float
+    ) -> None:
+        self.store_dir = store_dir
+        self.host_id = host_id
+        self.prefix = f"{file_safe(host_id)}-{file_safe(worker_name)}-"
+        self.shard_size = shard_size
+        self.max_seconds = max_seconds
+        self.sidecars = Sidecars(True, True, host_id, identity)
+        self.temp_dir = worker_temp_folder(store_dir, host_id, worker_name)
+        self._open: dict[str, Shard] = {}
+        self._next_seq: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._sealing: queue.SimpleQueue[Shard | None] = queue.SimpleQueue()
+        self.ready: queue.SimpleQueue[Shard] = queue.SimpleQueue()
+        self._sealer = threading.Thread(target=self._seal_loop, name="shard-sealer", daemon=True)
+        self.unfinished = 0
+        """Shards opened and not finished or discarded yet (open, sealing, or ready)."""
+
+    def open(self) -> None:
+        """Create this worker's empty temporary folder, removing those of dead workers of this host."""
+        fresh_temp_folder(self.temp_dir)
+        self._sealer.start()
+
+    def close(self) -> None:
+        """Stop the sealer and remove the temporary folder (every shard is finished or discarded by now)."""
+        self._sealing.put(None)
+        self._sealer.join()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def existing(self, task: Task) -> Path | None:
+        """Samples are not looked up: a task comes back only when its shard was discarded."""
+        return None
+
+    def put(self, task: Task, raw: str, image: Processed, final_url: str | None) -> tuple[str, str, str]:
+        """Append the sample (image, caption, metadata) to its subset's open shard; the outcome keeps its task held
+        until that shard is finished."""
+        assert image.data is not None and image.extension is not None
+        key = sample_key(task)
+        files = self.sidecars.files(task, image, final_url)
+        members = [
+            (f"{key}.{image.extension}", image.data),
+            (f"{key}.txt", files["txt"]),
+            (f"{key}.json", files["json"]),
+        ]
+        mtime = int(time.time())
+        block = b"".join(tar_member(name, data, mtime) for name, data in members)
+        row = index_row(task, key, [name for name, _ in members], image)
+        with self._lock:
+            shard = self._open.get(task.subset) or self._new_shard(task.subset)
+            position = shard.file.tell()
+            try:
+                shard.file.write(block)
+            except OSError:
+                shard.file.truncate(position)
+                shard.file.seek(position)
+                raise
+            shard.rows.append(row)
+            shard.bytes += len(image.data)
+            if shard.samples >= self.shard_size:
+                self._seal(shard)
+        return KEPT, raw, shard.id
+
+    def seal_old(self, now: float) -> None:
+        """Seal every open shard that has been open for ``shard_max_seconds``."""
+        with self._lock:
+            for shard in list(self._open.values()):
+                if now - shard.opened >= self.max_seconds:
+                    self._seal(shard)
+
+    def seal_all(self) -> None:
+        """Seal every open shard that holds a sample (the worker stops, pauses or has nothing left to do)."""
+        with self._lock:
+            for shard in list(self._open.values()):
+                self._seal(shard)
+
+    @property
+    def open_samples(self) -> int:
+        with self._lock:
+            return sum(shard.samples for shard in self._open.values())
+
+    def finish(self, shard: Shard, leases: Leases, owner: Owner) -> int:
+        """Finish a sealed shard: its tasks move to the shard in Redis (all or none), its files get their final names,
+        then its samples are counted. Return how many were counted, or -1 when a task was no longer held (a lease
+        was lost) and the shard was discarded."""
+        paths = shard.paths()
+        record = json.dumps({"owner": owner.token(), "samples": shard.samples, "bytes": shard.bytes, **paths})
+        field_name = shard_field(self.host_id, shard.id)
+        if not leases.prepare_shard(shard.id, shard.samples, field_name, record):
+            self.discard(shard, leases)
+            return -1
+        move_into_place(paths)
+        counted = leases.commit_shard(field_name, self.host_id, shard.bytes)
+        self._forget()
+        log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
+        return counted
+
+    def discard(self, shard: Shard, leases: Leases) -> int:
+        """Drop a shard's files and return its kept tasks to the queue; return how many went back."""
+        returned = leases.release_kept(shard.id)
+        paths = shard.paths()
+        for path in (paths["temp_tar"], paths["temp_index"]):
+            _remove(path)
+        self._forget()
+        log.warning("shard_discarded shard=%s samples=%d returned=%d error=%s", shard.id, shard.samples, returned,
+                    shard.error or "a task was no longer held")  # fmt: skip
+        return returned
+
+    def _forget(self) -> None:
+        with self._lock:
+            self.unfinished -= 1
+
+    def _new_shard(self, subset: str) -> Shard:
+        final_dir = os.path.join(self.store_dir, subset)
+        seq = self._next_seq.get(subset)
+        if seq is None:
+            os.makedirs(final_dir, exist_ok=True)
+            seq = next_sequence(final_dir, self.prefix)
+        self._next_seq[subset] = seq + 1
+        shard = Shard(subset, f"{self.prefix}{seq:06d}", os.fspath(self.temp_dir), final_dir)
+        shard.file = open(shard.paths()["temp_tar"], "wb", buffering=0)  # noqa: SIM115 - closed by the sealer
+        self._open[subset] = shard
+        self.unfinished += 1
+        return shard
+
+    def _seal(self, shard: Shard) -> None:
+        """Hand a shard to the sealer (caller holds the lock)."""
+        del self._open[shard.subset]
+        self._sealing.put(shard)
+
+    def _seal_loop(self) -> None:
+        while (shard := self._sealing.get()) is not None:
+            try:
+                seal(shard)
+            except OSError as error:
+                shard.error = error
+            self.ready.put(shard)
+
+
+def seal(shard: Shard) -> None:
+    """End the shard's tar and write its index, both fsynced, under their temporary names."""
+    with shard.file as file:
+        file.write(TAR_END)
+        os.fsync(file.fileno())
+    paths = shard.paths()
+    with open(paths["temp_index"], "wb") as file:
+        pq.write_table(index_table(shard.rows), file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def index_row(task: Task, key: str, members: list[str], image: Processed) -> dict[str, Any]:
+    """The index row of one sample."""
+    row: dict[str, Any] = {"key": key, "id": task.id, "url": task.url, "caption": task.text}
+    row.update(task.meta or {})
+    row.update(
+        part=task.part,
+        row=task.row,
+        members=members,
+        bytes=len(image.data or b""),
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+    )
+    return row
+
+
+def index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as a table; a ``save_columns`` column whose values mix types is stored as text."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowException, TypeError, ValueError):
+            columns[name] = pa.array([None if value is None else str(value) for value in values], pa.string())
+    return pa.table(columns)
+
+
+def next_sequence(folder: str, prefix: str) -> int:
+    """One more than the highest sequence number of the shards named ``<prefix><seq>.tar`` or ``.parquet`` there."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(?:tar|parquet)$")
+    highest = -1
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = pattern.match(entry.name)
+            if match:
+                highest = max(highest, int(match[1]))
+    return highest + 1
+
+
+def shard_field(host_id: str, shard_id: str) -> str:
+    """The shard's field in the Redis hash of shards being finished."""
+    return f"{host_id}|{shard_id}"
+
+
+def move_into_place(paths: dict[str, str]) -> None:
+    """Rename the index, then the tar, to their final names (a tar under its final name always has its index), and
+    make the renames durable. A step already done is skipped, so a recovery can run it again."""
+    for temp, final in ((paths["temp_index"], paths["index"]), (paths["temp_tar"], paths["tar"])):
+        if os.path.exists(temp):
+            if os.path.exists(final):
+                raise FileExistsError(f"{final} exists: a shard is never rewritten")
+            os.rename(temp, final)
+        if not os.path.exists(final):
+            raise FileNotFoundError(f"{final}: neither it nor its temporary file exists")
+    folder = os.open(os.path.dirname(paths["tar"]), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
+    """Finish the shards that dead workers of this host left prepared: renamed and counted when their files are
+    there, else their tasks go back to the queue. One worker of a host does it at a time; ``wait`` seconds for that.
+    Return how many shards were recovered."""
+    client, lock = leases.client, leases.keys.shard_lock(host_id)
+    deadline = time.monotonic() + wait
+    while not client.set(lock, leases.token, nx=True, ex=RECOVERY_LOCK_SECONDS):
+        if time.monotonic() >= deadline:
+            return 0
+        time.sleep(0.2)
+    try:
+        recovered = 0
+        for field_name, text in client.hgetall(leases.keys.shards).items():
+            record = json.loads(text)
+            owner = Owner.parse(record["owner"])
+            if not field_name.startswith(f"{host_id}|") or (owner is not None and owner.is_alive_here()):
+                continue
+            _recover_one(leases, host_id, field_name, record)
+            recovered += 1
+        return recovered
+    finally:
+        if client.get(lock) == leases.token:
+            client.delete(lock)
+
+
+def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str, Any]) -> None:
+    try:
+        move_into_place(record)
+    except OSError as error:
+        log.warning("shard_recovery_files field=%s error=%s", field_name, error)
+    if os.path.exists(record["tar"]):
+        counted = leases.commit_shard(field_name, host_id, int(record["bytes"]))
+        log.info("shard_recovered shard=%s counted=%d", record["tar"], counted)
+        return
+    _remove(record["index"])
+    returned = leases.release_prepared(field_name, host_id)
+    log.warning("shard_lost shard=%s returned=%d: its files are gone, its tasks are queued again", record["tar"],
+                returned)  # fmt: skip
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
