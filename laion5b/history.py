@@ -52,7 +52,8 @@ return 1
 
 @dataclass(frozen=True)
 class Sample:
-    """The figures of one scope at one minute. For a host, ``in_flight`` is what its workers hold and ``queued`` and
+    """The figures of one scope at one minute. ``succeeded`` includes the samples in unfinished shards (webdataset
+    output), so rates do not wait for shards. For a host, ``in_flight`` is what its workers hold and ``queued`` and
     ``delayed`` are None; disk figures are None when unknown."""
 
     at: int
@@ -144,7 +145,7 @@ def run_sample(snapshot: stats.Snapshot, at: int) -> Sample:
     free = [host.free_gb for host in snapshot.hosts if host.free_gb is not None]
     return Sample(
         at=at,
-        succeeded=snapshot.succeeded,
+        succeeded=snapshot.stored,
         failed=snapshot.failed,
         bytes=snapshot.bytes,
         queued=snapshot.queued,
@@ -163,10 +164,10 @@ def host_sample(client: redis.Redis, keys: Keys, host_id: str, machine: HostSamp
     pipe.hmget(keys.host_counters, [f"{host_id}:{name}" for name in stats.HOST_COUNTERS])
     for identity in identities:
         pipe.llen(keys.lease(identity))
-    (succeeded, failed, stored_bytes), *leased = pipe.execute()
+    (succeeded, failed, stored_bytes, in_shards), *leased = pipe.execute()
     return Sample(
         at=at,
-        succeeded=int(succeeded or 0),
+        succeeded=int(succeeded or 0) + int(in_shards or 0),
         failed=int(failed or 0),
         bytes=int(stored_bytes or 0),
         queued=None,

@@ -27,6 +27,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         ("queued", snapshot.queued, "Tasks waiting in the queue."),
         ("delayed", snapshot.delayed, "Tasks waiting for a retry."),
         ("in_flight", snapshot.in_flight, "Tasks held by workers."),
+        ("in_shards", snapshot.in_shards, "Samples in unfinished webdataset shards, not counted as succeeded yet."),
         ("error_queue", snapshot.error_queue, "Error records waiting for save_error_task.py."),
         ("expected", snapshot.total or 0, "Rows add_task.py expects to have added once every known file is queued."),
     ):
@@ -45,6 +46,9 @@ def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
     gauges = {
         "failed": GaugeMetricFamily("laion5b_host_failed", "Tasks failed on a host.", labels=["host"]),
         "in_flight": GaugeMetricFamily("laion5b_host_in_flight", "Tasks held by a host's workers.", labels=["host"]),
+        "in_shards": GaugeMetricFamily(
+            "laion5b_host_in_shards", "Samples in a host's unfinished webdataset shards.", labels=["host"]
+        ),
         "workers": GaugeMetricFamily("laion5b_host_workers", "Live downloader processes of a host.", labels=["host"]),
         "used": GaugeMetricFamily("laion5b_host_disk_used_gb", "GB used on a host's download disk.", labels=["host"]),
         "free": GaugeMetricFamily("laion5b_host_disk_free_gb", "GB free on a host's download disk.", labels=["host"]),
@@ -55,6 +59,7 @@ def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
         stored.add_metric(label, host.bytes)
         gauges["failed"].add_metric(label, host.failed)
         gauges["in_flight"].add_metric(label, host.in_flight)
+        gauges["in_shards"].add_metric(label, host.in_shards)
         gauges["workers"].add_metric(label, host.live_workers)
         if host.used_gb is not None:
             gauges["used"].add_metric(label, host.used_gb)

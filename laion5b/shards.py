@@ -172,12 +172,11 @@ class ShardSink:
         """Finish a sealed shard: its tasks move to the shard in Redis (all or none), its files get their final names,
         then its samples are counted. Return how many were counted, or -1 when a task was no longer held (a lease
         was lost) and the shard was discarded."""
-        paths = shard.paths()
-        record = json.dumps({"owner": owner.token(), "samples": shard.samples, "bytes": shard.bytes, **paths})
         field_name = shard_field(self.host_id, shard.id)
-        if not leases.prepare_shard(shard.id, shard.samples, field_name, record):
+        if not leases.prepare_shard(shard.id, shard.samples, field_name, shard_record(shard, owner)):
             self.discard(shard, leases)
             return -1
+        paths = shard.paths()
         move_into_place(paths)
         counted = leases.commit_shard(field_name, self.host_id, shard.bytes)
         self._forget()
@@ -277,6 +276,11 @@ def next_sequence(folder: str, prefix: str) -> int:
             if match:
                 highest = max(highest, int(match[1]))
     return highest + 1
+
+
+def shard_record(shard: Shard, owner: Owner) -> str:
+    """What Redis keeps of a shard being finished: enough for a worker of its host to finish it after a crash."""
+    return json.dumps({"owner": owner.token(), "samples": shard.samples, "bytes": shard.bytes, **shard.paths()})
 
 
 def shard_field(host_id: str, shard_id: str) -> str:

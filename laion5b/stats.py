@@ -18,7 +18,7 @@ from laion5b.monitor import RECORD_TTL_INTERVALS, HostSample
 from laion5b.tables import table
 
 MB = 1024 * 1024
-HOST_COUNTERS = ("succ", "error", "bytes")
+HOST_COUNTERS = ("succ", "error", "bytes", "open")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Host:
     sample: HostSample | None
     state: str
     in_flight: int = 0
+    in_shards: int = 0
+    """Samples in its workers' unfinished shards (webdataset output): stored, counted as succeeded once finished."""
 
     @property
     def dead(self) -> bool:
@@ -77,8 +79,18 @@ class Snapshot:
     acks: dict[str, str] = field(default_factory=dict)
 
     @property
+    def in_shards(self) -> int:
+        """Samples in unfinished shards (webdataset output), not counted as succeeded yet."""
+        return sum(host.in_shards for host in self.hosts)
+
+    @property
+    def stored(self) -> int:
+        """Samples stored, finished shards or not: what rates are measured on, so that they do not wait for shards."""
+        return self.succeeded + self.in_shards
+
+    @property
     def done(self) -> int:
-        return self.succeeded + self.failed
+        return self.stored + self.failed
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,7 @@ def _host(
         sample=sample,
         state=_state(live, stale, monitor),
         in_flight=sum(worker.leased for worker in workers),
+        in_shards=counters["open"],
     )
 
 
@@ -247,7 +260,7 @@ def _float(value: Any) -> float | None:
 def between(before: Snapshot, after: Snapshot) -> Rates:
     """Throughput from one snapshot to the next."""
     seconds = max(after.at - before.at, 1e-9)
-    return _rates(seconds, after.succeeded - before.succeeded, after.failed - before.failed, after.bytes - before.bytes)
+    return _rates(seconds, after.stored - before.stored, after.failed - before.failed, after.bytes - before.bytes)
 
 
 def since_start(snapshot: Snapshot) -> Rates | None:
@@ -255,7 +268,7 @@ def since_start(snapshot: Snapshot) -> Rates | None:
     if snapshot.started is None:
         return None
     seconds = max(snapshot.at - snapshot.started, 1e-9)
-    return _rates(seconds, snapshot.succeeded, snapshot.failed, snapshot.bytes)
+    return _rates(seconds, snapshot.stored, snapshot.failed, snapshot.bytes)
 
 
 def _rates(seconds: float, succeeded: int, failed: int, stored_bytes: int) -> Rates:
@@ -286,10 +299,14 @@ def host_rates(before: Snapshot | None, after: Snapshot) -> dict[str, float]:
     if before is None:
         rates = since_start(after)
         seconds = rates.seconds if rates else None
-        return {host.host: host.succeeded / seconds if seconds else 0.0 for host in after.hosts}
+        return {host.host: _stored(host) / seconds if seconds else 0.0 for host in after.hosts}
     seconds = max(after.at - before.at, 1e-9)
-    earlier = {host.host: host.succeeded for host in before.hosts}
-    return {host.host: (host.succeeded - earlier.get(host.host, 0)) / seconds for host in after.hosts}
+    earlier = {host.host: _stored(host) for host in before.hosts}
+    return {host.host: (_stored(host) - earlier.get(host.host, 0)) / seconds for host in after.hosts}
+
+
+def _stored(host: Host) -> int:
+    return host.succeeded + host.in_shards
 
 
 # --- output ---
@@ -307,6 +324,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "queued": snapshot.queued,
         "delayed": snapshot.delayed,
         "in_flight": snapshot.in_flight,
+        "in_shards": snapshot.in_shards,
         "error_queue": snapshot.error_queue,
         "bytes": snapshot.bytes,
         "total": snapshot.total,
@@ -343,6 +361,7 @@ def _host_json(host: Host, rate: float) -> dict[str, Any]:
         "disk_age_seconds": _round(host.disk_age, 1),
         "heartbeat_age_seconds": _round(host.heartbeat_age, 1),
         "in_flight": host.in_flight,
+        "in_shards": host.in_shards,
         "live_workers": host.live_workers,
         "stale_workers": host.stale_workers,
         "state": host.state,
@@ -367,7 +386,8 @@ def render(snapshot: Snapshot, before: Snapshot | None, min_success_ratio: float
         f"laion5b progress at {datetime.fromtimestamp(snapshot.at, tz=UTC):%Y-%m-%d %H:%M:%S} UTC",
         f"queued {snapshot.queued:,} | delayed {snapshot.delayed:,} | added {snapshot.added:,}{total} | "
         f"succeeded {snapshot.succeeded:,} | failed {snapshot.failed:,} | held by workers {snapshot.in_flight:,} | "
-        f"error queue {snapshot.error_queue:,}",
+        f"error queue {snapshot.error_queue:,}"
+        + (f" | in open shards {snapshot.in_shards:,}" if snapshot.in_shards else ""),
     ]
     if last:
         lines.append(_rates_line(f"last {_seconds(last.seconds)} s:", last))
@@ -418,7 +438,7 @@ def _hosts_table(snapshot: Snapshot, rates: dict[str, float]) -> str:
         [
             host.host,
             f"{rates[host.host]:.1f}",
-            f"{host.succeeded:,}",
+            f"{host.succeeded:,}" + (f" (+{host.in_shards:,} in shards)" if host.in_shards else ""),
             f"{host.failed:,}",
             _gb(host.used_gb),
             _gb(host.free_gb),

@@ -1,0 +1,211 @@
+"""Webdataset output: shards read back by the webdataset library and by tarfile, shards closed on pause and stop,
+killed workers, and every crash window of a shard's finish recovered with exact books."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset
+
+from laion5b.imaging import Processed
+from laion5b.keys import Keys
+from laion5b.leases import Leases, Owner
+from laion5b.shards import ShardSink, move_into_place, recover, shard_field, shard_record
+from laion5b.tasks import Task, decode
+from tests.helpers import run_script, wait_until
+from tests.test_downloader import start_worker
+from tools.image_server import image_bytes
+
+KEYS = Keys()
+HOST = "testhost"
+
+
+@pytest.fixture
+def env(script_env: dict[str, str]) -> dict[str, str]:
+    return {
+        **script_env,
+        "LAION_OUTPUT_FORMAT": "webdataset",
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_THREAD_NUM": "8",
+        "LAION_CONCURRENCY": "8",
+        "LAION_HEARTBEAT_TTL": "3",
+        "LAION_DOWNLOAD_TIMEOUT": "5",
+    }
+
+
+def queue(client, urls: list[str], first_row: int = 0) -> list[Task]:
+    """Queue one task per URL with a caption and a saved column, as add_task.py would."""
+    tasks = [
+        Task(f"id{row}", url, "sub", "part.0.parquet", row, f"caption {row} été", meta={"similarity": row / 100})
+        for row, url in enumerate(urls, first_row)
+    ]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    client.incrby(KEYS.tongji_all, len(tasks))
+    return tasks
+
+
+def finished_shards(store: Path) -> list[Path]:
+    return sorted(path for path in store.glob("*/*.tar"))
+
+
+def read_shard(tar: Path) -> dict[str, dict[str, bytes]]:
+    """The samples of a finished shard by key, read with tarfile; its index must list exactly its members."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar) as archive:
+        for member in archive.getmembers():
+            key, _, extension = member.name.partition(".")
+            file = archive.extractfile(member)
+            assert file is not None
+            samples.setdefault(key, {})[extension] = file.read()
+    index = pq.read_table(tar.with_suffix(".parquet")).to_pylist()
+    assert {row["key"]: sorted(row["members"]) for row in index} == {
+        key: sorted(f"{key}.{extension}" for extension in files) for key, files in samples.items()
+    }
+    return samples
+
+
+def assert_exact_books(client, store: Path, tasks: list[Task]) -> dict[str, dict[str, bytes]]:
+    """Every task ended once: stored ones in exactly one finished shard, the others as one error record."""
+    stored: dict[str, dict[str, bytes]] = {}
+    for tar in finished_shards(store):
+        for key, files in read_shard(tar).items():
+            assert key not in stored, f"{key} is in two shards"
+            stored[key] = files
+    errors = Counter(json.loads(line)["id"] for line in client.lrange(KEYS.error, 0, -1))
+    succeeded, failed = int(client.get(KEYS.tongji_succ) or 0), int(client.get(KEYS.tongji_error) or 0)
+    assert succeeded == len(stored) and failed == sum(errors.values())
+    assert succeeded + failed == len(tasks) == int(client.get(KEYS.tongji_all))
+    stored_ids = {json.loads(files["json"])["id"] for files in stored.values()}
+    assert not stored_ids & set(errors) and max(errors.values(), default=1) == 1
+    assert int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0) == 0
+    assert not client.hgetall(KEYS.shards) and not client.keys(f"{KEYS.task}:kept:*")
+    assert not [path for path in (store / ".tmp").rglob("*") if path.is_file()]
+    return stored
+
+
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_shards_read_back_with_webdataset(env, redis_server, image_server, tmp_path: Path, engine: str) -> None:
+    """Images (some resized), captions and metadata land in shards of shard_size that webdataset reads back."""
+    client = redis_server.client()
+    urls = [image_server.url(f"/img/a{row}.{'png' if row % 4 else 'jpg'}") for row in range(18)]
+    urls += [image_server.url("/photo/300x200.jpg")] * 4 + [image_server.url("/status/404")] * 4
+    tasks = queue(client, urls)
+    env.update(LAION_ENGINE=engine, LAION_SHARD_SIZE="10", LAION_RESIZE_MODE="center_crop", LAION_IMAGE_SIZE="8")
+    result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = tmp_path / "images"
+    stored = assert_exact_books(client, store, tasks)
+    shards = finished_shards(store)
+    assert [path.name for path in shards] == [f"{HOST}-w-{seq:06d}.tar" for seq in range(3)]
+    read = list(webdataset.WebDataset([str(path) for path in shards], shardshuffle=False))
+    assert len(read) == len(stored) == 22
+    for sample in read:
+        metadata = json.loads(sample["json"])
+        task = tasks[int(metadata["id"][2:])]
+        image = sample[metadata["ext"]]
+        assert sample["__key__"] == metadata["key"] == f"part_0_parquet-{task.row:09d}"
+        assert sample["txt"].decode() == task.text == metadata["caption"]
+        assert metadata["sha256"] == hashlib.sha256(image).hexdigest() and metadata["bytes"] == len(image)
+        assert (metadata["url"], metadata["similarity"], metadata["attempts"]) == (task.url, task.row / 100, 1)
+        assert (metadata["width"], metadata["height"]) == (8, 8)
+        if "photo" in task.url:
+            assert (metadata["original_width"], metadata["original_height"]) == (300, 200)
+
+
+def test_stop_and_pause_close_the_open_shard(env, redis_server, image_server, tmp_path: Path) -> None:
+    """A shard far from full is finished when the worker is paused and when it stops, slow downloads in flight."""
+    client = redis_server.client()
+    fast = [image_server.url(f"/img/f{row}.jpg") for row in range(6)]
+    tasks = queue(client, fast + [image_server.url(f"/slow/2/s{row}.jpg") for row in range(6)])
+    env.update(LAION_SHARD_SIZE="1000", LAION_THREAD_NUM="4")
+    worker = start_worker(env, "w")
+    open_samples = lambda: int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0)  # noqa: E731
+    wait_until(lambda: open_samples() >= 4)
+    assert int(client.get(KEYS.tongji_succ) or 0) == 0  # stored, not counted until its shard is finished
+    subprocess.run([*run_script("control.py"), "pause"], env=env, check=True, capture_output=True)
+    wait_until(lambda: json.loads(client.hget(KEYS.control_acks, f"{HOST}:w") or "{}").get("state") == "paused")
+    paused_count = int(client.get(KEYS.tongji_succ))
+    assert paused_count >= 4 and open_samples() == 0 and len(finished_shards(tmp_path / "images")) == 1
+    subprocess.run([*run_script("control.py"), "resume"], env=env, check=True, capture_output=True)
+    wait_until(lambda: int(client.get(KEYS.tongji_succ)) + open_samples() > paused_count)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    queued = client.llen(KEYS.task)
+    assert open_samples() == 0 and int(client.get(KEYS.tongji_succ)) + queued == len(tasks)
+    assert len(finished_shards(tmp_path / "images")) == 2
+    subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, check=True, capture_output=True)
+    assert len(assert_exact_books(client, tmp_path / "images", tasks)) == len(tasks)
+
+
+def test_killed_worker_loses_its_open_shard_not_its_tasks(env, redis_server, image_server, tmp_path: Path) -> None:
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/img/k{row}.jpg") for row in range(8)])
+    tasks += queue(client, [image_server.url(f"/slow/4/k{row}.jpg") for row in range(8, 10)], first_row=8)
+    env["LAION_SHARD_SIZE"] = "1000"
+    worker = start_worker(env, "w")
+    wait_until(lambda: int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0) == 8)
+    worker.kill()
+    worker.wait()
+    assert not finished_shards(tmp_path / "images") and int(client.get(KEYS.tongji_succ) or 0) == 0
+    result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "returned_from_predecessor=10" in result.stderr
+    assert len(assert_exact_books(client, tmp_path / "images", tasks)) == 10
+
+
+WINDOWS = ("prepared", "index renamed", "tar renamed", "files gone")
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_a_shard_left_half_finished_is_recovered(redis_server, tmp_path: Path, window: str) -> None:
+    """A worker that dies between preparing a shard in Redis and counting it leaves it to its host's workers: they
+    rename what is left and count it, or queue its tasks again when its files are gone."""
+    client = redis_server.client()
+    tasks = [Task(f"id{row}", f"http://127.0.0.1/{row}.jpg", "sub", "p", row, "text") for row in range(5)]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    dead = Leases(client, KEYS, HOST, f"{HOST}:dead", 30)
+    dead.register()
+    claimed = dead.claim(10)
+    sink = ShardSink(tmp_path / "store", HOST, "dead", f"{HOST}:dead", shard_size=5, max_seconds=600)
+    sink.open()
+    data = image_bytes("x", "jpg", 3000)
+    image = Processed(data, "jpg", None, sha256=hashlib.sha256(data).hexdigest())
+    dead.finish([sink.put(decode(raw), raw, image, None) for raw in claimed])
+    shard = sink.ready.get(timeout=10)
+    assert shard.error is None and shard.samples == 5
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    field = shard_field(HOST, shard.id)
+    assert dead.prepare_shard(shard.id, shard.samples, field, shard_record(shard, Owner(HOST, gone.pid, 0.0)))
+    paths = shard.paths()
+    if window == "index renamed":
+        Path(paths["temp_index"]).rename(paths["index"])
+    elif window == "tar renamed":
+        move_into_place(paths)
+    elif window == "files gone":
+        Path(paths["temp_index"]).rename(paths["index"])
+        Path(paths["temp_tar"]).unlink()
+    assert int(client.get(KEYS.tongji_succ) or 0) == 0 and client.llen(KEYS.task) == 0
+    survivor = Leases(client, KEYS, HOST, f"{HOST}:survivor", 30)
+    assert recover(survivor, HOST) == 1
+    assert recover(survivor, HOST) == 0
+    counted, queued = int(client.get(KEYS.tongji_succ) or 0), client.llen(KEYS.task)
+    tars = finished_shards(tmp_path / "store")
+    if window == "files gone":
+        assert (counted, queued, tars) == (0, 5, [])
+        assert not Path(paths["index"]).exists()
+    else:
+        assert (counted, queued, [path.name for path in tars]) == (5, 0, [Path(paths["tar"]).name])
+        assert len(read_shard(tars[0])) == 5
+    assert int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0 and not client.hgetall(KEYS.shards)
+    sink.close()
