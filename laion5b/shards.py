@@ -139,7 +139,7 @@ class ShardSink:
             shard = self._open.get(task.subset) or self._new_shard(task.subset)
             position = shard.file.tell()
             try:
-                shard.file.write(block)
+                _write_all(shard.file, block)
             except OSError:
                 shard.file.truncate(position)
                 shard.file.seek(position)
@@ -343,6 +343,14 @@ def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str
     returned = leases.release_prepared(field_name, host_id)
     log.warning("shard_lost shard=%s returned=%d: its files are gone, its tasks are queued again", record["tar"],
                 returned)  # fmt: skip
+
+
+def _write_all(file: Any, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file: a short write (the disk filling up) is followed by the write
+    that raises."""
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view) :]
 
 
 def _remove(path: str) -> None:
