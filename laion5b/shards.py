@@ -14,9 +14,10 @@ import shutil
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,9 +32,11 @@ log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
 TAR_END = bytes(2 * TAR_BLOCK)
-INDEX_FIELDS = ("key", "id", "url", "caption", "part", "row", "members", "bytes", "sha256", "width", "height")
-"""Columns of a shard's index, the ``save_columns`` going after ``caption``."""
 RECOVERY_LOCK_SECONDS = 60
+
+T = TypeVar("T")
+Retry = Callable[[Callable[[], T]], T]
+"""Runs a Redis step, repeating it while Redis is unreachable."""
 
 
 def tar_member(name: str, data: bytes, mtime: int) -> bytes:
@@ -168,31 +171,27 @@ class ShardSink:
         with self._lock:
             return sum(shard.samples for shard in self._open.values())
 
-    def finish(self, shard: Shard, leases: Leases, owner: Owner) -> int:
+    def finish(self, shard: Shard, leases: Leases, owner: Owner, retry: Retry) -> int:
         """Finish a sealed shard: its tasks move to the shard in Redis (all or none), its files get their final names,
-        then its samples are counted. Return how many were counted, or -1 when a task was no longer held (a lease
-        was lost) and the shard was discarded."""
+        then its samples are counted; return how many. A shard that could not be sealed, or one of whose tasks is no
+        longer held (a lease was lost), is discarded instead: its files are dropped, its tasks queued again (-1).
+        Each Redis step runs through ``retry`` (which repeats it while Redis is unreachable): each is safe to repeat."""
         field_name = shard_field(self.host_id, shard.id)
-        if not leases.prepare_shard(shard.id, shard.samples, field_name, shard_record(shard, owner)):
-            self.discard(shard, leases)
-            return -1
         paths = shard.paths()
-        move_into_place(paths)
-        counted = leases.commit_shard(field_name, self.host_id, shard.bytes)
-        self._forget()
-        log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
-        return counted
-
-    def discard(self, shard: Shard, leases: Leases) -> int:
-        """Drop a shard's files and return its kept tasks to the queue; return how many went back."""
-        returned = leases.release_kept(shard.id)
-        paths = shard.paths()
+        record = shard_record(shard, owner)
+        if shard.error is None and retry(lambda: leases.prepare_shard(shard.id, shard.samples, field_name, record)):
+            move_into_place(paths)
+            counted = retry(lambda: leases.commit_shard(field_name, self.host_id, shard.bytes))
+            self._forget()
+            log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
+            return counted
+        returned = retry(lambda: leases.release_kept(shard.id))
         for path in (paths["temp_tar"], paths["temp_index"]):
             _remove(path)
         self._forget()
         log.warning("shard_discarded shard=%s samples=%d returned=%d error=%s", shard.id, shard.samples, returned,
                     shard.error or "a task was no longer held")  # fmt: skip
-        return returned
+        return -1
 
     def _forget(self) -> None:
         with self._lock:

@@ -371,12 +371,7 @@ class Worker:
                     continue
             self.sealed.remove(shard)
             del self.kept[shard.id]
-            if shard.error is not None:
-                self._redis(lambda shard=shard: self.shards.discard(shard, self.leases), "shard")
-                continue
-            counted = self._redis(
-                lambda shard=shard: self.shards.finish(shard, self.leases, self.leases.owner), "shard"
-            )
+            counted = self.shards.finish(shard, self.leases, self.leases.owner, lambda call: self._redis(call, "shard"))
             if counted > 0:
                 self.tally.stored += counted
                 self.tally.bytes += shard.bytes
