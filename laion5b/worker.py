@@ -333,14 +333,15 @@ class Worker:
         if self._due("summary", now, SUMMARY_EVERY):
             elapsed = max(now - self.tally.started, 1e-9)
             log.info(
-                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d waiting_for_host=%d paused=%s "
-                "round_trips=%d heartbeat_gap_max=%.2f",
+                "summary worker=%s rate=%.1f/s stored=%d failed=%d retried=%d held=%d in_open_shards=%d "
+                "waiting_for_host=%d paused=%s round_trips=%d heartbeat_gap_max=%.2f",
                 self.identity,
                 (self.tally.stored + self.tally.failed) / elapsed,
                 self.tally.stored,
                 self.tally.failed,
                 self.tally.retried,
                 self.held_count,
+                self.shards.open_samples if self.shards is not None else 0,
                 self.engine.slots.waiting(),
                 self.pause_reason is not None,
                 self.round_trips,
