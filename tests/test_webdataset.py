@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import webdataset
 
 from laion5b.imaging import Processed
 from laion5b.keys import Keys
-from laion5b.leases import Leases, Owner
+from laion5b.leases import FAILED, KEPT, Leases, Owner
 from laion5b.shards import ShardSink, move_into_place, recover, shard_field, shard_record
 from laion5b.tasks import Task, decode
 from tests.helpers import run_script, wait_until
@@ -209,3 +210,22 @@ def test_a_shard_left_half_finished_is_recovered(redis_server, tmp_path: Path, w
         assert len(read_shard(tars[0])) == 5
     assert int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0 and not client.hgetall(KEYS.shards)
     sink.close()
+
+
+def test_speed_counts_samples_in_open_shards(redis_server, script_env) -> None:
+    """Samples waiting in an open shard show in speed.py and count in its rates, before their shard is finished."""
+    client = redis_server.client()
+    queue(client, [f"http://127.0.0.1/{row}.jpg" for row in range(10)])
+    client.set(KEYS.started, time.time() - 10)
+    leases = Leases(client, KEYS, HOST, f"{HOST}:w", 30)
+    leases.register()
+    claimed = leases.claim(8)
+    leases.finish([(KEPT, raw, "sub/w-000000") for raw in claimed[:6]] + [(FAILED, claimed[6], "404|{}")])
+    result = subprocess.run([*run_script("speed.py"), "--json"], env=script_env, capture_output=True, text=True)
+    figures = json.loads(result.stdout)
+    assert (figures["succeeded"], figures["failed"], figures["in_shards"], figures["in_flight"]) == (0, 1, 6, 1)
+    assert figures["added"] == 10 == sum(figures[key] for key in ("succeeded", "failed", "in_shards", "in_flight",
+                                                                    "queued", "delayed"))  # fmt: skip
+    assert figures["images_per_s"] > 0 and figures["hosts"][0]["in_shards"] == 6
+    text = subprocess.run([*run_script("speed.py"), "--once"], env=script_env, capture_output=True, text=True).stdout
+    assert "in open shards 6" in text and "0 (+6 in shards)" in text
