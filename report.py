@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -22,9 +23,12 @@ from laion5b.config import Config
 from laion5b.inputs import Spec
 from laion5b.log import setup
 from laion5b.rows import InputError
+from laion5b.shardlocator import ShardLocator
 
 log = logging.getLogger("report")
 REDIS_TIMEOUT = 3.0
+LOCATORS: dict[str, Callable[[str], rowstatus.Locator]] = {"files": rowstatus.FileLocator, "webdataset": ShardLocator}
+"""The locator of each ``output_format``: where its stored samples are found."""
 
 
 def main() -> int:
@@ -41,7 +45,7 @@ def main() -> int:
         return 1
     _warn_about_unsaved_records(config)
     errors = rowstatus.saved_errors(Path(config.store_error_dir), {(s.subset, s.part) for s in sources})
-    locator = rowstatus.FileLocator(config.store_dir)
+    locator = LOCATORS[config.output_format](config.store_dir)
     failed = 0
     for source in sources:
         target = Path(config.status_dir) / source.subset / f"{source.part}.parquet"

@@ -40,8 +40,8 @@ SCHEMA = pa.schema(
         ("member", pa.string()),
     ]
 )
-"""``path``: the stored file (``files`` output); ``shard`` and ``member``: the tar and its member name (webdataset
-output, null until a shard locator fills them)."""
+"""``path``: the stored file (``files`` output); ``shard`` and ``member``: the tar and the key (the stem of the
+member names) of the sample in it (``webdataset`` output)."""
 
 
 class Location(NamedTuple):
@@ -53,8 +53,11 @@ class Location(NamedTuple):
 
 
 class Locator(Protocol):
-    """Finds the stored sample of a row. The ``files`` output has FileLocator; a webdataset output adds its own,
-    reading the shard indexes."""
+    """Finds the stored sample of a row: FileLocator for the ``files`` output, shardlocator.ShardLocator (reading the
+    shard indexes) for the ``webdataset`` output."""
+
+    duplicates: int
+    """Rows located so far that are stored more than once (each is reported once)."""
 
     def locate(self, task: Task) -> Location | None: ...
 
@@ -64,6 +67,7 @@ class FileLocator:
 
     def __init__(self, store_dir: str) -> None:
         self.store_dir = store_dir
+        self.duplicates = 0
         self._folder = ""
         self._names: set[str] = set()
 
@@ -130,6 +134,8 @@ class Summary:
     key: str
     rows: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    """Rows stored more than once (reported once each)."""
 
 
 def write_table(
@@ -138,6 +144,7 @@ def write_table(
     """Write the part's status table to ``target`` (through a temporary file, batch by batch); return its summary."""
     picked = inputs.columns_of(source, spec)
     summary = Summary(source.key)
+    duplicates_before = locator.duplicates
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
     with pq.ParquetWriter(temporary, SCHEMA) as writer:
@@ -164,6 +171,7 @@ def write_table(
             summary.rows += len(rows)
             writer.write_batch(pa.record_batch(columns, schema=SCHEMA))
     temporary.replace(target)
+    summary.duplicates = locator.duplicates - duplicates_before
     return summary
 
 
@@ -181,6 +189,8 @@ def render(summary: Summary, target: Path, top: int = 6) -> str:
     if errors:
         shown = ", ".join(f"{status} {count:,}" for status, count in errors[:top])
         lines.append(f"  failures: {shown}" + (f", {len(errors) - top} more statuses" if len(errors) > top else ""))
+    if summary.duplicates:
+        lines.append(f"  duplicates: {summary.duplicates:,} (rows stored more than once, each reported once)")
     return "\n".join(lines) + "\n"
 
 
