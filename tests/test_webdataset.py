@@ -98,8 +98,10 @@ def test_shards_read_back_with_webdataset(env, redis_server, image_server, tmp_p
     client = redis_server.client()
     urls = [image_server.url(f"/img/a{row}.{'png' if row % 4 else 'jpg'}") for row in range(18)]
     urls += [image_server.url("/photo/300x200.jpg")] * 4 + [image_server.url("/status/404")] * 4
+    urls += [image_server.url("/photo/40x10.jpg")] * 2
     tasks = queue(client, urls)
     env.update(LAION_ENGINE=engine, LAION_SHARD_SIZE="10", LAION_RESIZE_MODE="center_crop", LAION_IMAGE_SIZE="8")
+    env["LAION_MAX_ASPECT_RATIO"] = "3"
     result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,6 +111,8 @@ def test_shards_read_back_with_webdataset(env, redis_server, image_server, tmp_p
     assert [path.name for path in shards] == [f"{HOST}-w-{seq:06d}.tar" for seq in range(3)]
     read = list(webdataset.WebDataset([str(path) for path in shards], shardshuffle=False))
     assert len(read) == len(stored) == 22
+    statuses = Counter(json.loads(line)["status"] for line in client.lrange(KEYS.error, 0, -1))
+    assert statuses == {404: 4, "bad_aspect": 2}
     for sample in read:
         metadata = json.loads(sample["json"])
         task = tasks[int(metadata["id"][2:])]
