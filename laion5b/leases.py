@@ -361,19 +361,24 @@ class Leases:
         self._commit = client.register_script(_COMMIT)
         self._release_shard = client.register_script(_RELEASE_SHARD)
 
+    def _worker_keys(self, worker: str) -> list[str]:
+        """The keys of the scripts that give up a worker's identity and return its tasks (register, retire, reap)."""
+        keys = self.keys
+        return [
+            keys.heartbeat(worker),
+            keys.lease(worker),
+            keys.task,
+            keys.workers,
+            keys.kept(worker),
+            keys.host_counters,
+        ]
+
     def register(self) -> int:
         """Take the identity, returning a dead predecessor's leases to the queue; return how many were returned.
 
         Raise IdentityInUse when a live process holds it (on another host, a live heartbeat is taken as alive).
         """
-        keys = [
-            self.heartbeat_key,
-            self.lease_key,
-            self.keys.task,
-            self.keys.workers,
-            self.kept_key,
-            self.keys.host_counters,
-        ]
+        keys = self._worker_keys(self.worker)
         result = self._register(keys=keys, args=[self.token, self.ttl, self.worker, ""])
         if not isinstance(result, str):
             return int(result)
@@ -445,14 +450,7 @@ class Leases:
 
     def retire(self) -> int:
         """Give the identity up, returning every task still leased to the queue."""
-        keys = [
-            self.heartbeat_key,
-            self.lease_key,
-            self.keys.task,
-            self.keys.workers,
-            self.kept_key,
-            self.keys.host_counters,
-        ]
+        keys = self._worker_keys(self.worker)
         return int(self._retire(keys=keys, args=[self.token, self.worker]))
 
     def reap(self) -> int:
@@ -467,7 +465,6 @@ class Leases:
         returned = 0
         for worker, exists in zip(workers, alive, strict=True):
             if not exists:
-                keys = [self.keys.heartbeat(worker), self.keys.lease(worker), self.keys.task, self.keys.workers]
-                keys += [self.keys.kept(worker), self.keys.host_counters]
+                keys = self._worker_keys(worker)
                 returned += max(0, int(self._reap(keys=keys, args=[worker])))
         return returned
