@@ -88,6 +88,7 @@ RSS_EVERY = 0.5
 RSS_OVERHEAD_MIB = 128  # interpreter, requests, sockets, buffers: what a worker holds besides its image bodies
 DISK_TRIP_MAX = 15.0  # a running worker checks its disk every 10 s (worker.DISK_CHECK_EVERY)
 PAUSED_WATCH = 1.5  # seconds the queue is watched once every worker has paused
+STARTUP_MAX = 30.0  # seconds a process may take to log its first line (imports on a busy machine)
 SAVER_CATCH = 6.0  # seconds spent trying to catch save_error_task.py while it holds a batch
 RESUME_MAX = 15.0  # a worker that has just paused looks at its disk again after up to 10 s
 SHARD_ROWS = 10_000
@@ -757,6 +758,13 @@ class Chaos:
         name = self.rng.choice(sorted(self.workers))
         return self.workers.pop(name)
 
+    def wait_logging(self, proc: Proc) -> None:
+        """Wait until a process has logged its first line: its SIGTERM handler is in place by then (a SIGTERM that
+        comes while a busy machine is still importing its modules would end it with -15)."""
+        deadline = time.monotonic() + STARTUP_MAX
+        while proc.log_size() == 0 and proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def event_worker_kill_same(self) -> None:
         proc = self.pick_worker()
         self.kill_worker(proc)
@@ -773,6 +781,7 @@ class Chaos:
 
     def event_worker_term(self) -> None:
         proc = self.pick_worker()
+        self.wait_logging(proc)
         self.terminate(proc, timeout=DOWNLOAD_TIMEOUT + 20)
         self.start_worker(proc.name)
         self.figures.faults["worker SIGTERM, restarted"] += 1
@@ -1250,12 +1259,13 @@ class Audit:
 
     def read_shard(self, tar: Path) -> dict[str, Stored]:
         """The samples of one shard by key, once the tar and its index have been found sound (else none)."""
+        where = tar.relative_to(self.store)
         size = tar.stat().st_size
         with tar.open("rb") as file:
             file.seek(max(0, size - 2 * TAR_BLOCK))
             end = file.read()
         if size % TAR_BLOCK or end != bytes(2 * TAR_BLOCK):
-            self.problem(f"shard {tar.name}: {size} bytes, not whole tar blocks ending with two zero blocks")
+            self.problem(f"shard {where}: {size} bytes, not whole tar blocks ending with two zero blocks")
             return {}
         try:
             with tarfile.open(tar, "r:") as archive:
@@ -1263,24 +1273,24 @@ class Audit:
                 sidecars = {info.name: archive.extractfile(info).read() for info in infos
                             if info.isfile() and info.name.endswith((".txt", ".json"))}  # fmt: skip
         except (tarfile.TarError, OSError) as error:
-            self.problem(f"shard {tar.name}: not a valid tar ({error})")
+            self.problem(f"shard {where}: not a valid tar ({error})")
             return {}
         names: dict[str, list[str]] = defaultdict(list)
         for info in infos:
             names[info.name.partition(".")[0]].append(info.name)
         regular = {info.name for info in infos if info.isfile()}
         if len(regular) != len(infos):
-            self.problem(f"shard {tar.name}: {len(infos)} members, {len(regular)} distinct regular files")
+            self.problem(f"shard {where}: {len(infos)} members, {len(regular)} distinct regular files")
             return {}
         problem = self.index_problem(tar.with_suffix(".parquet"), names)
         if problem:
-            self.problem(f"shard {tar.name}: {problem}")
+            self.problem(f"shard {where}: {problem}")
             return {}
         samples = {}
         for key, members in names.items():
             image = [name for name in members if name not in (f"{key}.txt", f"{key}.json")]
             if len(members) != 3 or len(image) != 1:
-                self.problem(f"shard {tar.name}: sample {key} has the members {members}")
+                self.problem(f"shard {where}: sample {key} has the members {members}")
                 continue
             info = next(info for info in infos if info.name == image[0])
             try:
