@@ -1,6 +1,7 @@
 """Chaos run: the whole suite on one machine under faults, then an exact audit of its books.
 
     python3 bench/chaos.py [--rows 20000] [--seconds 60] [--seed 1] [--workers 3] [--threads 16] [--keep]
+                           [--output files|webdataset] [--shard-size 25]
 
 Everything stays on 127.0.0.1 and in one temporary folder (removed at the end unless --keep or a check failed):
 - a loopback image server (tools/image_server.py, in this process) serving a mix of URL kinds (see KINDS): real
@@ -30,6 +31,13 @@ tries; their last try may meet another transient failure, timeout or connection,
 and shown apart, for at most 10 % of a kind); nothing left in the queue, the delayed set, any lease or processing
 list, or store_dir/.tmp; no connection reached the sentinel; worker RSS stayed under threads x max_image_bytes +
 overhead. It prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1 on any mismatch.
+
+With --output webdataset the workers write tar shards (small ones, --shard-size, so that kills land mid-shard) and
+the audit reads every finished shard back with tarfile instead of the files: each success is exactly one sample in
+one finished shard, its image member the bytes the server sends, its .txt the row's caption, its .json's sha256 the
+image member's and its key, id, url and caption the row's; each shard is whole tar blocks with the end marker, and
+its .parquet index lists exactly its keys and member names. No sample may be left open (<host>:open), no shard left
+being finished, no list of kept tasks left in Redis.
 """
 
 from __future__ import annotations
