@@ -1,6 +1,7 @@
 """Chaos run: the whole suite on one machine under faults, then an exact audit of its books.
 
     python3 bench/chaos.py [--rows 20000] [--seconds 60] [--seed 1] [--workers 3] [--threads 16] [--keep]
+                           [--output files|webdataset] [--shard-size 25]
 
 Everything stays on 127.0.0.1 and in one temporary folder (removed at the end unless --keep or a check failed):
 - a loopback image server (tools/image_server.py, in this process) serving a mix of URL kinds (see KINDS): real
@@ -30,6 +31,13 @@ tries; their last try may meet another transient failure, timeout or connection,
 and shown apart, for at most 10 % of a kind); nothing left in the queue, the delayed set, any lease or processing
 list, or store_dir/.tmp; no connection reached the sentinel; worker RSS stayed under threads x max_image_bytes +
 overhead. It prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1 on any mismatch.
+
+With --output webdataset the workers write tar shards (small ones, --shard-size, so that kills land mid-shard) and
+the audit reads every finished shard back with tarfile instead of the files: each success is exactly one sample in
+one finished shard, its image member the bytes the server sends, its .txt the row's caption, its .json's sha256 the
+image member's and its key, id, url and caption the row's; each shard is whole tar blocks with the end marker, and
+its .parquet index lists exactly its keys and member names. No sample may be left open (<host>:open), no shard left
+being finished, no list of kept tasks left in Redis.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import platform
 import random
@@ -47,6 +56,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -86,11 +96,14 @@ RSS_EVERY = 0.5
 RSS_OVERHEAD_MIB = 128  # interpreter, requests, sockets, buffers: what a worker holds besides its image bodies
 DISK_TRIP_MAX = 15.0  # a running worker checks its disk every 10 s (worker.DISK_CHECK_EVERY)
 PAUSED_WATCH = 1.5  # seconds the queue is watched once every worker has paused
+STARTUP_MAX = 30.0  # seconds a process may take to log its first line (imports on a busy machine)
 SAVER_CATCH = 6.0  # seconds spent trying to catch save_error_task.py while it holds a batch
 RESUME_MAX = 15.0  # a worker that has just paused looks at its disk again after up to 10 s
 SHARD_ROWS = 10_000
 TRANSIENT_ENDINGS = ("timeout", "connection")  # what else a transient kind's last try may meet on a busy machine
 OWN_STATUS_SHARE = 0.9  # ... but most rows of a transient kind must end with the kind's own status
+TAR_BLOCK = 512
+INDEX_COLUMNS = ("key", "id", "url", "caption", "part", "row", "members", "bytes", "sha256", "width", "height")
 EXTENSIONS = ("jpg", "png", "gif", "webp", "bmp", "tiff", "avif", "heic")
 BAD_URLS = ("ftp://127.0.0.1/x.jpg", "", None, "not a url", "javascript:alert(1)", "http:/127.0.0.1/one-slash.jpg")
 
@@ -222,6 +235,7 @@ class Row:
     row: int
     task_id: str
     url: str | None
+    caption: str
     kind: Kind
     image: Image | None
 
@@ -270,7 +284,7 @@ def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[lis
     specs = file_specs()
     sizes = [int(rows * spec.share) for spec in specs]
     sizes[0] += rows - sum(sizes)
-    drafts: list[tuple[FileSpec, int, object, str | None, Kind, Image | None]] = []
+    drafts: list[tuple[FileSpec, int, object, str | None, str, Kind, Image | None]] = []
     start = 0
     for spec, size in zip(specs, sizes, strict=True):
         columns: dict[str, list] = defaultdict(list)
@@ -279,6 +293,7 @@ def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[lis
             kind = kinds[index]
             name = f"{kind.name}-{seed}-{index}"
             url, image = kind.build(rng, name, ctx)
+            caption = f"wide caption {index}" if spec.schema == "wide" else f"caption {index} ü"
             if spec.schema == "wide":
                 sample: object = hashlib.md5(f"{seed}:{index}".encode()).hexdigest()
                 if index % 500 == 7:
@@ -286,7 +301,7 @@ def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[lis
                 columns["url"].append(url)
                 columns["hash"].append(sample)
                 columns["image_suffix"].append(image.ext if image else "jpg")
-                columns["caption"].append(f"wide caption {index}")
+                columns["caption"].append(caption)
                 columns["similarity"].append(0.3)
             else:
                 sample = 2_000_000_000 + index
@@ -294,13 +309,13 @@ def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[lis
                     sample = float(sample)
                 columns["SAMPLE_ID"].append(sample)
                 columns["URL"].append(url)
-                columns["TEXT"].append(f"caption {index} ü")
+                columns["TEXT"].append(caption)
                 columns["HEIGHT"].append(256)
                 columns["WIDTH"].append(256)
                 columns["LICENSE"].append("?")
                 columns["NSFW"].append("UNLIKELY")
                 columns["similarity"].append(0.31)
-            drafts.append((spec, offset, sample, url, kind, image))
+            drafts.append((spec, offset, sample, url, caption, kind, image))
         path = folder / spec.relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         types = {"url": pa.string(), "URL": pa.string(), "hash": pa.string()}
@@ -311,9 +326,9 @@ def write_parquet(folder: Path, rows: int, seed: int, ctx: Context) -> tuple[lis
     (folder / "laion2B-en" / ".part-00000.crc").write_bytes(b"crc")
     sources = {source.key: source for source in inputs.find_files(folder)}
     result = []
-    for spec, offset, sample, url, kind, image in drafts:
+    for spec, offset, sample, url, caption, kind, image in drafts:
         source = sources[spec.relpath]
-        result.append(Row(source.subset, source.part, offset, safe_id(sample), url, kind, image))
+        result.append(Row(source.subset, source.part, offset, safe_id(sample), url, caption, kind, image))
     described = [
         f"{spec.relpath} ({spec.schema}, {size:,} rows: subset {sources[spec.relpath].subset}, "
         f"part {sources[spec.relpath].part})"
@@ -329,6 +344,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def kept_samples(client: redis.Redis, identity: str) -> int:
+    """Samples a worker holds in its open shards (webdataset output): its kept tasks."""
+    shards = client.hkeys(KEYS.kept(identity))
+    return sum(client.llen(KEYS.kept_tasks(identity, shard)) for shard in shards)
 
 
 class RedisService:
@@ -458,6 +479,7 @@ class Figures:
     all_done_after: float | None = None
     rss_peak: dict[str, int] = field(default_factory=dict)
     rss_samples: int = 0
+    shard_kills: tuple[int, int, int] = (0, 0, 0)  # worker SIGKILLs, those that found open shards, their samples
 
 
 class Chaos:
@@ -520,7 +542,11 @@ class Chaos:
             "LAION_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
             "LAION_ADDTASK_BATCH": str(batch),
             "LAION_ADDTASK_THRESHOLD": str(threshold),
+            "LAION_OUTPUT_FORMAT": args.output,
         }
+        if args.output == "webdataset":
+            self.settings["LAION_SHARD_SIZE"] = str(args.shard_size)
+            self.settings["LAION_SHARD_MAX_SECONDS"] = f"{args.shard_seconds:g}"
         self.env.update(self.settings, PYTHONPATH=str(ROOT))
 
     # --- output ---
@@ -575,6 +601,14 @@ class Chaos:
         if proc.alive():
             os.kill(proc.pid, signal.SIGKILL)
         proc.popen.wait()
+
+    def kill_worker(self, proc: Proc) -> None:
+        """SIGKILL a chaos worker; with webdataset output, count the samples it kept in open shards just before."""
+        if self.args.output == "webdataset":
+            kills, open_kills, samples = self.figures.shard_kills
+            kept = self.redis.call(lambda c: kept_samples(c, f"{HOST_ID}:{proc.name}"))
+            self.figures.shard_kills = (kills + 1, open_kills + (kept > 0), samples + kept)
+        self.kill(proc)
 
     def terminate(self, proc: Proc, timeout: float = 30.0) -> int:
         """SIGTERM by PID and wait; an exit code other than 0 is a failure."""
@@ -732,22 +766,30 @@ class Chaos:
         name = self.rng.choice(sorted(self.workers))
         return self.workers.pop(name)
 
+    def wait_logging(self, proc: Proc) -> None:
+        """Wait until a process has logged its first line: its SIGTERM handler is in place by then (a SIGTERM that
+        comes while a busy machine is still importing its modules would end it with -15)."""
+        deadline = time.monotonic() + STARTUP_MAX
+        while proc.log_size() == 0 and proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def event_worker_kill_same(self) -> None:
         proc = self.pick_worker()
-        self.kill(proc)
+        self.kill_worker(proc)
         self.start_worker(proc.name)
         self.figures.faults["worker SIGKILL, restarted under the same name"] += 1
         self.say(f"worker {proc.name}: SIGKILL, restarted under the same name")
 
     def event_worker_kill_new(self) -> None:
         proc = self.pick_worker()
-        self.kill(proc)
+        self.kill_worker(proc)
         new = self.start_worker()
         self.figures.faults["worker SIGKILL, replaced under a new name"] += 1
         self.say(f"worker {proc.name}: SIGKILL, replaced by {new.name} (its leases wait for reaping)")
 
     def event_worker_term(self) -> None:
         proc = self.pick_worker()
+        self.wait_logging(proc)
         self.terminate(proc, timeout=DOWNLOAD_TIMEOUT + 20)
         self.start_worker(proc.name)
         self.figures.faults["worker SIGTERM, restarted"] += 1
@@ -756,7 +798,7 @@ class Chaos:
     def event_all_workers_kill(self) -> None:
         procs = [self.workers.pop(name) for name in sorted(self.workers)]
         for proc in procs:
-            self.kill(proc)
+            self.kill_worker(proc)
         for _ in procs:
             self.start_worker()
         self.figures.faults["every worker SIGKILLed at once, replaced under new names"] += 1
@@ -933,6 +975,13 @@ class Chaos:
             "  of which already in the files, skipped": re.compile(r"held_over_batch .* already_saved=(\d+)"),
             "Redis outages waited out (log lines)": re.compile(r"redis_unavailable"),
         }
+        if self.args.output == "webdataset":
+            patterns.update({
+                "shards finished": re.compile(r"shard_finished "),
+                "shards discarded (tasks queued again)": re.compile(r"shard_discarded "),
+                "shards left prepared by a dead worker, finished by another": re.compile(r"shard_recovered "),
+                "shards left prepared whose files were gone (tasks queued again)": re.compile(r"shard_lost "),
+            })  # fmt: skip
         self.log_counts = Counter(dict.fromkeys(patterns, 0))
         bad = re.compile(r"Traceback|task_crashed|internal_error|position_conflict|identity_lost|name_lost")
         for log in sorted(self.logs.glob("*.log")):
@@ -951,7 +1000,7 @@ class Chaos:
                 break
 
     def audit(self) -> int:
-        audit = Audit(self.rows, self.store, self.errors, self.redis)
+        audit = Audit(self.rows, self.store, self.errors, self.redis, self.args.output)
         audit.check()
         self.figures.failures.extend(audit.problems)
         if self.sentinel.connections:
@@ -978,13 +1027,14 @@ class Chaos:
         total_faults = sum(figures.faults.values())
         restarts = sum(n for role, n in figures.starts.items() if role != "final") - (3 + self.args.workers)
         verdict = "PASS" if not figures.failures else f"FAIL ({len(figures.failures)} problems)"
+        stored = "shard samples" if self.args.output == "webdataset" else "files"
         lines = [
             "",
             f"=== chaos run: {verdict} ===",
             f"rows (parquet)          {len(self.rows):>8,}   in {len(self.described)} files: "
             f"3 original URL/TEXT/SAMPLE_ID, 2 wide url/hash",
             f"laion5b_tongji_all      {audit.added:>8,}",
-            f"succeeded               {audit.succeeded:>8,}   files checked byte for byte against the server: "
+            f"succeeded               {audit.succeeded:>8,}   {stored} checked byte for byte against the server: "
             f"{audit.files_ok:,}",
             f"failed                  {audit.failed:>8,}   error records with the expected status: "
             f"{audit.records_ok:,} ({audit.record_files} files, {audit.left_in_redis} left in Redis, "
@@ -994,6 +1044,7 @@ class Chaos:
             f"doubled                 {audit.doubled:>8,}",
             f"wrong outcome           {audit.wrong:>8,}",
             f"left in queue/leases    {audit.leftover:>8,}   temporary files left: {audit.temp_files}",
+            *self.shard_lines(audit),
             f"sentinel connections    {self.sentinel.connections:>8,}   (blocked_address records: "
             f"{audit.status_count.get('blocked_address', 0):,}, each refused by the guard before connecting)",
             "",
@@ -1039,6 +1090,20 @@ class Chaos:
             if len(figures.failures) > 40:
                 lines.append(f"  ... and {len(figures.failures) - 40} more")
         return "\n".join(lines)
+
+    def shard_lines(self, audit: Audit) -> list[str]:
+        """Webdataset output: the shards read back, and what the worker kills found open."""
+        if self.args.output != "webdataset":
+            return []
+        kills, open_kills, open_samples = self.figures.shard_kills
+        return [
+            f"shards (finished)       {audit.shards:>8,}   {audit.shard_samples:,} samples, read with tarfile against "
+            f"their .parquet index; captions and metadata checked: {audit.sidecars_ok:,}",
+            f"  left unfinished: {HOST_ID}:open {audit.open_samples}, {audit.finishing} shards being finished, "
+            f"{audit.kept_keys} lists of kept tasks",
+            f"  {open_kills} of {kills} worker SIGKILLs found tasks kept in open shards ({open_samples} samples, "
+            "downloaded again)",
+        ]
 
     def markdown(self, text: str) -> str:
         command = "python3 bench/chaos.py " + " ".join(sys.argv[1:])
@@ -1093,12 +1158,35 @@ def redis_version() -> str:
 # --- the audit --------------------------------------------------------------------------------------------------
 
 
-class Audit:
-    """Every row against what the run left: files, error records, counters and Redis lists."""
+@dataclass(frozen=True)
+class Stored:
+    """One stored image: a file, or the image member of a finished shard with its caption and metadata members."""
 
-    def __init__(self, rows: list[Row], store: Path, errors: Path, service: RedisService) -> None:
+    path: Path  # the file, or the shard's tar
+    name: str  # the file's or the member's name
+    offset: int = 0  # where the image's bytes start in ``path``
+    size: int = -1  # how many bytes (-1: the whole file)
+    caption: bytes | None = None  # webdataset: the ``<key>.txt`` member
+    metadata: dict | None = None  # webdataset: the ``<key>.json`` member, parsed
+
+    def data(self) -> bytes:
+        with self.path.open("rb") as file:
+            file.seek(self.offset)
+            return file.read(self.size)
+
+
+def shard_key(part: str, row: int) -> str:
+    """A sample's key in a shard, as the README defines it (laion5b.sidecars.sample_key)."""
+    return f"{part.replace('.', '_')}-{row:09d}"
+
+
+class Audit:
+    """Every row against what the run left: files or shards, error records, counters and Redis lists."""
+
+    def __init__(self, rows: list[Row], store: Path, errors: Path, service: RedisService, output: str) -> None:
         self.rows = rows
         self.store = store
+        self.output = output
         self.errors = errors
         self.redis = service
         self.problems: list[str] = []
@@ -1108,6 +1196,8 @@ class Audit:
         self.files_ok = self.records_ok = self.other_transient = 0
         self.added = self.succeeded = self.failed = 0
         self.record_files = self.torn = self.left_in_redis = self.leftover = self.temp_files = 0
+        self.shards = self.shard_samples = self.sidecars_ok = 0
+        self.open_samples = self.finishing = self.kept_keys = 0
 
     def problem(self, message: str) -> None:
         if len(self.problems) < 200:
@@ -1115,26 +1205,126 @@ class Audit:
 
     def check(self) -> None:
         client = self.redis.client
-        files = self.stored_files()
+        stored = self.stored_samples()
         records = self.error_records(client)
         self.check_counters(client)
-        self.check_rows(files, records)
+        self.check_rows(stored, records)
         self.check_leftovers(client)
 
-    def stored_files(self) -> dict[tuple[str, str], list[Path]]:
-        """(folder relative to store_dir, file stem) -> files; files in .tmp are counted apart."""
-        found: dict[tuple[str, str], list[Path]] = defaultdict(list)
-        for path in self.store.rglob("*"):
-            if not path.is_file():
-                continue
-            relative = path.relative_to(self.store)
-            if relative.parts[0] == ".tmp":
-                self.temp_files += 1
-                continue
-            found[relative.parent.as_posix(), path.stem].append(path)
+    def stored_samples(self) -> dict[tuple[str, str, int], list[Stored]]:
+        """Stored images by row (subset, part, row), read as the output format lays them out; the files left in .tmp
+        are counted apart."""
+        self.count_temp_files()
+        return self.shard_samples_by_row() if self.output == "webdataset" else self.files_by_row()
+
+    def count_temp_files(self) -> None:
+        temp = self.store / ".tmp"
+        self.temp_files = sum(1 for path in temp.rglob("*") if not path.is_dir())
         if self.temp_files:
-            self.problem(f"{self.temp_files} files left in {self.store / '.tmp'}")
-        return found
+            self.problem(f"{self.temp_files} files left in {temp}")
+
+    def files_by_row(self) -> dict[tuple[str, str, int], list[Stored]]:
+        """Files output: ``<subset>/<part>/<row // SHARD_ROWS>/<id>.<ext>``."""
+        found: dict[tuple[str, str], list[Stored]] = defaultdict(list)
+        for path in self.store.rglob("*"):
+            relative = path.relative_to(self.store)
+            if path.is_file() and relative.parts[0] != ".tmp":
+                found[relative.parent.as_posix(), path.stem].append(Stored(path, path.name))
+        by_row: dict[tuple[str, str, int], list[Stored]] = {}
+        for row in self.rows:
+            folder = f"{row.subset}/{row.part}/{row.row // SHARD_ROWS:05d}"
+            by_row[row.key] = found.get((folder, row.task_id), [])
+        extra = sum(len(files) for files in found.values()) - sum(len(files) for files in by_row.values())
+        if extra:
+            self.problem(f"{extra} stored files belong to no row")
+        return by_row
+
+    def shard_samples_by_row(self) -> dict[tuple[str, str, int], list[Stored]]:
+        """Webdataset output: every finished shard ``<subset>/<name>.tar`` with its ``.parquet`` index beside."""
+        row_keys = {(row.subset, shard_key(row.part, row.row)): row.key for row in self.rows}
+        by_row: dict[tuple[str, str, int], list[Stored]] = defaultdict(list)
+        extra = 0
+        for path in sorted(self.store.rglob("*")):
+            relative = path.relative_to(self.store)
+            if path.is_dir() or relative.parts[0] == ".tmp":
+                continue
+            if path.suffix == ".parquet" and path.with_suffix(".tar").exists():
+                continue
+            if path.suffix != ".tar":
+                self.problem(f"not a finished shard: {relative}")
+                continue
+            self.shards += 1
+            subset = relative.parent.as_posix()
+            for key, sample in self.read_shard(path).items():
+                self.shard_samples += 1
+                if (subset, key) in row_keys:
+                    by_row[row_keys[subset, key]].append(sample)
+                else:
+                    extra += 1
+        if extra:
+            self.problem(f"{extra} samples in shards belong to no row")
+        return by_row
+
+    def read_shard(self, tar: Path) -> dict[str, Stored]:
+        """The samples of one shard by key, once the tar and its index have been found sound (else none)."""
+        where = tar.relative_to(self.store)
+        size = tar.stat().st_size
+        with tar.open("rb") as file:
+            file.seek(max(0, size - 2 * TAR_BLOCK))
+            end = file.read()
+        if size % TAR_BLOCK or end != bytes(2 * TAR_BLOCK):
+            self.problem(f"shard {where}: {size} bytes, not whole tar blocks ending with two zero blocks")
+            return {}
+        try:
+            with tarfile.open(tar, "r:") as archive:
+                infos = archive.getmembers()
+                sidecars = {info.name: archive.extractfile(info).read() for info in infos
+                            if info.isfile() and info.name.endswith((".txt", ".json"))}  # fmt: skip
+        except (tarfile.TarError, OSError) as error:
+            self.problem(f"shard {where}: not a valid tar ({error})")
+            return {}
+        names: dict[str, list[str]] = defaultdict(list)
+        for info in infos:
+            names[info.name.partition(".")[0]].append(info.name)
+        regular = {info.name for info in infos if info.isfile()}
+        if len(regular) != len(infos):
+            self.problem(f"shard {where}: {len(infos)} members, {len(regular)} distinct regular files")
+            return {}
+        problem = self.index_problem(tar.with_suffix(".parquet"), names)
+        if problem:
+            self.problem(f"shard {where}: {problem}")
+            return {}
+        samples = {}
+        for key, members in names.items():
+            image = [name for name in members if name not in (f"{key}.txt", f"{key}.json")]
+            if len(members) != 3 or len(image) != 1:
+                self.problem(f"shard {where}: sample {key} has the members {members}")
+                continue
+            info = next(info for info in infos if info.name == image[0])
+            try:
+                metadata = json.loads(sidecars[f"{key}.json"])
+            except ValueError:
+                metadata = {"unreadable": True}
+            samples[key] = Stored(tar, image[0], info.offset_data, info.size, sidecars[f"{key}.txt"], metadata)
+        return samples
+
+    def index_problem(self, index: Path, names: dict[str, list[str]]) -> str | None:
+        """What is wrong with a shard's index, given its tar's member names by key (None: it lists exactly them)."""
+        try:
+            table = pq.read_table(index)
+        except (pa.ArrowException, OSError) as error:
+            return f"index {index.name} unreadable ({error})"
+        missing = set(INDEX_COLUMNS) - set(table.column_names)
+        if missing:
+            return f"index {index.name} lacks the columns {sorted(missing)}"
+        listed = table.select(["key", "members"]).to_pylist()
+        keys = Counter(entry["key"] for entry in listed)
+        if keys.most_common(1) and keys.most_common(1)[0][1] > 1:
+            return f"index {index.name} lists the key {keys.most_common(1)[0][0]} twice"
+        members = {entry["key"]: sorted(entry["members"]) for entry in listed}
+        if members != {key: sorted(found) for key, found in names.items()}:
+            return f"index {index.name} does not list exactly the tar's members"
+        return None
 
     def error_records(self, client: redis.Redis) -> dict[tuple[str, str, int], list[dict]]:
         """Error records by (subset, part, row): the saved files, the error list and every processing list."""
@@ -1182,12 +1372,9 @@ class Audit:
             self.problem(f"host counters {host_succ} succ / {host_error} errors do not match {succeeded} / "
                          f"{failed} ({bad_rows} bad rows are counted by add_task.py)")  # fmt: skip
 
-    def check_rows(self, files: dict[tuple[str, str], list[Path]], records: dict) -> None:
-        matched_files = 0
+    def check_rows(self, samples: dict[tuple[str, str, int], list[Stored]], records: dict) -> None:
         for row in self.rows:
-            folder = f"{row.subset}/{row.part}/{row.row // SHARD_ROWS:05d}"
-            stored = files.get((folder, row.task_id), [])
-            matched_files += len(stored)
+            stored = samples.get(row.key, [])
             found = records.get(row.key, [])
             outcomes = len(stored) + len(found)
             label = self.judge(row, stored, found)
@@ -1199,7 +1386,7 @@ class Audit:
                 self.problem(f"lost: {row.kind.name} row {row.key} ({row.url})")
             elif outcomes > 1:
                 self.doubled += 1
-                self.problem(f"doubled: {row.kind.name} row {row.key}: {len(stored)} files, {len(found)} records")
+                self.problem(f"doubled: {row.kind.name} row {row.key}: {len(stored)} stored, {len(found)} records")
             elif not label.startswith("ok"):
                 self.wrong += 1
                 self.problem(f"wrong: {row.kind.name} row {row.key} ({row.url}): {label}")
@@ -1208,26 +1395,28 @@ class Audit:
             rows = sum(got.values())
             if kind.retried and rows >= 10 and got[f"ok {kind.expect}"] < OWN_STATUS_SHARE * rows:
                 self.problem(f"only {got[f'ok {kind.expect}']} of {rows} {kind.name} rows ended with {kind.expect}")
-        extra = sum(len(paths) for paths in files.values()) - matched_files
-        if extra:
-            self.problem(f"{extra} stored files belong to no row")
         known = {row.key for row in self.rows}
         strays = sum(len(found) for key, found in records.items() if key not in known)
         if strays:
             self.problem(f"{strays} error records belong to no row")
 
-    def judge(self, row: Row, stored: list[Path], found: list[dict]) -> str:
+    def judge(self, row: Row, stored: list[Stored], found: list[dict]) -> str:
         """ok/... when the row ended as its kind must; else what happened instead."""
         kind = row.kind
         if kind.expect is None:
             if len(stored) != 1 or found:
                 return f"{len(stored)} files + {len(found)} records" if stored or found else "lost"
-            data = stored[0].read_bytes()
+            data = stored[0].data()
             assert row.image is not None
             if data != row.image.data():
                 return f"bytes differ ({len(data)} stored)"
-            if image_extension(data) != row.image.ext or stored[0].suffix != f".{row.image.ext}":
+            if image_extension(data) != row.image.ext or Path(stored[0].name).suffix != f".{row.image.ext}":
                 return f"not a valid {row.image.ext}: {stored[0].name}"
+            if stored[0].caption is not None:
+                problem = self.sidecar_problem(row, stored[0], data)
+                if problem:
+                    return problem
+                self.sidecars_ok += 1
             self.files_ok += 1
             return "ok image"
         if stored or len(found) != 1:
@@ -1248,6 +1437,19 @@ class Audit:
             return f"ok {status} (last try)"
         return f"ok {status}"
 
+    def sidecar_problem(self, row: Row, sample: Stored, data: bytes) -> str | None:
+        """What is wrong with a shard sample's caption and metadata members (None: nothing)."""
+        if sample.caption != row.caption.encode("utf-8"):
+            return f"caption differs: {sample.caption[:80]!r}"
+        metadata = sample.metadata or {}
+        if metadata.get("sha256") != hashlib.sha256(data).hexdigest():
+            return f"metadata sha256 {metadata.get('sha256')} is not the image's"
+        wanted = {"key": shard_key(row.part, row.row), "id": row.task_id, "url": row.url, "caption": row.caption}
+        differs = {name: metadata.get(name) for name, value in wanted.items() if metadata.get(name) != value}
+        if differs:
+            return f"metadata of another sample: {differs}"
+        return None
+
     def check_leftovers(self, client: redis.Redis) -> None:
         queued = client.llen(KEYS.task)
         delayed = client.zcard(KEYS.delayed)
@@ -1257,6 +1459,13 @@ class Audit:
             self.problem(f"left behind: {queued} queued, {delayed} delayed, {leased} leased")
         if client.exists(KEYS.producer):
             self.problem("the producer key is still set after add_task.py exited")
+        self.open_samples = int(client.hget(KEYS.host_counters, f"{HOST_ID}:open") or 0)
+        self.finishing = client.hlen(KEYS.shards)
+        kept = {*client.scan_iter(match=KEYS.kept("*")), *client.scan_iter(match=KEYS.shard_tasks("*"))}
+        self.kept_keys = len(kept)
+        if self.open_samples or self.finishing or self.kept_keys:
+            self.problem(f"shards left unfinished: {HOST_ID}:open {self.open_samples}, {self.finishing} shards being "
+                         f"finished, {self.kept_keys} lists of kept tasks (e.g. {sorted(kept)[:3]})")  # fmt: skip
 
 
 # --- entry point ------------------------------------------------------------------------------------------------
@@ -1270,6 +1479,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=3, help="downloader processes")
     parser.add_argument("--threads", type=int, default=16, help="downloads in flight per downloader (threads or async)")
     parser.add_argument("--engine", choices=("threads", "async"), default="threads", help="LAION_ENGINE of the workers")
+    parser.add_argument("--output", choices=("files", "webdataset"), default="files",
+                        help="LAION_OUTPUT_FORMAT of the workers")  # fmt: skip
+    parser.add_argument("--shard-size", type=int, default=25,
+                        help="LAION_SHARD_SIZE with --output webdataset: small, so that many shards finish and kills "
+                        "land mid-shard")  # fmt: skip
+    parser.add_argument("--shard-seconds", type=float, default=2.0,
+                        help="LAION_SHARD_MAX_SECONDS with --output webdataset: some shards close by age")  # fmt: skip
     parser.add_argument("--batch", type=int, default=0, help="LAION_ADDTASK_BATCH (default: rows / 100, 25..200)")
     parser.add_argument("--threshold", type=int, default=0, help="LAION_ADDTASK_THRESHOLD (default: rows / 20)")
     parser.add_argument("--saver-batch", type=int, default=25, help="save_error_task.py --batch")
@@ -1279,8 +1495,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (images, logs, Redis data)")
     parser.add_argument("--no-report", action="store_true", help=f"do not write {REPORT.relative_to(ROOT)}")
     args = parser.parse_args()
-    if args.rows < 1 or args.workers < 1 or args.threads < 1:
-        parser.error("--rows, --workers and --threads must be at least 1")
+    if args.rows < 1 or args.workers < 1 or args.threads < 1 or args.shard_size < 1:
+        parser.error("--rows, --workers, --threads and --shard-size must be at least 1")
+    if args.shard_seconds <= 0:
+        parser.error("--shard-seconds must be more than 0")
     return args
 
 

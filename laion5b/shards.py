@@ -204,7 +204,9 @@ class ShardSink:
             os.makedirs(final_dir, exist_ok=True)
             seq = next_sequence(final_dir, self.prefix)
         self._next_seq[subset] = seq + 1
-        shard = Shard(subset, f"{self.prefix}{seq:06d}", os.fspath(self.temp_dir), final_dir)
+        temp_dir = os.path.join(self.temp_dir, subset)  # shards of two subsets may have the same name
+        os.makedirs(temp_dir, exist_ok=True)
+        shard = Shard(subset, f"{self.prefix}{seq:06d}", temp_dir, final_dir)
         shard.file = open(shard.paths()["temp_tar"], "wb", buffering=0)  # noqa: SIM115 - closed by the sealer
         self._open[subset] = shard
         self.unfinished += 1
