@@ -231,9 +231,11 @@ return moved
 
 # KEYS: kept, kept tasks, shards, shard tasks. ARGV: shard, samples in its files, field, record. Moves the shard's
 # kept tasks to its own list and records it as being finished, only if every sample's task is there; returns -1
-# then (also when it already was), else how many are there.
+# then (also when it already was, with this record), -2 when another shard of that name is being finished, else how
+# many tasks are there.
 _PREPARE = """
-if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return -1 end
+local current = redis.call('HGET', KEYS[3], ARGV[3])
+if current then return current == ARGV[4] and -1 or -2 end
 local held = redis.call('LLEN', KEYS[2])
 if held ~= tonumber(ARGV[2]) then return held end
 redis.call('RENAME', KEYS[2], KEYS[4])
@@ -428,9 +430,10 @@ class Leases:
 
     def prepare_shard(self, shard: str, samples: int, field: str, record: str) -> bool:
         """Move the tasks kept for ``shard`` to the list of the shard being finished (``field`` in the shards hash,
-        holding ``record``), if all ``samples`` of its files are there; False when some are not (a lease was lost)."""
+        holding ``record``), if all ``samples`` of its files are there; False when some are not (a lease was lost) or
+        another shard of that name is being finished."""
         keys = [self.kept_key, self.keys.kept_tasks(self.worker, shard), self.keys.shards, self.keys.shard_tasks(field)]
-        return int(self._prepare(keys=keys, args=[shard, samples, field, record])) < 0
+        return int(self._prepare(keys=keys, args=[shard, samples, field, record])) == -1
 
     def commit_shard(self, field: str, host_id: str, stored_bytes: int) -> int:
         """Count a prepared shard's tasks as succeeded; return how many (-1: not prepared, or counted already)."""

@@ -175,22 +175,25 @@ class ShardSink:
         """Finish a sealed shard: its tasks move to the shard in Redis (all or none), its files get their final names,
         then its samples are counted; return how many. A shard that could not be sealed, or one of whose tasks is no
         longer held (a lease was lost), is discarded instead: its files are dropped, its tasks queued again (-1).
-        Each Redis step runs through ``retry`` (which repeats it while Redis is unreachable): each is safe to repeat."""
+        Each Redis step runs through ``retry`` (which repeats it while Redis is unreachable): each is safe to repeat.
+        When renaming fails, the error is raised and the shard stays prepared: a worker of this host finishes it once
+        this process is gone (``recover``)."""
         field_name = shard_field(self.host_id, shard.id)
         paths = shard.paths()
         record = shard_record(shard, owner)
-        if shard.error is None and retry(lambda: leases.prepare_shard(shard.id, shard.samples, field_name, record)):
-            move_into_place(paths)
-            counted = retry(lambda: leases.commit_shard(field_name, self.host_id, shard.bytes))
+        try:
+            if shard.error is None and retry(lambda: leases.prepare_shard(shard.id, shard.samples, field_name, record)):
+                move_into_place(paths)
+                counted = retry(lambda: leases.commit_shard(field_name, self.host_id, shard.bytes))
+                log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
+                return counted
+            returned = retry(lambda: leases.release_kept(shard.id))
+            for path in (paths["temp_tar"], paths["temp_index"]):
+                _remove(path)
+        finally:
             self._forget()
-            log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
-            return counted
-        returned = retry(lambda: leases.release_kept(shard.id))
-        for path in (paths["temp_tar"], paths["temp_index"]):
-            _remove(path)
-        self._forget()
         log.warning("shard_discarded shard=%s samples=%d returned=%d error=%s", shard.id, shard.samples, returned,
-                    shard.error or "a task was no longer held")  # fmt: skip
+                    shard.error or "a task was no longer held, or the name was taken")  # fmt: skip
         return -1
 
     def _forget(self) -> None:

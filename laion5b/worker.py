@@ -25,7 +25,7 @@ from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, Leases
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
-from laion5b.shards import Shard, ShardSink, recover
+from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.threadengine import ThreadEngine
@@ -47,6 +47,8 @@ THREADS_KNEE = 128
 
 SHARD_WAIT = 0.05
 """Seconds a stopping worker waits at a time for its last shards to be sealed."""
+SHARD_EXIT_SECONDS = 120.0
+"""Longest a stopping worker waits for its last shards to be sealed and finished."""
 
 Engine = ThreadEngine | AsyncEngine
 
@@ -190,7 +192,7 @@ class Worker:
         log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
-            recovered = self._redis(lambda: recover(self.leases, config.host_id, config.heartbeat_ttl), "shard")
+            recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
         self.sink.open()
         self.engine.start()
@@ -378,15 +380,21 @@ class Worker:
                 self.tally.bytes += shard.bytes
 
     def _finish_last_shards(self) -> None:
-        """At exit: seal every shard and finish it before the leases are given up."""
+        """At exit: seal every shard and finish it before the tasks are given up. A shard not finished in
+        ``SHARD_EXIT_SECONDS``, or after an error, is left: its kept tasks go back to the queue with the leases."""
         assert self.shards is not None
-        self.shards.seal_all()
-        while True:
-            self._collect(0)
-            self._finish_shards()
-            if not self.shards.unfinished:
-                return
-            time.sleep(SHARD_WAIT)
+        deadline = time.monotonic() + SHARD_EXIT_SECONDS
+        try:
+            self.shards.seal_all()
+            while self.shards.unfinished and time.monotonic() < deadline:
+                self._collect(0)
+                self._finish_shards()
+                time.sleep(SHARD_WAIT)
+        except Exception:
+            log.exception("shards_unfinished worker=%s", self.identity)
+        if self.shards.unfinished:
+            log.error("shards_unfinished worker=%s shards=%d: their tasks are queued again", self.identity,
+                      self.shards.unfinished)  # fmt: skip
 
     # --- remote control (control.py) ---
 

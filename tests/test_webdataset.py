@@ -233,3 +233,27 @@ def test_speed_counts_samples_in_open_shards(redis_server, script_env) -> None:
     assert figures["images_per_s"] > 0 and figures["hosts"][0]["in_shards"] == 6
     text = subprocess.run([*run_script("speed.py"), "--once"], env=script_env, capture_output=True, text=True).stdout
     assert "in open shards 6" in text and "0 (+6 in shards)" in text
+
+
+def test_shards_of_two_subsets_never_share_a_file(tmp_path: Path) -> None:
+    """One worker's shards of two subsets have the same names: their temporary files must still be apart."""
+    sink = ShardSink(tmp_path / "store", HOST, "w", f"{HOST}:w", shard_size=3, max_seconds=600)
+    sink.open()
+    data = image_bytes("x", "jpg", 3000)
+    image = Processed(data, "jpg", None, sha256=hashlib.sha256(data).hexdigest())
+    for row in range(4):
+        for subset in ("a", "b"):
+            sink.put(
+                Task(f"{subset}{row}", "http://127.0.0.1/x.jpg", subset, f"part-{subset}", row), "raw", image, None
+            )
+    sink.seal_all()
+    shards = [sink.ready.get(timeout=10) for _ in range(4)]
+    assert sorted(shard.id for shard in shards) == ["a/testhost-w-000000", "a/testhost-w-000001",
+                                                     "b/testhost-w-000000", "b/testhost-w-000001"]  # fmt: skip
+    for shard in shards:
+        with tarfile.open(shard.paths()["temp_tar"]) as archive:
+            keys = sorted({name.partition(".")[0] for name in archive.getnames()})
+        assert shard.error is None and keys == sorted(row["key"] for row in shard.rows)
+        assert {json.loads(row["id"][1:]) for row in shard.rows} <= set(range(4))
+        assert all(row["id"][0] == shard.subset for row in shard.rows)
+    sink.close()
