@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
 TAR_END = bytes(2 * TAR_BLOCK)
+USTAR_NAME_BYTES = 100
+USTAR_TEMPLATE = bytes(100) + b"0000644\0" + b"0000000\0" * 2 + bytes(24) + b" " * 8 + b"0" + bytes(100)
+USTAR_TEMPLATE += b"ustar\x0000" + bytes(TAR_BLOCK - len(USTAR_TEMPLATE) - 8)
+"""A ustar header of a regular file, mode 0644, owner 0, with its checksum field blank (spaces)."""
 RECOVERY_LOCK_SECONDS = 60
 
 T = TypeVar("T")
@@ -41,11 +45,23 @@ Retry = Callable[[Callable[[], T]], T]
 
 def tar_member(name: str, data: bytes, mtime: int) -> bytes:
     """One tar member (header, data, padding to the block size): a whole sample is written with one call."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = mtime
-    info.mode = 0o644
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8") + data + bytes(-len(data) % TAR_BLOCK)
+    return tar_header(name, len(data), mtime) + data + bytes(-len(data) % TAR_BLOCK)
+
+
+def tar_header(name: str, size: int, mtime: int) -> bytes:
+    """A regular file's ustar header, built directly (a tenth of ``TarInfo.tobuf``'s time); a name over the ustar
+    field's 100 bytes gets tarfile's pax header instead."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > USTAR_NAME_BYTES:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, mtime, 0o644
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8")
+    header = bytearray(USTAR_TEMPLATE)
+    header[: len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"%011o\0" % mtime
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 @dataclass

@@ -4,6 +4,7 @@ killed workers, and every crash window of a shard's finish recovered with exact 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -19,7 +20,16 @@ import webdataset
 from laion5b.imaging import Processed
 from laion5b.keys import Keys
 from laion5b.leases import FAILED, KEPT, Leases, Owner
-from laion5b.shards import ShardSink, move_into_place, recover, shard_field, shard_record
+from laion5b.shards import (
+    TAR_END,
+    ShardSink,
+    move_into_place,
+    recover,
+    shard_field,
+    shard_record,
+    tar_header,
+    tar_member,
+)
 from laion5b.tasks import Task, decode
 from tests.helpers import run_script, wait_until
 from tests.test_downloader import start_worker
@@ -257,3 +267,13 @@ def test_shards_of_two_subsets_never_share_a_file(tmp_path: Path) -> None:
         assert {json.loads(row["id"][1:]) for row in shard.rows} <= set(range(4))
         assert all(row["id"][0] == shard.subset for row in shard.rows)
     sink.close()
+
+
+def test_tar_headers_are_tarfiles_own() -> None:
+    """The ustar header built directly is byte for byte tarfile's; a name too long for it gets a pax header."""
+    info = tarfile.TarInfo("part_0-000000001.jpg")
+    info.size, info.mtime, info.mode = 12345, 1_700_000_000, 0o644
+    assert tar_header(info.name, info.size, info.mtime) == info.tobuf(tarfile.USTAR_FORMAT)
+    long_name = "é" * 60 + "-000000001.json"
+    with tarfile.open(fileobj=io.BytesIO(tar_member(long_name, b"{}", 1) + TAR_END)) as archive:
+        assert [(member.name, member.size) for member in archive.getmembers()] == [(long_name, 2)]
