@@ -101,7 +101,7 @@ class Shard:
 class ShardSink:
     """Webdataset output of one worker process: ``put`` appends a sample to the open shard of its subset (any
     thread); a full or old shard is sealed by a thread of its own (tar end, index, fsync); the worker's main thread
-    takes sealed shards from ``ready`` and finishes them in Redis and on disk (``finish``, ``discard``)."""
+    takes sealed shards from ``ready`` and finishes them in Redis and on disk (``finish``)."""
 
     fsync = False
     """``put`` only appends to an open file: the fsync is the sealer's, once per shard."""
