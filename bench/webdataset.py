@@ -158,6 +158,7 @@ def main() -> int:
     parser.add_argument("--max-bytes", type=int, default=4 * 2**20, help="LAION_MAX_IMAGE_BYTES (default 4 MiB)")
     parser.add_argument("--disk-dir", default=str(WORK / "store"), help="folder for the disk mode (a real disk)")
     parser.add_argument("--seed", type=int, default=5, help="seed of the image sizes")
+    parser.add_argument("--profile", action="store_true", help="worker 0 under py-spy (bench/work/profile-*.txt)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the workers' logs (bench/work/webdataset-*)")
     args = parser.parse_args()
     outputs = [name for name in args.outputs.split(",") if name]
@@ -179,7 +180,7 @@ def main() -> int:
         print(f"N={args.n} images of 10-100 KB (mean {mean_kb:.1f} KB), {args.workers} processes x {args.threads} "
               f"threads/concurrency, shard_size {args.shard_size}")  # fmt: skip
         setup = Setup(args.n, args.workers, args.threads, args.max_bytes, False, parquet_dir, parquet, tsv,
-                      redis_service, server, None, temp / "logs")  # fmt: skip
+                      redis_service, server, None, temp / "logs", args.profile)  # fmt: skip
         for mode in (name for name in args.modes.split(",") if name):
             root = store_root(mode, args.disk_dir)
             roots.append(root)
