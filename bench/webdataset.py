@@ -65,13 +65,11 @@ def image_urls(n: int, port: int, seed: int) -> list[str]:
 
 def check_store(output: str, store: Path, stored: int) -> tuple[str, int]:
     """(a note when the store does not hold the ``stored`` images counted in Redis, the number of shards)."""
-    if output != "webdataset":
+    settings = OUTPUTS[output]
+    if settings["LAION_OUTPUT_FORMAT"] == "files":
         found = count_files(store)[0]
-        missing = [
-            kind
-            for kind in ("txt", "json")
-            if output == "files+sidecars" and count_files(store, f".{kind}")[0] != found
-        ]
+        kinds = ("txt", "json") if settings.get("LAION_SAVE_CAPTION") else ()
+        missing = [kind for kind in kinds if count_files(store, f".{kind}")[0] != found]
         note = f"{found} files for {stored} stored; " if found != stored else ""
         return note + "".join(f"{kind} sidecars missing; " for kind in missing), 0
     tars = [path for path in store.rglob("*.tar") if ".tmp" not in path.parts]
@@ -89,7 +87,7 @@ def run_one(setup: Setup, output: str, engine: str, mode: str, run: int, store: 
     finally:
         shutil.rmtree(store, ignore_errors=True)
         os.sync()  # the next run must not pay for this one's write-back
-    result.note += note + (f"{shards} shards; " if output == "webdataset" else "") + f"load {os.getloadavg()[0]:.1f}"
+    result.note += note + (f"{shards} shards; " if shards else "") + f"load {os.getloadavg()[0]:.1f}"
     return result
 
 
