@@ -1,0 +1,208 @@
+"""Webdataset bench: the suite's workers writing tar shards against the same workers writing one file per image.
+
+    python3 bench/webdataset.py [--n 40000] [--runs 3] [--modes disk,tmpfs] [--engines threads]
+                                [--outputs files,files+sidecars,webdataset] [--shard-size 10000]
+
+A redis-server and a multi-process image server (bench/imgserve.py) on loopback, N URLs of real JPEGs of 10-100 KB
+(log-normal, median 30 KB: bench/webserve.py's sizes), then for each mode (disk: a folder on a real disk; tmpfs:
+/dev/shm), each engine and each round, in an order that rotates between rounds: add_task.py + W x downloader.py
+--until-empty with
+  files            output_format=files (one file per image, no caption, no metadata)
+  files+sidecars   output_format=files with save_caption and save_metadata (the information a shard holds)
+  webdataset       output_format=webdataset, shard_size S (image + .txt + .json per sample, a parquet per shard)
+Every store is checked (files counted, or the samples of every shard's index) against the images counted in Redis,
+removed, and the page cache written back (sync, untimed) before the next run. Prints speed.py's columns per run,
+then per round the ratios to files, and their medians. Nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from webserve import SIZE_MEDIAN, SIZE_RANGE, SIZE_SIGMA
+
+from speed import (
+    HEADER,
+    WORK,
+    ImageService,
+    RedisService,
+    Result,
+    Setup,
+    count_files,
+    machine,
+    measure,
+    row,
+    write_url_inputs,
+)
+
+OUTPUTS = {
+    "files": {"LAION_OUTPUT_FORMAT": "files"},
+    "files+sidecars": {"LAION_OUTPUT_FORMAT": "files", "LAION_SAVE_CAPTION": "1", "LAION_SAVE_METADATA": "1"},
+    "webdataset": {"LAION_OUTPUT_FORMAT": "webdataset"},
+}
+
+
+def image_urls(n: int, port: int, seed: int) -> list[str]:
+    """N image URLs whose sizes are log-normal (median 30 KB), clipped to 10-100 KB, fixed by ``seed``."""
+    rng = random.Random(seed)
+    sizes = (
+        min(max(rng.lognormvariate(0.0, SIZE_SIGMA) * SIZE_MEDIAN, SIZE_RANGE[0]), SIZE_RANGE[1]) for _ in range(n)
+    )
+    return [f"http://127.0.0.1:{port}/img/b{i}.jpg?size={int(size)}" for i, size in enumerate(sizes)]
+
+
+def check_store(output: str, store: Path, stored: int) -> tuple[str, int]:
+    """(a note when the store does not hold the ``stored`` images counted in Redis, the number of shards)."""
+    settings = OUTPUTS[output]
+    if settings["LAION_OUTPUT_FORMAT"] == "files":
+        found = count_files(store)[0]
+        kinds = ("txt", "json") if settings.get("LAION_SAVE_CAPTION") else ()
+        missing = [kind for kind in kinds if count_files(store, f".{kind}")[0] != found]
+        note = f"{found} files for {stored} stored; " if found != stored else ""
+        return note + "".join(f"{kind} sidecars missing; " for kind in missing), 0
+    tars = [path for path in store.rglob("*.tar") if ".tmp" not in path.parts]
+    samples = sum(pq.read_metadata(path.with_suffix(".parquet")).num_rows for path in tars)
+    return (f"{samples} samples in shards for {stored} stored; " if samples != stored else ""), len(tars)
+
+
+def run_one(setup: Setup, output: str, engine: str, mode: str, run: int, store: Path, extra: dict[str, str]) -> Result:
+    """One measured run of the suite with this output and engine; the store removed and synced afterwards."""
+    setup.client_env["suite"] = {**OUTPUTS[output], **extra, "LAION_ENGINE": engine}
+    shutil.rmtree(store, ignore_errors=True)
+    try:
+        result = measure(setup, "suite", mode, run, store)
+        note, shards = check_store(output, store, result.stored)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+        os.sync()  # the next run must not pay for this one's write-back
+    result.note += note + (f"{shards} shards; " if shards else "") + f"load {os.getloadavg()[0]:.1f}"
+    return result
+
+
+def ratios(results: list[Result], outputs: list[str]) -> list[str]:
+    """Per round, each output's images/s and worker CPU per image against files'; then the medians."""
+    lines = []
+    rounds = sorted({result.run for result in results})
+    for other in (name for name in outputs if name != "files"):
+        speed, cpu = [], []
+        for run in rounds:
+            by_output = {output_of(result): result for result in results if result.run == run}
+            base, this = by_output.get("files"), by_output.get(other)
+            if base is None or this is None or not base.images_per_s:
+                continue
+            speed.append(this.images_per_s / base.images_per_s)
+            cpu.append(this.cpu_ms_per_image("workers") / base.cpu_ms_per_image("workers"))
+        if speed:
+            lines.append(
+                f"- {other} ÷ files: images/s median **{statistics.median(speed):.3f}** ({_list(speed)}; spread "
+                f"{max(speed) - min(speed):.3f}); worker CPU/image median **{statistics.median(cpu):.3f}** "
+                f"({_list(cpu)})"
+            )
+    return lines
+
+
+def medians(results: list[Result], outputs: list[str]) -> list[str]:
+    lines = ["", "| output | images/s (median) | worker CPU ms/image (median) |", "|---|---|---|"]
+    for output in outputs:
+        group = [result for result in results if output_of(result) == output]
+        rate = statistics.median(result.images_per_s for result in group)
+        cpu = statistics.median(result.cpu_ms_per_image("workers") for result in group)
+        lines.append(f"| {output} | {rate:.0f} | {cpu:.3f} |")
+    return lines
+
+
+def output_of(result: Result) -> str:
+    """The output of a run, the last word of its mode (``<mode>-<engine>-<output>``)."""
+    return result.mode.rsplit("-", 1)[1]
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{value:.3f}" for value in values)
+
+
+def store_root(mode: str, disk_dir: str) -> Path:
+    """The folder a mode's stores go under, after checking it is on the file system the mode names."""
+    root = Path(disk_dir) if mode == "disk" else Path("/dev/shm") / f"laion5b-wds-{os.getpid()}"
+    root.mkdir(parents=True, exist_ok=True)
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True).stdout.strip()
+    if (kind == "tmpfs") != (mode == "tmpfs"):
+        raise SystemExit(f"{root} is on {kind}, not what mode {mode} needs")
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40_000, help="URLs per run (default 40000)")
+    parser.add_argument("--runs", type=int, default=3, help="rounds per mode and engine (default 3)")
+    parser.add_argument("--modes", default="disk,tmpfs", help="comma-separated: disk, tmpfs (default both)")
+    parser.add_argument("--engines", default="threads", help="comma-separated: threads, async (default threads)")
+    parser.add_argument("--outputs", default=",".join(OUTPUTS), help=f"comma-separated subset of {list(OUTPUTS)}")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="LAION_SHARD_SIZE (default 10000)")
+    parser.add_argument("--workers", type=int, default=2, help="downloader.py processes (default 2)")
+    parser.add_argument("--threads", type=int, default=32, help="threads, or async concurrency, per process")
+    parser.add_argument("--server-procs", type=int, default=2, help="image server processes (default 2)")
+    parser.add_argument("--max-bytes", type=int, default=4 * 2**20, help="LAION_MAX_IMAGE_BYTES (default 4 MiB)")
+    parser.add_argument("--disk-dir", default=str(WORK / "store"), help="folder for the disk mode (a real disk)")
+    parser.add_argument("--seed", type=int, default=5, help="seed of the image sizes")
+    parser.add_argument("--profile", action="store_true", help="worker 0 under py-spy (bench/work/profile-*.txt)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the workers' logs (bench/work/webdataset-*)")
+    args = parser.parse_args()
+    outputs = [name for name in args.outputs.split(",") if name]
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown or "files" not in outputs:
+        parser.error(f"--outputs must name files and a subset of {list(OUTPUTS)}")
+    extra = {"LAION_SHARD_SIZE": str(args.shard_size), "LAION_CONCURRENCY": str(args.threads)}
+    WORK.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix="webdataset-", dir=WORK))
+    (temp / "redis").mkdir()
+    redis_service = RedisService(temp / "redis")
+    server = ImageService(args.server_procs)
+    print(f"command: `python3 bench/webdataset.py {' '.join(sys.argv[1:])}`\n\nmachine: {machine()}\n")
+    roots: list[Path] = []
+    try:
+        urls = image_urls(args.n, server.port, args.seed)
+        parquet_dir, parquet, tsv = write_url_inputs(temp, urls)
+        mean_kb = sum(int(url.rsplit("=", 1)[1]) for url in urls) / len(urls) / 1000
+        print(f"N={args.n} images of 10-100 KB (mean {mean_kb:.1f} KB), {args.workers} processes x {args.threads} "
+              f"threads/concurrency, shard_size {args.shard_size}")  # fmt: skip
+        setup = Setup(args.n, args.workers, args.threads, args.max_bytes, False, parquet_dir, parquet, tsv,
+                      redis_service, server, None, temp / "logs", args.profile)  # fmt: skip
+        for mode in (name for name in args.modes.split(",") if name):
+            root = store_root(mode, args.disk_dir)
+            roots.append(root)
+            for engine in (name for name in args.engines.split(",") if name):
+                print(f"\n## {mode} ({root}), engine {engine}\n\n{HEADER}", flush=True)
+                results = []
+                for run in range(args.runs):
+                    shift = run % len(outputs)
+                    for output in outputs[shift:] + outputs[:shift]:
+                        store = root / f"{output}-{run}"
+                        result = run_one(setup, output, engine, f"{mode}-{engine}-{output}", run, store, extra)
+                        results.append(result)
+                        print(row(result).replace("| suite |", f"| {output} |", 1), flush=True)
+                print("\n".join([*medians(results, outputs), "", *ratios(results, outputs)]), flush=True)
+    finally:
+        server.stop()
+        redis_service.stop()
+        for root in roots:
+            if root.is_relative_to("/dev/shm"):
+                shutil.rmtree(root, ignore_errors=True)
+        if not args.keep_logs:
+            shutil.rmtree(temp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
