@@ -10,6 +10,8 @@ A redis-server and a multi-process image server (bench/imgserve.py) on loopback,
   files            output_format=files (one file per image, no caption, no metadata)
   files+sidecars   output_format=files with save_caption and save_metadata (the information a shard holds)
   webdataset       output_format=webdataset, shard_size S (image + .txt + .json per sample, a parquet per shard)
+With --web the server is bench/openweb.py's stand-in for the open web instead (thousands of loopback hosts with
+the host spread of the LAION sample, latencies, TLS, failures; N URLs), and runs use its timeouts and one try per URL.
 Every store is checked (files counted, or the samples of every shard's index) against the images counted in Redis,
 removed, and the page cache written back (sync, untimed) before the next run. Prints speed.py's columns per run,
 then per round the ratios to files, and their medians. Nothing leaves 127.0.0.1.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,7 +34,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from webserve import SIZE_MEDIAN, SIZE_RANGE, SIZE_SIGMA
+from openweb import CONNECT_TIMEOUT, READ_TIMEOUT, SAMPLE, WebService
+from webserve import SIZE_MEDIAN, SIZE_RANGE, SIZE_SIGMA, build_web, sample_hosts
 
 from speed import (
     HEADER,
@@ -158,6 +162,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=5, help="seed of the image sizes")
     parser.add_argument("--profile", action="store_true", help="worker 0 under py-spy (bench/work/profile-*.txt)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the workers' logs (bench/work/webdataset-*)")
+    parser.add_argument("--web", action="store_true", help="bench/openweb.py's open-web stand-in as the server")
     args = parser.parse_args()
     outputs = [name for name in args.outputs.split(",") if name]
     unknown = set(outputs) - set(OUTPUTS)
@@ -168,15 +173,26 @@ def main() -> int:
     temp = Path(tempfile.mkdtemp(prefix="webdataset-", dir=WORK))
     (temp / "redis").mkdir()
     redis_service = RedisService(temp / "redis")
-    server = ImageService(args.server_procs)
+    if args.web:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        server = WebService(build_web(sample_hosts(SAMPLE), args.n, args.seed), False, temp, args.server_procs)
+        extra.update(LAION_TLS_CA_FILE=str(server.ca_file), LAION_MAX_ATTEMPTS="1", LAION_RETRY_BACKOFF="0.5",
+                     LAION_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT), LAION_READ_TIMEOUT=str(READ_TIMEOUT))  # fmt: skip
+    else:
+        server = ImageService(args.server_procs)
     print(f"command: `python3 bench/webdataset.py {' '.join(sys.argv[1:])}`\n\nmachine: {machine()}\n")
     roots: list[Path] = []
     try:
-        urls = image_urls(args.n, server.port, args.seed)
+        if args.web:
+            urls = server.urls
+            what = "URLs of the open-web stand-in (bench/openweb.py)"
+        else:
+            urls = image_urls(args.n, server.port, args.seed)
+            what = f"images of 10-100 KB (mean {sum(int(u.rsplit('=', 1)[1]) for u in urls) / len(urls) / 1000:.1f} KB)"
         parquet_dir, parquet, tsv = write_url_inputs(temp, urls)
-        mean_kb = sum(int(url.rsplit("=", 1)[1]) for url in urls) / len(urls) / 1000
-        print(f"N={args.n} images of 10-100 KB (mean {mean_kb:.1f} KB), {args.workers} processes x {args.threads} "
-              f"threads/concurrency, shard_size {args.shard_size}")  # fmt: skip
+        print(f"N={args.n} {what}, {args.workers} processes x {args.threads} threads/concurrency, shard_size "
+              f"{args.shard_size}")  # fmt: skip
         setup = Setup(args.n, args.workers, args.threads, args.max_bytes, False, parquet_dir, parquet, tsv,
                       redis_service, server, None, temp / "logs", args.profile)  # fmt: skip
         for mode in (name for name in args.modes.split(",") if name):

@@ -120,7 +120,7 @@ end
 local function record(lease, queue, errors, succ_key, error_key, bytes_key, hosts, host, delayed, now, first, failures,
   kept)
   local stored, failed, bytes, applied, held = 0, 0, 0, 0, 0
-  local statuses = {}
+  local statuses, shards = {}, {}
   for i = first, #ARGV, 3 do
     local kind, task, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     -- from the tail: claims are pushed at the head, and tasks end roughly in the order they were claimed
@@ -141,8 +141,12 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
         redis.call('ZADD', delayed, now + delay, string.sub(payload, bar + 1))
       elseif kind == 'k' then
         held = held + 1
-        redis.call('RPUSH', kept .. ':' .. payload, task)
-        redis.call('HSET', kept, payload, host)
+        local shard = shards[payload]
+        if not shard then
+          shard = {}
+          shards[payload] = shard
+        end
+        shard[#shard + 1] = task
       else
         redis.call('RPUSH', queue, task)
       end
@@ -159,6 +163,12 @@ local function record(lease, queue, errors, succ_key, error_key, bytes_key, host
     redis.call('HINCRBY', hosts, host .. ':error', failed)
   end
   if held > 0 then redis.call('HINCRBY', hosts, host .. ':open', held) end
+  for shard, tasks in pairs(shards) do
+    for first = 1, #tasks, 1000 do
+      redis.call('RPUSH', kept .. ':' .. shard, unpack(tasks, first, math.min(first + 999, #tasks)))
+    end
+    redis.call('HSET', kept, shard, host)
+  end
   for status, count in pairs(statuses) do redis.call('HINCRBY', failures, status, count) end
   return applied
 end

@@ -43,9 +43,9 @@ Retry = Callable[[Callable[[], T]], T]
 """Runs a Redis step, repeating it while Redis is unreachable."""
 
 
-def tar_member(name: str, data: bytes, mtime: int) -> bytes:
-    """One tar member (header, data, padding to the block size): a whole sample is written with one call."""
-    return tar_header(name, len(data), mtime) + data + bytes(-len(data) % TAR_BLOCK)
+def tar_member(name: str, data: bytes, mtime: int) -> list[bytes]:
+    """One tar member's pieces: header, data, padding to the block size."""
+    return [tar_header(name, len(data), mtime), data, bytes(-len(data) % TAR_BLOCK)]
 
 
 def tar_header(name: str, size: int, mtime: int) -> bytes:
@@ -152,7 +152,7 @@ class ShardSink:
             (f"{key}.json", files["json"]),
         ]
         mtime = int(time.time())
-        block = b"".join(tar_member(name, data, mtime) for name, data in members)
+        block = b"".join([piece for name, data in members for piece in tar_member(name, data, mtime)])
         row = index_row(task, key, [name for name, _ in members], image)
         with self._lock:
             shard = self._open.get(task.subset) or self._new_shard(task.subset)

@@ -275,5 +275,5 @@ def test_tar_headers_are_tarfiles_own() -> None:
     info.size, info.mtime, info.mode = 12345, 1_700_000_000, 0o644
     assert tar_header(info.name, info.size, info.mtime) == info.tobuf(tarfile.USTAR_FORMAT)
     long_name = "é" * 60 + "-000000001.json"
-    with tarfile.open(fileobj=io.BytesIO(tar_member(long_name, b"{}", 1) + TAR_END)) as archive:
+    with tarfile.open(fileobj=io.BytesIO(b"".join(tar_member(long_name, b"{}", 1)) + TAR_END)) as archive:
         assert [(member.name, member.size) for member in archive.getmembers()] == [(long_name, 2)]
