@@ -255,6 +255,7 @@ def seal(shard: Shard) -> None:
         pq.write_table(index_table(shard.rows), file)
         file.flush()
         os.fsync(file.fileno())
+    pa.default_memory_pool().release_unused()  # else the pool keeps ~50 MB a worker after each index is written
 
 
 def index_row(task: Task, key: str, members: list[str], image: Processed) -> dict[str, Any]:
