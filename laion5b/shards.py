@@ -124,6 +124,9 @@ class ShardSink:
         self._sealer = threading.Thread(target=self._seal_loop, name="shard-sealer", daemon=True)
         self.unfinished = 0
         """Shards opened and not finished or discarded yet (open, sealing, or ready)."""
+        self.left_prepared = 0
+        """Shards prepared in Redis that could not be renamed: their files stay for ``recover`` once this process
+        is gone."""
 
     def open(self) -> None:
         """Create this worker's empty temporary folder, removing those of dead workers of this host."""
@@ -131,9 +134,13 @@ class ShardSink:
         self._sealer.start()
 
     def close(self) -> None:
-        """Stop the sealer and remove the temporary folder (every shard is finished or discarded by now)."""
+        """Stop the sealer and remove the temporary folder, unless it holds shards left prepared."""
         self._sealing.put(None)
         self._sealer.join()
+        if self.left_prepared:
+            log.warning("shards_left_prepared folder=%s shards=%d: a worker of this host finishes them",
+                        self.temp_dir, self.left_prepared)  # fmt: skip
+            return
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def existing(self, task: Task) -> Path | None:
@@ -199,7 +206,11 @@ class ShardSink:
         record = shard_record(shard, owner)
         try:
             if shard.error is None and retry(lambda: leases.prepare_shard(shard.id, shard.samples, field_name, record)):
-                move_into_place(paths)
+                try:
+                    move_into_place(paths)
+                except OSError:
+                    self.left_prepared += 1
+                    raise
                 counted = retry(lambda: leases.commit_shard(field_name, self.host_id, shard.bytes))
                 log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
                 return counted
@@ -311,11 +322,14 @@ def shard_field(host_id: str, shard_id: str) -> str:
 
 def move_into_place(paths: dict[str, str]) -> None:
     """Rename the index, then the tar, to their final names (a tar under its final name always has its index), and
-    make the renames durable. A step already done is skipped, so a recovery can run it again."""
-    for temp, final in ((paths["temp_index"], paths["index"]), (paths["temp_tar"], paths["tar"])):
+    make the renames durable. A step already done is skipped, so a recovery can run it again; nothing is renamed when
+    a final name is taken by another file (a shard is never rewritten)."""
+    moves = ((paths["temp_index"], paths["index"]), (paths["temp_tar"], paths["tar"]))
+    for temp, final in moves:
+        if os.path.exists(temp) and os.path.exists(final):
+            raise FileExistsError(f"{final} exists: a shard is never rewritten")
+    for temp, final in moves:
         if os.path.exists(temp):
-            if os.path.exists(final):
-                raise FileExistsError(f"{final} exists: a shard is never rewritten")
             os.rename(temp, final)
         if not os.path.exists(final):
             raise FileNotFoundError(f"{final}: neither it nor its temporary file exists")
@@ -356,14 +370,15 @@ def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str
         move_into_place(record)
     except OSError as error:
         log.warning("shard_recovery_files field=%s error=%s", field_name, error)
-    if os.path.exists(record["tar"]):
+    if os.path.exists(record["tar"]) and not os.path.exists(record["temp_tar"]):
         counted = leases.commit_shard(field_name, host_id, int(record["bytes"]))
         log.info("shard_recovered shard=%s counted=%d", record["tar"], counted)
         return
-    _remove(record["index"])
+    if not os.path.exists(record["tar"]):
+        _remove(record["index"])
     returned = leases.release_prepared(field_name, host_id)
-    log.warning("shard_lost shard=%s returned=%d: its files are gone, its tasks are queued again", record["tar"],
-                returned)  # fmt: skip
+    log.warning("shard_lost shard=%s returned=%d: its files are gone or its name is taken, its tasks are queued again",
+                record["tar"], returned)  # fmt: skip
 
 
 def _write_all(file: Any, data: bytes) -> None:

@@ -277,3 +277,28 @@ def test_tar_headers_are_tarfiles_own() -> None:
     long_name = "é" * 60 + "-000000001.json"
     with tarfile.open(fileobj=io.BytesIO(b"".join(tar_member(long_name, b"{}", 1)) + TAR_END)) as archive:
         assert [(member.name, member.size) for member in archive.getmembers()] == [(long_name, 2)]
+
+
+def test_a_shard_that_cannot_be_renamed_is_finished_after_the_worker_exits(
+    env, redis_server, image_server, tmp_path: Path
+) -> None:
+    """When a shard's final name is taken, the stopping worker does not hang: it exits, its shard stays prepared,
+    and the next worker of the host renames it once the name is free and counts it."""
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/img/n{row}.jpg") for row in range(5)])
+    tasks += queue(client, [image_server.url(f"/slow/2/n{row}.jpg") for row in range(5, 7)], first_row=5)
+    env["LAION_SHARD_SIZE"] = "1000"
+    worker = start_worker(env, "w")
+    wait_until(lambda: int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0) >= 5)
+    squatter = tmp_path / "images" / "sub" / f"{HOST}-w-000000.tar"
+    squatter.write_bytes(b"not ours")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert "shards_unfinished" in worker.stderr.read()
+    assert int(client.get(KEYS.tongji_succ) or 0) == 0 and len(client.hgetall(KEYS.shards)) == 1
+    squatter.unlink()
+    result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard_recovered" in result.stderr, result.stderr
+    assert len(assert_exact_books(client, tmp_path / "images", tasks)) == 7
