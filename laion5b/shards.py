@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from laion5b.imaging import Processed
 from laion5b.leases import KEPT, Leases, Owner
-from laion5b.sidecars import Sidecars, sample_key
+from laion5b.sidecars import Sidecars, caption_file, metadata_file
 from laion5b.store import file_safe, fresh_temp_folder, worker_temp_folder
 from laion5b.tasks import Task
 
@@ -151,16 +151,16 @@ class ShardSink:
         """Append the sample (image, caption, metadata) to its subset's open shard; the outcome keeps its task held
         until that shard is finished."""
         assert image.data is not None and image.extension is not None
-        key = sample_key(task)
-        files = self.sidecars.files(task, image, final_url)
+        metadata = self.sidecars.describe(task, image, final_url)
+        key = metadata["key"]
         members = [
             (f"{key}.{image.extension}", image.data),
-            (f"{key}.txt", files["txt"]),
-            (f"{key}.json", files["json"]),
+            (f"{key}.txt", caption_file(task)),
+            (f"{key}.json", metadata_file(metadata)),
         ]
         mtime = int(time.time())
         block = b"".join([piece for name, data in members for piece in tar_member(name, data, mtime)])
-        row = index_row(task, key, [name for name, _ in members], image)
+        row = index_row(task, metadata, [name for name, _ in members])
         with self._lock:
             shard = self._open.get(task.subset) or self._new_shard(task.subset)
             position = shard.file.tell()
@@ -269,19 +269,11 @@ def seal(shard: Shard) -> None:
     pa.default_memory_pool().release_unused()  # else the pool keeps ~50 MB a worker after each index is written
 
 
-def index_row(task: Task, key: str, members: list[str], image: Processed) -> dict[str, Any]:
-    """The index row of one sample."""
-    row: dict[str, Any] = {"key": key, "id": task.id, "url": task.url, "caption": task.text}
-    row.update(task.meta or {})
-    row.update(
-        part=task.part,
-        row=task.row,
-        members=members,
-        bytes=len(image.data or b""),
-        sha256=image.sha256,
-        width=image.width,
-        height=image.height,
-    )
+def index_row(task: Task, metadata: dict[str, Any], members: list[str]) -> dict[str, Any]:
+    """The index row of one sample, its values taken from the sample's metadata."""
+    row = {name: metadata[name] for name in ("key", "id", "url", "caption", *(task.meta or {}))}
+    row.update(part=task.part, row=task.row, members=members)
+    row.update({name: metadata[name] for name in ("bytes", "sha256", "width", "height")})
     return row
 
 

@@ -54,8 +54,21 @@ class Sidecars:
         """Extension -> content of each file to write beside the image."""
         files: dict[str, bytes] = {}
         if self.caption:
-            files["txt"] = (task.text or "").encode("utf-8", "replace")
+            files["txt"] = caption_file(task)
         if self.metadata:
-            metadata = sample_metadata(task, image, final_url, self.host_id, self.worker)
-            files["json"] = _ENCODE(metadata).encode("utf-8", "replace")
+            files["json"] = metadata_file(self.describe(task, image, final_url))
         return files
+
+    def describe(self, task: Task, image: Processed, final_url: str | None) -> dict[str, Any]:
+        """The sample's metadata, stored by this worker."""
+        return sample_metadata(task, image, final_url, self.host_id, self.worker)
+
+
+def caption_file(task: Task) -> bytes:
+    """The content of ``<name>.txt``: the caption, UTF-8."""
+    return (task.text or "").encode("utf-8", "replace")
+
+
+def metadata_file(metadata: dict[str, Any]) -> bytes:
+    """The content of ``<name>.json``: the metadata as one line of JSON."""
+    return _ENCODE(metadata).encode("utf-8", "replace")
