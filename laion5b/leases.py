@@ -71,23 +71,32 @@ local function touch(hb, workers, token, ttl, worker)
 end
 """
 
-# Returns every task of a worker to the queue: its leases, and the tasks kept in its open shards (which leave the
-# open count of the shard's host).
-_RELEASE = """
+# Returns the tasks of one shard's list to the queue, taking them off the open count of the shard's host.
+_RELEASE_SHARD_TASKS = """
+local function release_shard(list, queue, hosts, host)
+  local count = 0
+  while redis.call('LMOVE', list, queue, 'RIGHT', 'RIGHT') do count = count + 1 end
+  if count > 0 then redis.call('HINCRBY', hosts, host .. ':open', -count) end
+  return count
+end
+"""
+
+# Returns every task of a worker to the queue: its leases, and the tasks kept in its open shards.
+_RELEASE = (
+    _RELEASE_SHARD_TASKS
+    + """
 local function release(lease, kept, queue, hosts)
   local moved = 0
   while redis.call('LMOVE', lease, queue, 'RIGHT', 'RIGHT') do moved = moved + 1 end
   local shards = redis.call('HGETALL', kept)
   for i = 1, #shards, 2 do
-    local list, count = kept .. ':' .. shards[i], 0
-    while redis.call('LMOVE', list, queue, 'RIGHT', 'RIGHT') do count = count + 1 end
-    if count > 0 then redis.call('HINCRBY', hosts, shards[i + 1] .. ':open', -count) end
-    moved = moved + count
+    moved = moved + release_shard(kept .. ':' .. shards[i], queue, hosts, shards[i + 1])
   end
   redis.call('DEL', kept)
   return moved
 end
 """
+)
 
 # KEYS: heartbeat, lease, queue, workers, kept, host counters. ARGV: token, ttl, worker, token it may replace ('' for
 # none).
@@ -271,13 +280,14 @@ return count
 
 # KEYS: the shard's task list, queue, the hash that records the shard, host counters. ARGV: field, host. Returns a
 # discarded shard's tasks to the queue; returns how many.
-_RELEASE_SHARD = """
-local count = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do count = count + 1 end
+_RELEASE_SHARD = (
+    _RELEASE_SHARD_TASKS
+    + """
+local count = release_shard(KEYS[1], KEYS[2], KEYS[4], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[1])
-if count > 0 then redis.call('HINCRBY', KEYS[4], ARGV[2] .. ':open', -count) end
 return count
 """
+)
 
 
 def failed_outcome(raw: str, status: int | str, record: str) -> tuple[str, str, str]:
