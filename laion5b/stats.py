@@ -56,6 +56,11 @@ class Host:
     def dead(self) -> bool:
         return self.state == "DEAD"
 
+    @property
+    def stored(self) -> int:
+        """Samples stored, finished shards or not (see ``Snapshot.stored``)."""
+        return self.succeeded + self.in_shards
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -299,14 +304,10 @@ def host_rates(before: Snapshot | None, after: Snapshot) -> dict[str, float]:
     if before is None:
         rates = since_start(after)
         seconds = rates.seconds if rates else None
-        return {host.host: _stored(host) / seconds if seconds else 0.0 for host in after.hosts}
+        return {host.host: host.stored / seconds if seconds else 0.0 for host in after.hosts}
     seconds = max(after.at - before.at, 1e-9)
-    earlier = {host.host: _stored(host) for host in before.hosts}
-    return {host.host: (_stored(host) - earlier.get(host.host, 0)) / seconds for host in after.hosts}
-
-
-def _stored(host: Host) -> int:
-    return host.succeeded + host.in_shards
+    earlier = {host.host: host.stored for host in before.hosts}
+    return {host.host: (host.stored - earlier.get(host.host, 0)) / seconds for host in after.hosts}
 
 
 # --- output ---
