@@ -336,6 +336,8 @@ def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
     """Finish the shards that dead workers of this host left prepared: renamed and counted when their files are
     there, else their tasks go back to the queue. One worker of a host does it at a time; ``wait`` seconds for that.
     Return how many shards were recovered."""
+    if not _orphans(leases, host_id):
+        return 0
     client, lock = leases.client, leases.keys.shard_lock(host_id)
     deadline = time.monotonic() + wait
     while not client.set(lock, leases.token, nx=True, ex=RECOVERY_LOCK_SECONDS):
@@ -343,18 +345,24 @@ def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
             return 0
         time.sleep(0.2)
     try:
-        recovered = 0
-        for field_name, text in client.hgetall(leases.keys.shards).items():
-            record = json.loads(text)
-            owner = Owner.parse(record["owner"])
-            if not field_name.startswith(f"{host_id}|") or (owner is not None and owner.is_alive_here()):
-                continue
+        orphans = _orphans(leases, host_id)
+        for field_name, record in orphans:
             _recover_one(leases, host_id, field_name, record)
-            recovered += 1
-        return recovered
+        return len(orphans)
     finally:
         if client.get(lock) == leases.token:
             client.delete(lock)
+
+
+def _orphans(leases: Leases, host_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The shards of this host being finished whose owner process is gone: (field, record)."""
+    orphans = []
+    for field_name, text in leases.client.hgetall(leases.keys.shards).items():
+        record = json.loads(text)
+        owner = Owner.parse(record["owner"])
+        if field_name.startswith(f"{host_id}|") and not (owner is not None and owner.is_alive_here()):
+            orphans.append((field_name, record))
+    return orphans
 
 
 def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str, Any]) -> None:
