@@ -11,7 +11,6 @@ import socket
 import ssl
 import time
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -23,7 +22,10 @@ from laion5b.fetchpolicy import (
     BUDGET_MESSAGE,
     CHUNK,
     DRAIN_SECONDS,
+    GAVE_WAY,
+    TRUNCATED,
     Body,
+    Decoder,
     Fetched,
     FetchFailure,
     FetchPolicy,
@@ -124,7 +126,7 @@ class AsyncFetcher:
         except BlockedAddress as exc:
             fetched = Fetched(None, None, "blocked_address", one_line(str(exc), url))
         except TimeoutError:
-            fetched = Fetched(None, None, "timeout", f"no complete response within {self._policy.download_timeout:g} s")
+            fetched = _timed_out(body, self._policy.download_timeout)
         except _EXPECTED_ERRORS as exc:
             fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
         if fetched.data is None and self._budget is not None:
@@ -188,49 +190,32 @@ class AsyncFetcher:
         return socket.socket(family, kind, proto)
 
 
+def _timed_out(body: Body, seconds: float) -> Fetched:
+    """The outcome of a download whose deadline passed: local pressure when it was waiting for byte budget."""
+    if body.waiting:
+        return Fetched(None, None, GAVE_WAY, f"{BUDGET_MESSAGE} (waited until the deadline)")
+    return Fetched(None, None, "timeout", f"no complete response within {seconds:g} s")
+
+
 async def _read_body(response: aiohttp.ClientResponse, body: Body, budget: AsyncByteBudget | None) -> None:
     """Read and decode the body into ``body``, reserving each decoded chunk in ``budget`` first."""
-    decoder = _Decoder(response.headers.get("content-encoding", ""))
+    decoder = Decoder(response.headers.get("content-encoding", ""))
     while raw := await response.content.read(CHUNK):
         for chunk in decoder.decode(raw):
             if budget is not None:
-                if not await budget.take(len(chunk), body.reserved):
-                    raise FetchFailure("timeout", BUDGET_MESSAGE)
-                body.reserved += len(chunk)
+                await _reserve(budget, body, len(chunk))
             body.add(chunk)
+    decoder.finish()
 
 
-class _Decoder:
-    """Content decoding (gzip, deflate) in steps of at most CHUNK decoded bytes; other encodings pass through."""
-
-    def __init__(self, encoding: str) -> None:
-        encoding = encoding.strip().lower()
-        self._raw_fallback = encoding == "deflate"
-        if encoding in ("gzip", "x-gzip"):
-            self._zlib: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == "deflate":
-            self._zlib = zlib.decompressobj()
-        else:
-            self._zlib = None
-
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        """The decoded chunks of ``data``, made one at a time as they are consumed."""
-        if self._zlib is None:
-            yield data
-            return
-        if self._raw_fallback:
-            self._raw_fallback = False
-            try:
-                chunk = self._zlib.decompress(data, CHUNK)
-            except zlib.error:  # a deflate body without the zlib header, as some servers send
-                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-                chunk = self._zlib.decompress(data, CHUNK)
-        else:
-            chunk = self._zlib.decompress(data, CHUNK)
-        while chunk:
-            yield chunk
-            tail = self._zlib.unconsumed_tail
-            chunk = self._zlib.decompress(tail, CHUNK) if tail else b""
+async def _reserve(budget: AsyncByteBudget, body: Body, size: int) -> None:
+    """Reserve ``size`` more bytes of ``body`` in ``budget``; give way (GAVE_WAY) when the budget says so."""
+    body.waiting = True
+    granted = await budget.take(size, body.reserved)
+    body.waiting = False
+    if not granted:
+        raise FetchFailure(GAVE_WAY, BUDGET_MESSAGE)
+    body.reserved += size
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -248,6 +233,7 @@ def _status_word(exc: BaseException) -> str:
     chain = _causes(exc)
     for word, kinds in (
         ("blocked_address", BlockedAddress),
+        (TRUNCATED, aiohttp.ClientPayloadError),
         ("dns", (aiohttp.ClientConnectorDNSError, socket.gaierror)),
         ("ssl", _SSL_ERRORS),
         ("timeout", _TIMEOUT_ERRORS),
