@@ -4,7 +4,6 @@ real workers on a real Redis where a whole run is the proof."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable, Iterator
 from ipaddress import ip_network
 from typing import Any
