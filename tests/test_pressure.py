@@ -4,8 +4,11 @@ real workers on a real Redis where a whole run is the proof."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Callable, Iterator
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,11 +16,15 @@ import pytest
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
-from laion5b.tasks import is_transient
+from laion5b.keys import Keys
+from laion5b.tasks import Task, is_transient
+from tests.redis_server import RedisServer
+from tests.test_downloader import run_worker
 from tools.image_server import ImageServer
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
 MIB = 1024 * 1024
+KEYS = Keys()
 
 
 def policy(**changes: Any) -> FetchPolicy:
@@ -77,3 +84,39 @@ def test_a_cut_body_is_truncated_on_both_engines(image_server: ImageServer, fetc
         assert result.status == "truncated" and result.data is None, result
         assert result.error_msg and "\n" not in result.error_msg
     assert is_transient("truncated")
+
+
+# --- finding 9: waiting for byte budget is local pressure ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
+    redis_server: RedisServer, script_env: dict[str, str], image_server: ImageServer, engine: str
+) -> None:
+    """Eight downloads of 1.5 MB images share a budget of 2 MiB: most must wait or give way. With one attempt per
+    task, a wait counted as a failure would lose the image; every one is stored, no ``timeout`` is recorded."""
+    env = {
+        **script_env,
+        "LAION_ENGINE": engine,
+        "LAION_CONCURRENCY": "8",
+        "LAION_THREAD_NUM": "8",
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_MAX_ATTEMPTS": "1",
+        "LAION_DOWNLOAD_TIMEOUT": "2",
+        "LAION_MAX_IMAGE_BYTES": str(2 * MIB),
+        "LAION_MAX_INFLIGHT_BYTES": str(2 * MIB),
+        "LAION_SAVE_METADATA": "1",
+    }
+    client = redis_server.client()
+    urls = [image_server.url(f"/img/big{row}.jpg?size=1500000") for row in range(16)]
+    tasks = [Task(id=f"id{row}", url=url, subset="s", part="p", row=row) for row, url in enumerate(urls)]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    client.incrby(KEYS.tongji_all, len(tasks))
+    result = run_worker(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert client.lrange(KEYS.error, 0, -1) == [], "a wait for budget was recorded as a failure"
+    assert int(client.get(KEYS.tongji_succ) or 0) == len(tasks)
+    metadata = [json.loads(path.read_text()) for path in Path(env["LAION_STORE_DIR"]).rglob("*.json")]
+    assert [item["attempts"] for item in metadata] == [1] * len(tasks)  # each stored at its first counted attempt
+    retried = re.search(r"worker_exit .* retried=(\d+)", result.stderr)
+    assert retried is not None and int(retried.group(1)) > 0, "no download had to wait: the test proves nothing"
