@@ -13,13 +13,14 @@ from pathlib import Path
 
 import redis
 
+from laion5b.aiofetch import MAX_IDLE_CONNECTIONS
 from laion5b.asyncengine import AsyncEngine
 from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
 from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context
-from laion5b.guard import Resolver, system_resolver
+from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
 from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, Leases
 from laion5b.limits import raise_open_files_limit
@@ -183,7 +184,8 @@ class Worker:
         """Work until stopped (or, with ``until_empty``, until no task remains anywhere)."""
         config = self.config
         in_flight = config.concurrency if config.engine == "async" else config.thread_num
-        open_files = raise_open_files_limit(in_flight)
+        idle = MAX_IDLE_CONNECTIONS if config.engine == "async" else IDLE_PER_THREAD * config.thread_num
+        open_files = raise_open_files_limit(in_flight, idle)
         if config.engine == "threads" and config.thread_num > THREADS_KNEE:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip

@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
+import socket
+import subprocess
+import sys
+import tracemalloc
 from collections.abc import Callable, Iterator
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from laion5b.aiofetch import AsyncFetcher
@@ -18,6 +24,7 @@ from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.keys import Keys
 from laion5b.tasks import Task, is_transient
+from tests.helpers import ROOT, run_script, wait_until
 from tests.redis_server import RedisServer
 from tests.test_downloader import run_worker
 from tools.image_server import ImageServer
@@ -120,3 +127,113 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     assert [item["attempts"] for item in metadata] == [1] * len(tasks)  # each stored at its first counted attempt
     retried = re.search(r"worker_exit .* retried=(\d+)", result.stderr)
     assert retried is not None and int(retried.group(1)) > 0, "no download had to wait: the test proves nothing"
+
+
+# --- finding 10: bounds -----------------------------------------------------------------------------------------------
+
+
+def _client_sockets(port: int) -> int:
+    """This process's open client connections to ``port`` (the server, in the same process, is not counted)."""
+    connections = psutil.Process().net_connections("tcp")
+    return sum(1 for c in connections if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_idle_connections_are_bounded(image_server: ImageServer) -> None:
+    """Twelve hosts fetched at once leave at most ``max_idle`` connections open once they are idle."""
+    fetch_policy = policy(resolver=lambda host, port: ["127.0.0.1"])
+    urls = [f"http://host{number}.test:{image_server.port}/img/idle{number}.jpg" for number in range(12)]
+
+    async def run() -> tuple[list[Fetched], int, int]:
+        fetcher = AsyncFetcher(fetch_policy, max_idle=4)
+        try:
+            results = await asyncio.gather(*(fetcher.fetch(url) for url in urls))
+            await asyncio.sleep(0.2)  # closed transports let go of their sockets on the next turns of the loop
+            return list(results), fetcher.connector.idle(), _client_sockets(image_server.port)
+        finally:
+            await fetcher.close()
+
+    results, idle, sockets = asyncio.run(run())
+    assert [result.status for result in results] == [None] * len(urls)
+    assert idle == 4 and sockets == 4
+
+
+@pytest.fixture
+def server_process() -> Iterator[str]:
+    """The image server in a process of its own (its memory is not this process's); its base URL. Per test: every
+    process a test leaves behind is killed (conftest)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "tools" / "image_server.py"), "--port", str(port)])
+    try:
+        wait_until(lambda: _accepts(port), timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _traced(fetch: Callable[[str], Fetched], url: str) -> tuple[Fetched, int]:
+    """Fetch ``url`` and return the result and the peak of memory allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        result = fetch(url)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def peak_of_fetch(engine: str, url: str) -> tuple[Fetched, int]:
+    """The result of fetching ``url`` with a warmed-up fetcher of ``engine``, and the peak memory of that fetch."""
+    if engine == "threads":
+        fetcher = Fetcher(policy())
+        try:
+            fetcher.fetch(url.replace("copy.", "warm.").partition("?")[0])
+            return _traced(fetcher.fetch, url)
+        finally:
+            fetcher.close()
+
+    async def run() -> tuple[Fetched, int]:
+        fetcher = AsyncFetcher(policy())
+        try:
+            await fetcher.fetch(url.replace("copy.", "warm.").partition("?")[0])
+            tracemalloc.start()
+            try:
+                result = await fetcher.fetch(url)
+                return result, tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        finally:
+            await fetcher.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_a_body_is_not_copied_once_more(server_process: str, engine: str) -> None:
+    """An 8 MB body costs about 8 MB at its peak, not twice that: the fetched image is the body's buffer itself."""
+    size = 8 * MIB
+    result, peak = peak_of_fetch(engine, f"{server_process}/img/copy.png?size={size}")
+    assert result.status is None and result.data is not None and len(result.data) == size
+    assert peak < 1.5 * size, f"peak {peak / MIB:.1f} MiB for a body of {size / MIB:.0f} MiB"
+
+
+def test_open_files_needed_count_idle_connections(script_env: dict[str, str]) -> None:
+    """100 downloads in flight need 456 files, and 256 idle kept-alive connections more: a hard limit of 600 is too
+    low, and the worker says so instead of running out of files later."""
+    result = subprocess.run(
+        [*run_script("downloader.py"), "0", "--until-empty"],
+        env={**script_env, "LAION_ENGINE": "async", "LAION_CONCURRENCY": "100"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "open_files_too_low" in line]
+    assert len(lines) == 1 and "256 idle connections" in lines[0]
