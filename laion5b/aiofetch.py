@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
-import concurrent.futures
+import contextvars
 import socket
 import ssl
 import time
@@ -17,7 +17,7 @@ import aiohttp
 import urllib3.exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from laion5b.dnscache import AsyncCachedResolver, DnsCache
+from laion5b.dnscache import AsyncCachedResolver, DnsCache, LookupPool
 from laion5b.fetchpolicy import (
     BUDGET_MESSAGE,
     CHUNK,
@@ -41,7 +41,6 @@ from laion5b.fetchpolicy import (
 from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
 from laion5b.limits import AsyncByteBudget
 
-DNS_THREADS = 64  # look-ups in progress at once; the event loop's default pool (6 threads here) would throttle them
 IDLE_CONNECTION_SECONDS = 15.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 MAX_IDLE_CONNECTIONS = 256
 """Idle kept-alive connections a process keeps at most (sockets, and TLS state of some 30 KB each): see
@@ -58,6 +57,11 @@ _SSL_ERRORS = (aiohttp.ClientSSLError, ssl.SSLError, ssl.CertificateError)
 _EXPECTED_ERRORS = (aiohttp.ClientError, OSError, ValueError, zlib.error)
 
 
+_RESOLVING: contextvars.ContextVar[list[str]] = contextvars.ContextVar("resolving")
+"""The name a download is resolving now (a list of at most one, set by ``fetch``): if its deadline passes while
+that name waits for a look-up thread, the download gave way to local pressure."""
+
+
 class _GuardedResolver(AbstractResolver):
     """Resolves names through the process's DNS cache and keeps only the addresses the guard allows."""
 
@@ -67,7 +71,13 @@ class _GuardedResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
         check_host_name(host)
-        addresses = self._guard.allowed(await self._lookup(host, port))
+        resolving = _RESOLVING.get(None)
+        if resolving is not None:
+            resolving[:] = [host]
+        answer = await self._lookup(host, port)
+        if resolving is not None:
+            resolving.clear()
+        addresses = self._guard.allowed(answer)
         return [_resolved(host, address, port) for address in addresses]
 
     async def close(self) -> None:
@@ -111,8 +121,8 @@ class AsyncFetcher:
         self._policy = policy
         self._budget = budget
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
-        self._dns_pool = concurrent.futures.ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="dns")
-        lookup = AsyncCachedResolver(self._look_up, dns_cache or DnsCache(0, 0))
+        self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout)
+        lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
         self.connector = _BoundedIdleConnector(
             max_idle,
             resolver=_GuardedResolver(self._guard, lookup),
@@ -141,6 +151,8 @@ class AsyncFetcher:
         """
         deadline = time.monotonic() + self._policy.download_timeout
         body = Body(self._policy.max_bytes, deadline)
+        resolving: list[str] = []
+        _RESOLVING.set(resolving)
         try:
             async with asyncio.timeout(self._policy.download_timeout):
                 fetched = await self._follow(url, deadline, body)
@@ -149,7 +161,7 @@ class AsyncFetcher:
         except BlockedAddress as exc:
             fetched = Fetched(None, None, "blocked_address", one_line(str(exc), url))
         except TimeoutError:
-            fetched = _timed_out(body, self._policy.download_timeout)
+            fetched = self._timed_out(body, resolving)
         except _EXPECTED_ERRORS as exc:
             fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
         if fetched.data is None and self._budget is not None:
@@ -163,7 +175,7 @@ class AsyncFetcher:
 
     async def close(self) -> None:
         await self._session.close()
-        self._dns_pool.shutdown(wait=False, cancel_futures=True)
+        self._lookups.close()
 
     async def _follow(self, url: str, deadline: float, body: Body) -> Fetched:
         """Request ``url`` and follow its redirects by hand, each target checked like the first URL."""
@@ -198,12 +210,14 @@ class AsyncFetcher:
         except (FetchFailure, TimeoutError, *_EXPECTED_ERRORS):
             response.close()
 
-    async def _look_up(self, host: str, port: int) -> list[str]:
-        resolver = self._policy.resolver
-        if resolver is not None:  # an injected resolver (tests) answers at once
-            return resolver(host, port)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._dns_pool, system_resolver, host, port)
+    def _timed_out(self, body: Body, resolving: list[str]) -> Fetched:
+        """The outcome of a download whose deadline passed: local pressure when it was waiting for byte budget or
+        for a DNS look-up thread, else a timeout."""
+        if body.waiting:
+            return Fetched(None, None, GAVE_WAY, f"{BUDGET_MESSAGE} (waited until the deadline)")
+        if resolving and self._lookups.queued[resolving[0]]:
+            return Fetched(None, None, GAVE_WAY, f"waited for a DNS look-up thread for {resolving[0]}")
+        return Fetched(None, None, "timeout", f"no complete response within {self._policy.download_timeout:g} s")
 
     def _socket(self, addr_info: Any) -> socket.socket:
         """The socket for one connection attempt, made only when the guard allows the address."""
@@ -211,13 +225,6 @@ class AsyncFetcher:
         if not self._guard.allows(address[0]):
             raise BlockedAddress(f"refused to connect to {address[0]}")
         return socket.socket(family, kind, proto)
-
-
-def _timed_out(body: Body, seconds: float) -> Fetched:
-    """The outcome of a download whose deadline passed: local pressure when it was waiting for byte budget."""
-    if body.waiting:
-        return Fetched(None, None, GAVE_WAY, f"{BUDGET_MESSAGE} (waited until the deadline)")
-    return Fetched(None, None, "timeout", f"no complete response within {seconds:g} s")
 
 
 async def _read_body(response: aiohttp.ClientResponse, body: Body, budget: AsyncByteBudget | None) -> None:

@@ -55,6 +55,7 @@ class FetchPolicy:
     disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
     allowed_networks: tuple[Network, ...] = ()
     resolver: Resolver | None = None  # host, port -> IP strings; None = the system's; gaierror = DNS failure
+    dns_timeout: float = 10.0  # a look-up is given up after this long (status dns); waits for a DNS thread are apart
     tls_ca_file: str = ""  # CA bundle for servers' certificates; empty = the bundle requests ships (certifi)
 
     def headers(self) -> dict[str, str]:

@@ -18,7 +18,7 @@ from laion5b.asyncengine import AsyncEngine
 from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
-from laion5b.dnscache import CachedResolver, DnsCache
+from laion5b.dnscache import SPARE_THREADS, BlockingLookups, CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context
 from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
 from laion5b.imaging import process_policy
@@ -75,6 +75,7 @@ def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolic
         disallowed_directives=frozenset(config.disallowed_header_directives),
         allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
         resolver=resolver,
+        dns_timeout=config.dns_timeout,
         tls_ca_file=config.tls_ca_file,
     )
 
@@ -90,8 +91,9 @@ def make_engine(
         return AsyncEngine(
             pipeline, policy, config.concurrency, done, config.max_per_host, config.max_inflight_bytes, tls, cache
         )
+    resolver = BlockingLookups(resolver or system_resolver, config.dns_timeout, config.thread_num + SPARE_THREADS)
     if cache is not None:
-        resolver = CachedResolver(resolver or system_resolver, cache)
+        resolver = CachedResolver(resolver, cache)
     policy = fetch_policy(config, resolver)
     return ThreadEngine(pipeline, policy, config.thread_num, done, config.max_per_host, config.max_inflight_bytes, tls)
 
