@@ -17,7 +17,7 @@ import aiohttp
 import urllib3.exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from laion5b.dnscache import AsyncCachedResolver, DnsCache, LookupPool
+from laion5b.dnscache import DNS_THREADS, AsyncCachedResolver, DnsCache, LookupPool
 from laion5b.fetchpolicy import (
     BUDGET_MESSAGE,
     CHUNK,
@@ -117,11 +117,12 @@ class AsyncFetcher:
         budget: AsyncByteBudget | None = None,
         dns_cache: DnsCache | None = None,
         max_idle: int = MAX_IDLE_CONNECTIONS,
+        dns_threads: int = DNS_THREADS,
     ) -> None:
         self._policy = policy
         self._budget = budget
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
-        self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout)
+        self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout, dns_threads)
         lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
         self.connector = _BoundedIdleConnector(
             max_idle,

@@ -10,6 +10,8 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from ipaddress import ip_network
@@ -20,6 +22,7 @@ import psutil
 import pytest
 
 from laion5b.aiofetch import AsyncFetcher
+from laion5b.dnscache import BlockingLookups
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.keys import Keys
@@ -127,6 +130,98 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     assert [item["attempts"] for item in metadata] == [1] * len(tasks)  # each stored at its first counted attempt
     retried = re.search(r"worker_exit .* retried=(\d+)", result.stderr)
     assert retried is not None and int(retried.group(1)) > 0, "no download had to wait: the test proves nothing"
+
+
+class HangingResolver:
+    """A resolver at the ``Resolver`` seam: names starting with ``dead`` hang in it (as getaddrinfo can) until
+    ``revive`` or ``release``; every other name answers 127.0.0.1 at once. ``asked`` counts look-ups by name."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, int] = {}
+        self.revived: set[str] = set()
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        with self._lock:
+            self.asked[host] = self.asked.get(host, 0) + 1
+        if host.startswith("dead") and host not in self.revived and not self.released.wait(30):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return ["127.0.0.1"]
+
+    def revive(self, host: str) -> None:
+        self.revived.add(host)
+
+
+@pytest.mark.timeout(60)
+def test_dead_names_do_not_hold_up_live_ones(image_server: ImageServer) -> None:
+    """80 names whose look-ups hang (more than the old pool's 64 threads) and 20 live names, all at once: the live
+    images arrive at once, the dead names end as ``dns`` after dns_timeout, not as a download ``timeout``; the next
+    look-up of a dead name is made again, and once it answers its image arrives."""
+    resolver = HangingResolver()
+    fetch_policy = policy(resolver=resolver, dns_timeout=0.5, download_timeout=4.0)
+    dead = [f"http://dead{number}.test:{image_server.port}/img/d{number}.jpg" for number in range(80)]
+    live = [f"http://live{number}.test:{image_server.port}/img/l{number}.jpg" for number in range(20)]
+
+    async def timed(fetcher: AsyncFetcher, url: str) -> tuple[Fetched, float]:
+        started = time.monotonic()
+        result = await fetcher.fetch(url)
+        return result, time.monotonic() - started
+
+    async def run() -> tuple[list[tuple[Fetched, float]], Fetched]:
+        fetcher = AsyncFetcher(fetch_policy)
+        try:
+            results = await asyncio.gather(*(timed(fetcher, url) for url in dead + live))
+            resolver.revive("dead0.test")
+            return list(results), await fetcher.fetch(dead[0])
+        finally:
+            resolver.released.set()
+            await fetcher.close()
+
+    results, again = asyncio.run(run())
+    dead_results, live_results = results[: len(dead)], results[len(dead) :]
+    assert [result.status for result, _ in live_results] == [None] * len(live)
+    assert max(seconds for _, seconds in live_results) < 1.0
+    assert {result.status for result, _ in dead_results} == {"dns"}
+    assert all("within 0.5 s" in result.error_msg for result, _ in dead_results)
+    assert max(seconds for _, seconds in dead_results) < 2.0
+    assert again.status is None and resolver.asked["dead0.test"] == 2
+
+
+def test_a_hung_look_up_is_dns_on_the_threads_engine(image_server: ImageServer) -> None:
+    """The threads engine's look-ups (as the worker wires them) are given up after dns_timeout too, and the next
+    look-up of the name is made again."""
+    resolver = HangingResolver()
+    fetcher = Fetcher(policy(resolver=BlockingLookups(resolver, 0.5, 4)))
+    try:
+        started = time.monotonic()
+        hung = fetcher.fetch(f"http://dead.test:{image_server.port}/img/hung.jpg")
+        assert hung.status == "dns" and time.monotonic() - started < 2.0, hung
+        resolver.revive("dead.test")
+        assert fetcher.fetch(f"http://dead.test:{image_server.port}/img/hung.jpg").status is None
+        assert resolver.asked["dead.test"] == 2
+    finally:
+        resolver.released.set()
+        fetcher.close()
+
+
+def test_a_download_waiting_for_a_dns_thread_gives_way(image_server: ImageServer) -> None:
+    """With every look-up thread taken by a hanging name, a live name waits for a turn: when its download deadline
+    passes meanwhile, it gave way to local pressure (no attempt used), it did not time out."""
+    resolver = HangingResolver()
+
+    async def run() -> list[Fetched]:
+        fetcher = AsyncFetcher(policy(resolver=resolver, dns_timeout=5.0, download_timeout=0.5), dns_threads=1)
+        try:
+            urls = [f"http://{name}.test:{image_server.port}/img/wait.jpg" for name in ("dead", "live")]
+            return list(await asyncio.gather(*(fetcher.fetch(url) for url in urls)))
+        finally:
+            resolver.released.set()
+            await fetcher.close()
+
+    dead, live = asyncio.run(run())
+    assert dead.status == "timeout"  # its own look-up ran out the download's time
+    assert live.status == "gave_way" and "DNS look-up thread" in live.error_msg, live
 
 
 # --- finding 10: bounds -----------------------------------------------------------------------------------------------
