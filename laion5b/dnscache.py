@@ -19,8 +19,8 @@ AsyncResolver = Callable[[str, int], Awaitable[list[str]]]
 NEGATIVE_TTL = 5.0
 MAX_NAMES = 100_000
 DNS_THREADS = 256
-"""Look-ups in progress at once in the async engine: dead names (a slow getaddrinfo each) and live ones share them, so
-there are many more than the few dead names among the downloads in flight."""
+"""Look-ups in progress at once in the async engine, dead names' and live ones' alike: enough that slow look-ups of
+dead names (each at most dns_timeout) leave turns for the live ones."""
 SPARE_THREADS = 64
 """Threads for look-ups given up that are still stuck in getaddrinfo; until they fill, a stuck look-up hands its turn
 on, so a few hanging names cannot take every thread."""
@@ -202,9 +202,10 @@ class LookupPool:
 
 
 class BlockingLookups:
-    """The threads engine's look-ups, each given up after ``timeout`` s (a gaierror: status ``dns``): the download
-    thread waits for a thread of this pool, so a getaddrinfo that never returns holds a pool thread, not the
-    download. ``threads`` should exceed the download threads by the stuck look-ups it is to absorb."""
+    """The threads engine's look-ups, each given up after ``timeout`` s (a gaierror: status ``dns``): a look-up runs
+    on a thread of this pool while the download thread waits for its answer, so a getaddrinfo that never returns
+    holds a pool thread, not the download. ``threads`` exceeds the download threads by the stuck look-ups it absorbs
+    (beyond those, a look-up waits for a free thread within its ``timeout``)."""
 
     def __init__(self, resolver: Resolver, timeout: float, threads: int) -> None:
         self.timeout = timeout
