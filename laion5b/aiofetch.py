@@ -72,11 +72,13 @@ class _GuardedResolver(AbstractResolver):
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
         check_host_name(host)
         resolving = _RESOLVING.get([])
-        resolving[:] = [host]
+        resolving[:] = [host]  # kept when the deadline cancels the look-up: fetch then reads it
         try:
             answer = await self._lookup(host, port)
-        finally:
+        except socket.gaierror:
             resolving.clear()
+            raise
+        resolving.clear()
         addresses = self._guard.allowed(answer)
         return [_resolved(host, address, port) for address in addresses]
 
