@@ -181,10 +181,10 @@ def test_dead_names_do_not_hold_up_live_ones(image_server: ImageServer) -> None:
     results, again = asyncio.run(run())
     dead_results, live_results = results[: len(dead)], results[len(dead) :]
     assert [result.status for result, _ in live_results] == [None] * len(live)
-    assert max(seconds for _, seconds in live_results) < 1.0
+    assert max(seconds for _, seconds in live_results) < 2.0  # held up behind the dead names, they took 4 s
     assert {result.status for result, _ in dead_results} == {"dns"}
     assert all("within 0.5 s" in result.error_msg for result, _ in dead_results)
-    assert max(seconds for _, seconds in dead_results) < 2.0
+    assert max(seconds for _, seconds in dead_results) < 3.0
     assert again.status is None and resolver.asked["dead0.test"] == 2
 
 
@@ -249,7 +249,7 @@ def test_idle_connections_are_bounded(image_server: ImageServer) -> None:
 
     results, idle, sockets = asyncio.run(run())
     assert [result.status for result in results] == [None] * len(urls)
-    assert idle == 4 and sockets == 4
+    assert idle == 4 and sockets <= 4
 
 
 @pytest.fixture
