@@ -30,7 +30,7 @@ from laion5b.tasks import Task, is_transient
 from tests.helpers import ROOT, run_script, wait_until
 from tests.redis_server import RedisServer
 from tests.test_downloader import run_worker
-from tools.image_server import ImageServer
+from tools.image_server import ImageServer, image_bytes
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
 MIB = 1024 * 1024
@@ -89,11 +89,13 @@ def fetch_all(request: pytest.FixtureRequest) -> Iterator[Callable[[FetchPolicy,
 def test_a_cut_body_is_truncated_on_both_engines(image_server: ImageServer, fetch_all: Callable[..., Any]) -> None:
     """A gzip body without its end (its HTTP length complete) and a plain body shorter than its Content-Length are
     ``truncated`` (transient), not an image; a whole gzip body still arrives."""
-    cut, short = fetch_all(policy(), [image_server.url("/gzipcut/cut.jpg"), image_server.url("/truncated")])
+    urls = [image_server.url(path) for path in ("/gzip/cut.jpg?cut=1", "/truncated", "/gzip/whole.jpg")]
+    cut, short, whole = fetch_all(policy(), urls)
     for result in (cut, short):
         assert result.status == "truncated" and result.data is None, result
         assert result.error_msg and "\n" not in result.error_msg
     assert is_transient("truncated")
+    assert whole.status is None and whole.data == image_bytes("whole"), whole
 
 
 # --- finding 9: waiting for byte budget is local pressure ------------------------------------------------------------
