@@ -134,6 +134,33 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     assert retried is not None and int(retried.group(1)) > 0, "no download had to wait: the test proves nothing"
 
 
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_waiting_for_a_host_slot_does_not_use_the_download_deadline(
+    redis_server: RedisServer, script_env: dict[str, str], image_server: ImageServer, engine: str
+) -> None:
+    """One download at a time to the host, four of 1.2 s each, a deadline of 2 s and one attempt: the last waits
+    3.6 s for its slot, longer than its deadline, and is still stored (the deadline starts with the download)."""
+    env = {
+        **script_env,
+        "LAION_ENGINE": engine,
+        "LAION_CONCURRENCY": "4",
+        "LAION_THREAD_NUM": "4",
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_MAX_ATTEMPTS": "1",
+        "LAION_MAX_PER_HOST": "1",
+        "LAION_DOWNLOAD_TIMEOUT": "2",
+    }
+    client = redis_server.client()
+    urls = [image_server.url(f"/slow/1.2/parked{row}.jpg") for row in range(4)]
+    tasks = [Task(id=f"id{row}", url=url, subset="s", part="p", row=row) for row, url in enumerate(urls)]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    client.incrby(KEYS.tongji_all, len(tasks))
+    result = run_worker(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert client.lrange(KEYS.error, 0, -1) == []
+    assert int(client.get(KEYS.tongji_succ) or 0) == len(tasks)
+
+
 class HangingResolver:
     """A resolver at the ``Resolver`` seam: names starting with ``dead`` hang in it (as getaddrinfo can) until
     ``revive`` or ``release``; every other name answers 127.0.0.1 at once. ``asked`` counts look-ups by name."""
