@@ -66,7 +66,7 @@ class FetchPolicy:
 class Fetched:
     """Outcome of one fetch: image bytes and extension, or a status and a short one-line message."""
 
-    data: bytes | None
+    data: bytes | None  # from the fetchers a bytearray: the body as read, handed over without a copy
     extension: str | None
     status: int | str | None
     error_msg: str = ""
