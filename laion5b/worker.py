@@ -190,7 +190,6 @@ class Worker:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
         returned = self._redis(self.leases.register, "register")
-        self._redis(self.control.start, "control")
         log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
