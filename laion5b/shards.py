@@ -400,9 +400,17 @@ def _orphans(leases: Leases, host_id: str) -> list[tuple[str, dict[str, Any]]]:
     ]
     if not records:
         return []
+    for field_name, record in records:
+        record.setdefault("worker", _worker_of(host_id, field_name))
     holders = leases.client.mget([leases.keys.heartbeat(record["worker"]) for _, record in records])
     return [(field_name, record) for (field_name, record), holder in zip(records, holders, strict=True)
             if holder != record["owner"]]  # fmt: skip
+
+
+def _worker_of(host_id: str, field_name: str) -> str:
+    """The identity that wrote a shard, read from its name: for records written before they named it."""
+    name = field_name.rpartition("/")[2].removeprefix(f"{file_safe(host_id)}-")
+    return f"{host_id}:{name.rpartition('-')[0]}"
 
 
 def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str, Any], lock: Lock) -> int:

@@ -4,6 +4,7 @@ after its replacement started writes nothing, two shard recoverers racing keep t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -227,3 +228,16 @@ def test_a_drained_worker_restarted_exits_again_until_resume(script_env, redis_s
     result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_shard_prepared_by_an_older_release_is_recovered(redis_server, tmp_path: Path) -> None:
+    """A record written before records named their worker (a rolling upgrade) is recovered, not a crash."""
+    client = redis_server.client()
+    sink = prepared_shard(client, tmp_path / "store")
+    [(field, text)] = client.hgetall(KEYS.shards).items()
+    record = json.loads(text)
+    del record["worker"]
+    client.hset(KEYS.shards, field, json.dumps({**record, "owner": f"{HOST}|1@1.00"}))
+    assert recover(Leases(client, KEYS, HOST, f"{HOST}:survivor", 30), HOST) == 1
+    assert counted(client) == 5 and len(finished_shards(tmp_path / "store")) == 1 and not client.hgetall(KEYS.shards)
+    sink.close()
