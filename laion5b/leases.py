@@ -609,6 +609,15 @@ class Leases:
             raise IdentityLost(f"worker {self.worker} is no longer owned by this process: shard step refused")
         return int(reply)
 
+    def claimed_folders(self, names: list[str]) -> set[str]:
+        """Of the temporary folders of this host (``<NAME>.<pid>``), those whose worker ``<host>:<NAME>`` has a live
+        heartbeat held by that PID."""
+        parsed = [name.rpartition(".") for name in names]
+        tokens = self.client.mget([self.keys.heartbeat(f"{self.host_id}:{worker}") for worker, _, _ in parsed])
+        owners = [Owner.parse(token) if token else None for token in tokens]
+        return {name for name, (_, _, pid), owner in zip(names, parsed, owners, strict=True)
+                if owner is not None and owner.host == self.host_id and str(owner.pid) == pid}  # fmt: skip
+
     def retire(self) -> int:
         """Give the identity up, returning every task still leased to the queue."""
         keys = self._worker_keys(self.worker)

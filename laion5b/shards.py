@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from laion5b.imaging import Processed
 from laion5b.leases import FENCED, KEPT, Leases, Lock, Owner
 from laion5b.sidecars import Sidecars, caption_file, metadata_file
-from laion5b.store import file_safe, fresh_temp_folder, worker_temp_folder
+from laion5b.store import Claimed, file_safe, fresh_temp_folder, worker_temp_folder
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,10 @@ class ShardSink:
         """Shards prepared in Redis that could not be renamed: their files stay for ``recover`` once this process
         is gone."""
 
-    def open(self) -> None:
-        """Create this worker's empty temporary folder, removing those of dead workers of this host."""
-        fresh_temp_folder(self.temp_dir)
+    def open(self, claimed: Claimed | None = None) -> None:
+        """Create this worker's empty temporary folder, removing those of dead workers of this host (``claimed``:
+        see ``remove_dead_temp_folders``)."""
+        fresh_temp_folder(self.temp_dir, claimed)
         self._sealer.start()
 
     def abandon(self) -> None:

@@ -195,7 +195,7 @@ class Worker:
         if self.shards is not None:
             recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
-        self.sink.open()
+        self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
         self.engine.start()
         try:
             self._main_loop()

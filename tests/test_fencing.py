@@ -241,3 +241,20 @@ def test_a_shard_prepared_by_an_older_release_is_recovered(redis_server, tmp_pat
     assert recover(Leases(client, KEYS, HOST, f"{HOST}:survivor", 30), HOST) == 1
     assert counted(client) == 5 and len(finished_shards(tmp_path / "store")) == 1 and not client.hgetall(KEYS.shards)
     sink.close()
+
+
+def test_a_temporary_folder_claimed_by_a_live_heartbeat_is_kept(script_env, redis_server, tmp_path: Path) -> None:
+    """A worker of another PID namespace (a container sharing host_id and store_dir) has a PID that looks free
+    here: its temporary folder stays while its heartbeat lives; a dead worker's folder goes."""
+    client = redis_server.client()
+    root = tmp_path / "images" / ".tmp" / HOST
+    for folder in ("elsewhere.4000000", "dead.4000001"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "open.tar").write_bytes(b"half")
+    other = Owner(HOST, 4_000_000, 12.0, "0badb007.4026530000", "f" * 16)
+    client.set(KEYS.heartbeat(f"{HOST}:elsewhere"), other.token(), ex=30)
+    env = {**script_env, "LAION_OUTPUT_FORMAT": "webdataset"}
+    result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in root.iterdir()) == ["elsewhere.4000000"]
