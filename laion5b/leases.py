@@ -16,6 +16,13 @@ its open shard, and is counted as succeeded only when its shard is finished (REA
 - ``release_shard`` returns them to the queue when the shard is discarded;
 - a dead worker's kept tasks return to the queue with its leases; a shard it left prepared is finished (or, when its
   files are gone, released) by a worker of its host (``laion5b.shards.recover``).
+
+Fencing: each process makes a random incarnation when it starts, and its token (the heartbeat's value) carries it.
+Every script that records, counts or returns tasks for a worker first checks that the identity's heartbeat holds
+this token (``exchange`` also takes a heartbeat that expired while nobody took the identity over); a stale process
+(paused past ``heartbeat_ttl`` while a successor of its name started) gets IdentityLost having changed nothing, and
+its shards, named with its incarnation, never mix with its successor's. Liveness is the heartbeat: a PID is only a
+hint, used by ``register`` to take over at once from a holder that is provably dead in this PID namespace.
 """
 
 from __future__ import annotations
