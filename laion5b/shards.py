@@ -426,16 +426,25 @@ def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str
         return 0
     if state == FINISHED:
         counted = leases.commit_recovered(field_name, host_id, int(record["bytes"]), lock, owner, worker)
+        if counted < 0:
+            return _skipped(record, counted)
         log.info("shard_recovered shard=%s counted=%d", record["tar"], counted)
-        return int(counted != FENCED)
+        return 1
     returned = leases.release_recovered(field_name, host_id, lock, owner, worker)
-    if returned < 0:  # counted by someone else meanwhile, or fenced: its files are not ours to remove
-        log.info("shard_recovery_skipped shard=%s reply=%d", record["tar"], returned)
-        return 0
+    if returned < 0:  # its files are not ours to remove
+        return _skipped(record, returned)
     drop_leftovers(record, state)
     log.warning("shard_lost shard=%s returned=%d state=%s: its files are gone or its name is taken, its tasks are "
                 "queued again", record["tar"], returned, state)  # fmt: skip
     return 1
+
+
+def _skipped(record: dict[str, Any], reply: int) -> int:
+    """A recovery step refused: the shard was counted or released by another process (-1), or this one lost the
+    lock or the owner holds its identity again (FENCED)."""
+    why = "fenced" if reply == FENCED else "settled_elsewhere"
+    log.info("shard_recovery_skipped shard=%s reason=%s", record["tar"], why)
+    return 0
 
 
 def settle_files(paths: dict[str, str]) -> str:
