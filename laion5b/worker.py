@@ -22,7 +22,7 @@ from laion5b.dnscache import SPARE_THREADS, BlockingLookups, CachedResolver, Dns
 from laion5b.fetchpolicy import FetchPolicy, tls_context
 from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
 from laion5b.imaging import process_policy
-from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, Leases
+from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
@@ -54,11 +54,11 @@ SHARD_EXIT_SECONDS = 120.0
 Engine = ThreadEngine | AsyncEngine
 
 
-def make_sink(config: Config, name: str, identity: str) -> Sink:
-    """Where this worker stores images, as ``config.output_format`` says."""
+def make_sink(config: Config, name: str, identity: str, incarnation: str) -> Sink:
+    """Where this worker stores images, as ``config.output_format`` says (shards named with the incarnation)."""
     if config.output_format == "webdataset":
-        store_dir = Path(config.store_dir)
-        return ShardSink(store_dir, config.host_id, name, identity, config.shard_size, config.shard_max_seconds)
+        store_dir, size, seconds = Path(config.store_dir), config.shard_size, config.shard_max_seconds
+        return ShardSink(store_dir, config.host_id, name, identity, size, seconds, incarnation)
     sidecars = Sidecars(config.save_caption, config.save_metadata, config.host_id, identity)
     return Store(Path(config.store_dir), config.host_id, name, config.fsync_images, sidecars)
 
@@ -141,7 +141,7 @@ class Worker:
         self.stop = stop
         self.until_empty = until_empty
         self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
-        self.sink = make_sink(config, name, self.identity)
+        self.sink = make_sink(config, name, self.identity, self.leases.incarnation)
         self.shards = self.sink if isinstance(self.sink, ShardSink) else None
         self.guard = DiskGuard(
             client,
@@ -179,6 +179,8 @@ class Worker:
         self.control = WorkerControl(client, config.keys, config.host_id, self.identity)
         self.paused = False
         self.draining = False
+        self.fenced = False
+        """Another incarnation took the identity over: this process stops without touching Redis or the store."""
 
     # --- life cycle ---
 
@@ -192,16 +194,18 @@ class Worker:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
         returned = self._redis(self.leases.register, "register")
-        self._redis(self.control.start, "control")
         log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
             recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
-        self.sink.open()
+        self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
         self.engine.start()
         try:
             self._main_loop()
+        except IdentityLost:
+            self.fenced = True
+            raise
         finally:
             self._shut_down()
 
@@ -239,6 +243,9 @@ class Worker:
     def _shut_down(self) -> None:
         for raw in self.engine.stop(self.config.download_timeout + 5):
             self.done.put((RETURN, raw, ""))
+        if self.fenced:
+            self._abandon()
+            return
         self._collect(0)
         try:
             if self.shards is not None:
@@ -247,6 +254,10 @@ class Worker:
                 self._record()
             returned = self._redis(self.leases.retire, "retire")
             self._acknowledge_exit()
+        except IdentityLost:
+            self.fenced = True
+            self._abandon()
+            raise
         except redis.RedisError as error:
             log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
                       error)  # fmt: skip
@@ -262,6 +273,16 @@ class Worker:
             self.round_trips,
             self.heartbeat_gap_max,
         )
+
+    def _abandon(self) -> None:
+        """Stop as a stale incarnation: the outcomes and shards this process holds are dropped, nothing is written to
+        Redis; the process that owns the identity now, and the reaper, answer for the tasks."""
+        log.error("worker_fenced worker=%s outcomes_dropped=%d shards_dropped=%d: another process owns this identity",
+                  self.identity, self.done.qsize() + len(self.pending), self._holding() - self.held_count)  # fmt: skip
+        if self.shards is not None:
+            self.shards.abandon()
+        else:
+            self.sink.close()
 
     # --- Redis side (main thread only) ---
 
@@ -378,7 +399,7 @@ class Worker:
                     continue
             self.sealed.remove(shard)
             del self.kept[shard.id]
-            counted = self.shards.finish(shard, self.leases, self.leases.owner, lambda call: self._redis(call, "shard"))
+            counted = self.shards.finish(shard, self.leases, lambda call: self._redis(call, "shard"))
             if counted > 0:
                 self.tally.stored += counted
                 self.tally.bytes += shard.bytes
@@ -394,6 +415,8 @@ class Worker:
                 self._collect(0)
                 self._finish_shards()
                 time.sleep(SHARD_WAIT)
+        except IdentityLost:
+            raise
         except Exception:
             log.exception("shards_unfinished worker=%s", self.identity)
         if self.shards.unfinished:
