@@ -283,11 +283,14 @@ wrong_types = st.lists(st.integers(), max_size=2) | st.floats()
 """Values of a type no field of a task takes (an object would be a valid ``meta``)."""
 
 
+JUNK_KINDS = ("nested", "huge", "wrong type", "bytes", "nul", "surrogate", "text", "clash")
+
+
 @st.composite
-def junk_entries(draw) -> str | bytes:
-    """A queue entry that is no task."""
+def junk_entries(draw, kind: str | None = None) -> str | bytes:
+    """A queue entry that is no task, of ``kind`` (one of ``JUNK_KINDS``; any when None)."""
     base = {"id": "j", "url": "http://127.0.0.1/x.jpg", "subset": "s", "part": "p", "row": 0}
-    kind = draw(st.sampled_from(["nested", "huge", "wrong type", "bytes", "nul", "surrogate", "text", "clash"]))
+    kind = kind or draw(st.sampled_from(JUNK_KINDS))
     if kind == "nested":
         return draw(st.sampled_from(["[", '{"a":', '[{"a":'])) * draw(st.integers(2000, 100_000))
     if kind == "huge":
@@ -308,23 +311,21 @@ def junk_entries(draw) -> str | bytes:
 
 @st.composite
 def batches(draw) -> list[tuple[bool, str | bytes]]:
-    """Entries of one worker run: (is a task, entry); tasks fetch real images and carry arbitrary save_columns."""
-    count = draw(st.integers(min_value=20, max_value=40))
+    """Entries of one worker run, in any order: (is a task, entry); tasks fetch real images (their URLs relative to
+    the image server) and carry arbitrary save_columns."""
     entries = []
-    for row in range(count):
-        if draw(st.booleans()):
-            meta = draw(metas)
-            url = f"/img/h{row}.{draw(st.sampled_from(['jpg', 'png']))}?size=1200"
-            task = Task(f"t{row}", url, "sub", "part.0", row, draw(st.none() | st.text(max_size=30)), meta=meta)
-            entries.append((True, task.encode()))
-        else:
-            entries.append((False, draw(junk_entries())))
-    return entries
+    for row in range(draw(st.integers(min_value=10, max_value=25))):
+        url = f"/img/h{row}.{draw(st.sampled_from(['jpg', 'png']))}?size=1200"
+        task = Task(f"t{row}", url, "sub", "part.0", row, draw(st.none() | st.text(max_size=30)), meta=draw(metas))
+        entries.append((True, task.encode()))
+    entries += [(False, draw(junk_entries(kind))) for kind in JUNK_KINDS]
+    entries += [(False, draw(junk_entries())) for _ in range(draw(st.integers(min_value=2, max_value=15)))]
+    return draw(st.permutations(entries))
 
 
 @pytest.mark.parametrize("engine", ["threads", "async"])
 @settings(
-    max_examples=3,
+    max_examples=4,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
