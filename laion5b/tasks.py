@@ -34,8 +34,6 @@ _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _STRING = json.encoder.encode_basestring
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.|^\.")
 _EXPECTED_HASH = re.compile(r"sha256:[0-9a-f]{64}|md5:[0-9a-f]{32}")
-_MAYBE_SURROGATE = re.compile(r"[\ud800-\udfff]|\\u")
-"""A surrogate itself (invalid UTF-8 read from Redis) or a JSON escape that may stand for one."""
 MAX_MESSAGE_CHARS = 200
 
 Status = int | str
@@ -154,6 +152,10 @@ def decode(raw: str | bytes) -> Task:
 
 def _parse(raw: str | bytes) -> Task:
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: the client's stand-ins for bytes that are not UTF-8
+        raise BadTask("not a task: not valid UTF-8") from None
     fields = json.loads(text)
     if not isinstance(fields, dict):
         raise BadTask("not a task: not a JSON object")
@@ -169,11 +171,11 @@ def _parse(raw: str | bytes) -> Task:
         expected_hash=fields.get("expected_hash"),
     )
     _check(task)
-    if _MAYBE_SURROGATE.search(text):
+    if "\\u" in text:  # a JSON escape may stand for a lone surrogate
         try:
             task.encode().encode("utf-8")
         except UnicodeEncodeError:
-            raise BadTask("not a task: a string is not valid Unicode (a lone surrogate, or invalid UTF-8)") from None
+            raise BadTask("not a task: a string holds a lone surrogate") from None
     return task
 
 
