@@ -19,7 +19,7 @@ from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import AsyncByteBudget, HostSlots
-from laion5b.pipeline import Outcome, Parked, Pipeline, admit
+from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
 
 START_TIMEOUT = 30.0
@@ -105,15 +105,20 @@ class AsyncEngine:
         self._start_waiting()
 
     async def _run(self, raw: str) -> None:
-        """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on)."""
+        """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
+        ends as exactly one outcome, whatever raises."""
         admitted = admit(self.pipeline, self.slots, self.done, raw)
         if admitted is None:
             return
         host, first = admitted
         turn: Parked | None = first
         while turn is not None:
-            self.done.put(await self._download(*turn))
-            turn = self.slots.release(host)
+            try:
+                outcome = await self._download(*turn)
+            except Exception as error:  # one task's exception is its outcome
+                outcome = self.pipeline.crashed(turn[1], turn[0], error)
+            self.done.put(outcome)
+            turn = next_turn(self.slots, host, self.done)
 
     async def _download(self, raw: str, task: Task) -> Outcome:
         assert self._fetcher is not None
