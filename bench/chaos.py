@@ -184,7 +184,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("503", 1.0, 503, True, _path("/status/503")),
     Kind("429", 1.5, 429, True, _path("/status/429")),
     Kind("reset", 1.0, "connection", True, _path("/reset")),
-    Kind("truncated", 0.5, "connection", True, _path("/truncated")),
+    Kind("truncated", 0.5, "truncated", True, _path("/truncated")),
     Kind("badgzip", 0.5, "connection", True, _path("/badgzip")),
     Kind("trickle", 0.6, "timeout", True, _path("/trickle")),
     Kind("slow_headers", 0.6, "timeout", True, lambda rng, name, ctx: (f"{ctx.base}/slow/5/{name}.jpg", None)),
