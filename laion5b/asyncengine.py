@@ -1,19 +1,23 @@
 """The async engine: one asyncio event loop, on a thread of its own, with ``concurrency`` downloads in flight.
 
 The worker's main thread keeps talking to Redis while the loop downloads: only two threads share the interpreter,
-so heartbeats stay on time at any concurrency. When finishing a task may block (an fsync, or decoding and resizing
-pixels), a pool of about one thread per core does it, off the loop; Pillow releases the interpreter while it works.
+so heartbeats stay on time at any concurrency. Finishing a task (hashing, processing pixels, writing to the store)
+is done off the loop by a small pool of daemon threads: a store that does not answer holds those threads, never the
+loop (downloads go on, the engine answers) nor the process's exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
 import os
 import queue
 import ssl
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
@@ -22,17 +26,38 @@ from laion5b.limits import AsyncByteBudget, HostSlots
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit
 from laion5b.tasks import Task
 
+log = logging.getLogger(__name__)
+
 START_TIMEOUT = 30.0
 
 
-def finish_pool(pipeline: Pipeline) -> ThreadPoolExecutor | None:
-    """Threads that finish tasks off the loop when that may block: one per core for pixels, a few more for fsyncs
-    alone (as asyncio's default executor); None when finishing never blocks."""
-    if not pipeline.blocks:
-        return None
-    cores = os.cpu_count() or 1
-    size = cores if pipeline.processing is not None else min(32, cores + 4)
-    return ThreadPoolExecutor(size, thread_name_prefix="async-finish")
+class FinishPool:
+    """Daemon threads running jobs in order: one per core for pixels, a few more when only storing (as asyncio's
+    default executor). A job never raises; one that never returns holds its thread only."""
+
+    def __init__(self, processing: bool) -> None:
+        cores = os.cpu_count() or 1
+        size = cores if processing else min(32, cores + 4)
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"async-finish-{number}", daemon=True) for number in range(size)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Let each thread end once the jobs before are done (none is waited for)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
 
 
 class AsyncEngine:
@@ -63,27 +88,38 @@ class AsyncEngine:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._fetcher: AsyncFetcher | None = None
-        self._finishers = finish_pool(pipeline)
+        self._finishers = FinishPool(pipeline.processing is not None)
 
     def start(self) -> None:
         self._thread.start()
+        self._finishers.start()
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(START_TIMEOUT)
 
     def submit(self, raws: list[str]) -> None:
         self._loop.call_soon_threadsafe(self._accept, raws)
 
     def drain_unstarted(self) -> list[str]:
-        """Take back every submitted task not started yet (waiting for room on the loop, or parked behind its host)."""
+        """Take back every submitted task not started yet (waiting for room on the loop, or parked behind its host);
+        none when the loop does not answer in time (they stay held, and go back to the queue with the leases)."""
         future = asyncio.run_coroutine_threadsafe(self._take_unstarted(), self._loop)
-        return future.result(START_TIMEOUT)
+        try:
+            return future.result(START_TIMEOUT)
+        except TimeoutError:
+            log.error("engine_unresponsive what=drain_unstarted seconds=%.0f", START_TIMEOUT)
+            return []
 
     def stop(self, timeout: float) -> list[str]:
-        """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight."""
-        unstarted = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop).result()
+        """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight. Bounded: a
+        task whose finish does not return stays held (it goes back to the queue with the leases)."""
+        future = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop)
+        try:
+            unstarted = future.result(timeout + START_TIMEOUT)
+        except TimeoutError:
+            log.error("engine_unresponsive what=stop seconds=%.0f", timeout + START_TIMEOUT)
+            unstarted = []
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
-        if self._finishers is not None:
-            self._finishers.shutdown(wait=False, cancel_futures=True)
+        self._thread.join(START_TIMEOUT)
+        self._finishers.stop()
         return unstarted
 
     async def _open(self) -> None:
@@ -112,22 +148,37 @@ class AsyncEngine:
         host, first = admitted
         turn: Parked | None = first
         while turn is not None:
-            self.done.put(await self._download(*turn))
+            await self._download(*turn)
             turn = self.slots.release(host)
 
-    async def _download(self, raw: str, task: Task) -> Outcome:
+    async def _download(self, raw: str, task: Task) -> None:
+        """Fetch on the loop, finish in the pool. Whoever ends the task puts its outcome on ``done``: a finish that
+        goes on after this coroutine was cancelled still reports the sample it stored."""
         assert self._fetcher is not None
-        fetched: Fetched | None = None
         try:
             fetched = await self._fetcher.fetch(task.url)
-            if self._finishers is not None:
-                return await self._loop.run_in_executor(self._finishers, self.pipeline.finish, task, raw, fetched)
-            return self.pipeline.finish(task, raw, fetched)
         except Exception as error:
-            return self.pipeline.crashed(task, raw, error)
-        finally:
-            if fetched is not None:
-                self._fetcher.release(fetched)
+            self.done.put(self.pipeline.crashed(task, raw, error))
+            return
+        finished = self._loop.create_future()
+        self._finishers.submit(functools.partial(self._finish, raw, task, fetched, finished))
+        await finished
+
+    def _finish(self, raw: str, task: Task, fetched: Fetched, finished: asyncio.Future[None]) -> None:
+        """In the pool: process and store a fetched image, report its outcome, then give its bytes back on the loop."""
+        try:
+            outcome = self.pipeline.finish(task, raw, fetched)
+        except Exception as error:
+            outcome = self.pipeline.crashed(task, raw, error)
+        self.done.put(outcome)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            self._loop.call_soon_threadsafe(self._release, fetched, finished)
+
+    def _release(self, fetched: Fetched, finished: asyncio.Future[None]) -> None:
+        assert self._fetcher is not None
+        self._fetcher.release(fetched)
+        if not finished.done():
+            finished.set_result(None)
 
     async def _take_unstarted(self) -> list[str]:
         unstarted = list(self._waiting)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from laion5b.imageformat import EXTENSIONS
 from laion5b.imaging import Processed
 from laion5b.leases import STORED
 from laion5b.sidecars import Sidecars
+from laion5b.storehealth import StoreHealth
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Store:
         self.fsync = fsync
         self.sidecars = sidecars or Sidecars()
         self.temp_dir = worker_temp_folder(store_dir, host_id, worker_name)
+        self.health = StoreHealth()
         self._root = os.fspath(store_dir)
         self._temp = os.fspath(self.temp_dir)
         self._known_folders: set[str] = set()
@@ -103,14 +106,21 @@ class Store:
         return Path(final)
 
     def _write(self, data: bytes, final: str) -> None:
-        """Write ``data`` under a temporary name of this thread, then rename it to ``final`` (atomic)."""
+        """Write ``data`` under a temporary name of this thread, then rename it to ``final`` (atomic). A write that
+        fails leaves no temporary file behind (on a full disk, its space is given back)."""
         temporary = f"{self._temp}/{threading.get_ident()}.part"
-        with open(temporary, "wb") as file:
-            file.write(data)
-            if self.fsync:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(temporary, final)
+        with self.health.watch(final):
+            try:
+                with open(temporary, "wb") as file:
+                    file.write(data)
+                    if self.fsync:
+                        file.flush()
+                        os.fsync(file.fileno())
+                os.replace(temporary, final)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
 
     def _listing(self, folder: str) -> set[str]:
         now = time.monotonic()
