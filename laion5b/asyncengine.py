@@ -86,6 +86,8 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="async-engine", daemon=True)
         self._waiting: deque[str] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        self._finishing: set[asyncio.Future[None]] = set()
+        """Tasks fetched and handed to the pool, not finished yet (they hold no download slot)."""
         self._stopping = False
         self._fetcher: AsyncFetcher | None = None
         self._finishers = FinishPool(pipeline.processing is not None)
@@ -152,8 +154,8 @@ class AsyncEngine:
             turn = self.slots.release(host)
 
     async def _download(self, raw: str, task: Task) -> None:
-        """Fetch on the loop, finish in the pool. Whoever ends the task puts its outcome on ``done``: a finish that
-        goes on after this coroutine was cancelled still reports the sample it stored."""
+        """Fetch on the loop, then hand the task to the pool, which puts its outcome on ``done``: the download slot
+        is free at once, so a store that does not answer holds the pool's threads, not the downloads."""
         assert self._fetcher is not None
         try:
             fetched = await self._fetcher.fetch(task.url)
@@ -161,8 +163,8 @@ class AsyncEngine:
             self.done.put(self.pipeline.crashed(task, raw, error))
             return
         finished = self._loop.create_future()
+        self._finishing.add(finished)
         self._finishers.submit(functools.partial(self._finish, raw, task, fetched, finished))
-        await finished
 
     def _finish(self, raw: str, task: Task, fetched: Fetched, finished: asyncio.Future[None]) -> None:
         """In the pool: process and store a fetched image, report its outcome, then give its bytes back on the loop."""
@@ -177,8 +179,8 @@ class AsyncEngine:
     def _release(self, fetched: Fetched, finished: asyncio.Future[None]) -> None:
         assert self._fetcher is not None
         self._fetcher.release(fetched)
-        if not finished.done():
-            finished.set_result(None)
+        self._finishing.discard(finished)
+        finished.set_result(None)
 
     async def _take_unstarted(self) -> list[str]:
         unstarted = list(self._waiting)
@@ -189,8 +191,10 @@ class AsyncEngine:
     async def _stop(self, timeout: float) -> list[str]:
         self._stopping = True
         unstarted = await self._take_unstarted()
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=timeout)
+        deadline = self._loop.time() + timeout
+        while (self._running or self._finishing) and self._loop.time() < deadline:
+            left = deadline - self._loop.time()
+            await asyncio.wait(self._running | self._finishing, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         for task in self._running:
             task.cancel()
         if self._fetcher is not None:

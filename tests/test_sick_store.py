@@ -17,11 +17,17 @@ from pathlib import Path
 import pytest
 
 from laion5b import metrics, stats
+from laion5b.fetchpolicy import Fetched
 from laion5b.keys import Keys
+from laion5b.leases import FAILED, RETURN
+from laion5b.pipeline import Pipeline
+from laion5b.shards import ShardSink
+from laion5b.store import Store
 from laion5b.tasks import Task
 from tests.helpers import run_script, wait_until
 from tests.test_speed import speed_json
 from tests.test_webdataset import assert_exact_books, queue
+from tools.image_server import image_bytes
 
 KEYS = Keys()
 HOST = "testhost"
@@ -156,20 +162,23 @@ def stall_first_shard(store: Path, worker: subprocess.Popen) -> None:
     os.mkfifo(folder / "sub" / f"{HOST}-w-000000.tar")
 
 
-@pytest.mark.parametrize("stop", ["drain", "sigterm"])
+@pytest.mark.parametrize(("stop", "engine"), [("drain", "async"), ("sigterm", "async"), ("sigterm", "threads")])
 def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
-    env, redis_server, image_server, tmp_path: Path, stop: str
+    env, redis_server, image_server, tmp_path: Path, stop: str, engine: str
 ) -> None:
     """store_stalled after store_stall_seconds; the engine keeps answering; drain and SIGTERM end within their bound
     with the stuck tasks returned, not counted; a fresh worker then finishes the run with exact books."""
     client = redis_server.client()
     store = tmp_path / "images"
     tasks = queue(client, [image_server.url(f"/slow/1/stall{row}.jpg") for row in range(40)])
-    env = {**env, "LAION_OUTPUT_FORMAT": "webdataset", "LAION_STORE_STALL_SECONDS": "1"}
+    env = {**env, "LAION_ENGINE": engine, "LAION_OUTPUT_FORMAT": "webdataset", "LAION_STORE_STALL_SECONDS": "1"}
     log = tmp_path / "worker.log"
+    asked = image_server.requests
     worker = start(env, log)
     stall_first_shard(store, worker)
     wait_until(lambda: "reason=store_stalled" in log.read_text(), timeout=60)
+    if engine == "async":  # a thread of the threads engine downloads and stores: a hung write holds its slot
+        assert image_server.requests - asked > IN_FLIGHT, "the event loop went on downloading while a write hung"
     wait_until(lambda: host_store(env)[0] == "store_stalled", timeout=30)
     assert f'laion5b_host_store_stalled{{host="{HOST}"}} 1.0' in exposition(redis_server)
     asked = time.monotonic()
@@ -189,3 +198,30 @@ def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
                               text=True, timeout=120)  # fmt: skip
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(assert_exact_books(client, store, tasks)) == len(tasks)
+
+
+def test_a_closing_sink_refuses_puts_and_opens_no_shard(tmp_path: Path) -> None:
+    """A finish still running once the worker stops (its coroutine cancelled) returns its task: no shard is opened
+    after the last ones were sealed."""
+    sink = ShardSink(tmp_path, HOST, "w", f"{HOST}:w", 10, 600)
+    sink.open()
+    task = Task("late", "http://127.0.0.1/late.jpg", "sub", "part", 0)
+    sink.closing = True
+    fetched = Fetched(image_bytes("late"), "jpg", None)
+    outcome = Pipeline(sink, f"{HOST}:w", 3, 0.1, 60).finish(task, task.encode(), fetched)
+    assert outcome[0] == RETURN and sink.unfinished == 0 and not list(tmp_path.rglob("*.tar"))
+    sink.close()
+
+
+def test_a_tasks_own_write_error_stays_its_own(tmp_path: Path) -> None:
+    """A name too long for the file system is that task's error (an attempt used); the store stays healthy."""
+    store = Store(tmp_path, HOST, "w", False)
+    store.open()
+    pipeline = Pipeline(store, f"{HOST}:w", 1, 0.1, 60)
+    task = Task("x" * 300, "http://127.0.0.1/long.jpg", "sub", "part", 0)
+    kind, _, payload = pipeline.finish(task, task.encode(), Fetched(image_bytes("long"), "jpg", None))
+    assert kind == FAILED and str(payload).startswith("store_error|")
+    assert not store.health.blocked and store.health.problem() is None
+    healthy = Task("ok", "http://127.0.0.1/ok.jpg", "sub", "part", 1)
+    assert pipeline.finish(healthy, healthy.encode(), Fetched(image_bytes("ok"), "jpg", None))[0] != RETURN
+    store.close()
