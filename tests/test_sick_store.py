@@ -5,10 +5,12 @@ itself once the store takes writes again, stops within its bound, and the books 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from laion5b.leases import FAILED, RETURN
 from laion5b.pipeline import Pipeline
 from laion5b.shards import ShardSink
 from laion5b.store import Store
+from laion5b.storehealth import STORE_FAILING, StoreHealth, StoreProblem
 from laion5b.tasks import Task
 from tests.helpers import run_script, wait_until
 from tests.test_speed import speed_json
@@ -225,3 +228,24 @@ def test_a_tasks_own_write_error_stays_its_own(tmp_path: Path) -> None:
     healthy = Task("ok", "http://127.0.0.1/ok.jpg", "sub", "part", 1)
     assert pipeline.finish(healthy, healthy.encode(), Fetched(image_bytes("ok"), "jpg", None))[0] != RETURN
     store.close()
+
+
+def test_a_failing_store_is_probed_on_a_backoff_until_a_probe_write_succeeds(tmp_path: Path) -> None:
+    """EIO (a broken disk) is the store's failure too; probes come 2 s, then 4 s apart; a probe that writes, fsyncs and
+    removes its file ends the failure."""
+    health = StoreHealth()
+    assert not health.failed(OSError(errno.ENAMETOOLONG, "too long"), "x")
+    assert health.failed(OSError(errno.EIO, "broken", str(tmp_path / "a.tar")), "x", size=100_000)
+    assert health.blocked and health.check(0.0, 60, tmp_path) == StoreProblem(STORE_FAILING, "EIO", f"{tmp_path}/a.tar")
+
+    def probe_at(now: float, folder: Path) -> StoreProblem | None:
+        health.check(now, 60, folder)  # starts the probe when due
+        wait_until(lambda: not any(t.name == "store-probe" for t in threading.enumerate()), timeout=10)
+        return health.check(now + 0.01, 60, folder)  # takes its result
+
+    missing = tmp_path / "gone"
+    assert probe_at(1.9, missing) is not None  # not due yet
+    assert probe_at(2.0, missing) is not None  # due: fails (no such folder), the next one is 2 s later
+    assert probe_at(3.9, tmp_path) is not None  # not due
+    assert probe_at(4.1, tmp_path) is None and not health.blocked
+    assert not list(tmp_path.iterdir())
