@@ -31,13 +31,19 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 30.0
 
 
-class FinishPool:
-    """Daemon threads running jobs in order: one per core for pixels, a few more when only storing (as asyncio's
-    default executor). A job never raises; one that never returns holds its thread only."""
+def finish_threads(pipeline: Pipeline) -> int:
+    """Threads that finish tasks: one per core for pixels, a few more for fsyncs (as asyncio's default executor),
+    else two: hashing and appending hold the interpreter, more threads would only contend for it with the loop."""
+    cores = os.cpu_count() or 1
+    if pipeline.processing is not None:
+        return cores
+    return min(32, cores + 4) if pipeline.sink.fsync else 2
 
-    def __init__(self, processing: bool) -> None:
-        cores = os.cpu_count() or 1
-        size = cores if processing else min(32, cores + 4)
+
+class FinishPool:
+    """Daemon threads running jobs in order. A job never raises; one that never returns holds its thread only."""
+
+    def __init__(self, size: int) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"async-finish-{number}", daemon=True) for number in range(size)
@@ -90,7 +96,7 @@ class AsyncEngine:
         """Tasks fetched and handed to the pool, not finished yet (they hold no download slot)."""
         self._stopping = False
         self._fetcher: AsyncFetcher | None = None
-        self._finishers = FinishPool(pipeline.processing is not None)
+        self._finishers = FinishPool(finish_threads(pipeline))
 
     def start(self) -> None:
         self._thread.start()

@@ -108,6 +108,9 @@ class ShardSink:
     thread); a full or old shard is sealed by a thread of its own (tar end, index, fsync); the worker's main thread
     takes sealed shards from ``ready`` and finishes them in Redis and on disk (``finish``)."""
 
+    fsync = False
+    """``put`` only appends to an open file: the fsync is the sealer's, once per shard."""
+
     def __init__(
         self, store_dir: Path, host_id: str, worker_name: str, identity: str, shard_size: int, max_seconds: float
     ) -> None:
