@@ -29,6 +29,9 @@ from laion5b.tasks import Task
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
+ANSWER_TIMEOUT = 5.0
+"""Seconds the worker waits for the loop to answer (take back tasks, stop): it answers in milliseconds, unless a
+call on it hangs (a listing of a store that does not answer)."""
 
 
 def finish_threads(pipeline: Pipeline) -> int:
@@ -111,9 +114,9 @@ class AsyncEngine:
         none when the loop does not answer in time (they stay held, and go back to the queue with the leases)."""
         future = asyncio.run_coroutine_threadsafe(self._take_unstarted(), self._loop)
         try:
-            return future.result(START_TIMEOUT)
+            return future.result(ANSWER_TIMEOUT)
         except TimeoutError:
-            log.error("engine_unresponsive what=drain_unstarted seconds=%.0f", START_TIMEOUT)
+            log.error("engine_unresponsive what=drain_unstarted seconds=%.0f", ANSWER_TIMEOUT)
             return []
 
     def stop(self, timeout: float) -> list[str]:
@@ -121,12 +124,12 @@ class AsyncEngine:
         task whose finish does not return stays held (it goes back to the queue with the leases)."""
         future = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop)
         try:
-            unstarted = future.result(timeout + START_TIMEOUT)
+            unstarted = future.result(timeout + ANSWER_TIMEOUT)
         except TimeoutError:
-            log.error("engine_unresponsive what=stop seconds=%.0f", timeout + START_TIMEOUT)
+            log.error("engine_unresponsive what=stop seconds=%.0f", timeout + ANSWER_TIMEOUT)
             unstarted = []
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(START_TIMEOUT)
+        self._thread.join(ANSWER_TIMEOUT)
         self._finishers.stop()
         return unstarted
 

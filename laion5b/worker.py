@@ -57,6 +57,8 @@ download, a shard, a write that hangs) is given up, its tasks go back to the que
 ENGINE_STOP_SECONDS = 30.0
 """Longest a stopping worker waits for its downloads in flight (download_timeout + 5 s when that is shorter)."""
 EXIT_RESERVE = 5.0
+CLOSE_STALLED_SECONDS = 1.0
+"""Seconds given to removing the temporary folder on a store that does not answer (the next worker removes it)."""
 """Seconds of EXIT_SECONDS kept for the last steps: recording outcomes, retiring, removing the temporary folder."""
 
 Engine = ThreadEngine | AsyncEngine
@@ -263,7 +265,7 @@ class Worker:
             log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
                       error)  # fmt: skip
             returned = -1
-        self._close_sink(max(0.0, deadline - time.monotonic()))
+        self._close_sink(CLOSE_STALLED_SECONDS if self._store_stalled() else max(0.0, deadline - time.monotonic()))
         log.info(
             "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d round_trips=%d heartbeat_gap_max=%.2f",
             self.identity,
@@ -516,15 +518,16 @@ class Worker:
 
     def _store_check_stalled(self) -> bool:
         """At exit: whether a write hangs now (the engine is stopped: nothing is returned to it)."""
-        problem = self.sink.health.check(time.monotonic(), self.config.store_stall_seconds, self.sink.temp_dir)
-        return problem is not None and problem.state == STORE_STALLED
+        self.store_problem = self.sink.health.check(time.monotonic(), self.config.store_stall_seconds,
+                                                    self.sink.temp_dir)  # fmt: skip
+        return self._store_stalled()
 
     def _close_sink(self, seconds: float) -> None:
         """Close the sink (stop the sealer, remove the temporary folder) for at most ``seconds``: on a store that
         does not answer the folder is left, and the next worker of this host removes it."""
         closer = threading.Thread(target=self.sink.close, name="sink-close", daemon=True)
         closer.start()
-        closer.join(max(seconds, 1.0))
+        closer.join(max(seconds, CLOSE_STALLED_SECONDS))
         if closer.is_alive():
             log.error("store_close_timeout worker=%s folder=%s: left for the next worker of this host", self.identity,
                       self.sink.temp_dir)  # fmt: skip
