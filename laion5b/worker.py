@@ -401,8 +401,8 @@ class Worker:
     def _sealed(self, shard: Shard) -> None:
         """Take a shard from the sealer: to be finished, or kept aside when the store refused to seal it."""
         error = shard.error
-        refused = error is not None and self.sink.health.failed(error, shard.paths()["temp_tar"])
-        if refused and error is not None and error.errno in WRITTEN_STANDS:
+        refused = isinstance(error, OSError) and self.sink.health.failed(error, shard.paths()["temp_tar"])
+        if refused and isinstance(error, OSError) and error.errno in WRITTEN_STANDS:
             log.warning("shard_seal_deferred shard=%s samples=%d error=%s", shard.id, shard.samples, error)
             self.unsealed.append(shard)
         else:
