@@ -159,28 +159,34 @@ def test_a_read_only_store_pauses_and_resumes_once_writable(
     assert_files_exact(client, tiny_store, tasks)
 
 
-def stall_first_shard(store: Path, worker: subprocess.Popen) -> None:
-    """Put a FIFO with no reader where the worker's first shard goes: opening it for writing blocks for ever."""
+def stall_first_shard(store: Path, worker: subprocess.Popen, suffix: str) -> None:
+    """Put a FIFO with no reader where the worker's first shard's tar (a put) or index (the sealer) goes: opening it
+    for writing blocks for ever."""
     folder = store / ".tmp" / HOST / f"w.{worker.pid}"
     wait_until(folder.is_dir, timeout=30)
     (folder / "sub").mkdir(exist_ok=True)
-    os.mkfifo(folder / "sub" / f"{HOST}-w-000000.tar")
+    os.mkfifo(folder / "sub" / f"{HOST}-w-000000{suffix}")
 
 
-@pytest.mark.parametrize(("stop", "engine"), [("drain", "async"), ("sigterm", "async"), ("sigterm", "threads")])
+@pytest.mark.parametrize(
+    ("stop", "engine", "hung"),
+    [("drain", "async", ".tar"), ("sigterm", "async", ".parquet"), ("sigterm", "threads", ".tar")],
+)
 def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
-    env, redis_server, image_server, tmp_path: Path, stop: str, engine: str
+    env, redis_server, image_server, tmp_path: Path, stop: str, engine: str, hung: str
 ) -> None:
-    """store_stalled after store_stall_seconds; the engine keeps answering; drain and SIGTERM end within their bound
-    with the stuck tasks returned, not counted; a fresh worker then finishes the run with exact books."""
+    """store_stalled after store_stall_seconds, whether a put or the sealer hangs; the engine keeps answering; drain
+    and SIGTERM end within their bound with the stuck tasks returned, not counted; a fresh worker then finishes the
+    run with exact books."""
     client = redis_server.client()
     store = tmp_path / "images"
     tasks = queue(client, [image_server.url(f"/slow/1/stall{row}.jpg") for row in range(40)])
     env = {**env, "LAION_ENGINE": engine, "LAION_OUTPUT_FORMAT": "webdataset", "LAION_STORE_STALL_SECONDS": "1"}
+    env["LAION_SHARD_SIZE"] = "4"
     log = tmp_path / "worker.log"
     asked = image_server.requests
     worker = start(env, log)
-    stall_first_shard(store, worker)
+    stall_first_shard(store, worker, hung)
     wait_until(lambda: "reason=store_stalled" in log.read_text(), timeout=60)
     if engine == "async":  # a thread of the threads engine downloads and stores: a hung write holds its slot
         assert image_server.requests - asked > IN_FLIGHT, "the event loop went on downloading while a write hung"
