@@ -180,7 +180,7 @@ def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
     run with exact books."""
     client = redis_server.client()
     store = tmp_path / "images"
-    tasks = queue(client, [image_server.url(f"/slow/1/stall{row}.jpg") for row in range(40)])
+    tasks = queue(client, [image_server.url(f"/slow/2/stall{row}.jpg") for row in range(24)])
     env = {**env, "LAION_ENGINE": engine, "LAION_OUTPUT_FORMAT": "webdataset", "LAION_STORE_STALL_SECONDS": "1"}
     env["LAION_SHARD_SIZE"] = "4"
     log = tmp_path / "worker.log"
