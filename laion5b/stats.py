@@ -53,7 +53,8 @@ class Host:
     in_shards: int = 0
     """Samples in its workers' unfinished shards (webdataset output): stored, counted as succeeded once finished."""
     store_errno: str | None = None
-    """The errno name of its failing store (``state`` store_failing), as a worker of it last reported."""
+    """The errno name of its failing store: ``state`` is then store_failing (or store_stalled, which comes first),
+    whatever ``_state`` says, as long as a live worker of it reports the problem."""
 
     @property
     def dead(self) -> bool:
@@ -233,7 +234,7 @@ def _host(
     fresh = RECORD_TTL_INTERVALS * monitor_interval
     monitor = "missing" if disk_age is None else "fresh" if disk_age <= fresh else "stale"
     problems = [stores[worker.identity] for worker in workers if worker.alive and worker.identity in stores]
-    problem = min(problems, key=lambda found: found["store"] != STORE_STALLED, default=None)
+    problem = min(problems, key=lambda found: found["store"] != STORE_STALLED, default=None)  # stalled comes first
     return Host(
         host=name,
         succeeded=counters["succ"],
@@ -255,8 +256,7 @@ def _host(
 
 def _state(live: int, stale: int, monitor: str) -> str:
     """ok: workers alive; no monitor: workers alive, no recent disk sample; idle: no worker, none died either;
-    DEAD: no worker alive, and some died without retiring or the monitor stopped publishing. A live worker's store
-    problem comes first: store_stalled, store_failing (``Host.store_errno`` says why)."""
+    DEAD: no worker alive, and some died without retiring or the monitor stopped publishing."""
     if live:
         return "ok" if monitor == "fresh" else "no monitor"
     return "DEAD" if stale or monitor == "stale" else "idle"
@@ -360,11 +360,12 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def control_json(snapshot: Snapshot) -> dict[str, Any]:
-    """What is paused or drained, and each worker's acknowledgement."""
+    """What is paused or drained, each worker's acknowledgement, and the store problems workers report."""
     return {
         "paused": sorted(control.scope(name) for name in snapshot.control if name.startswith(control.PAUSE)),
         "drains": sorted(control.scope(name) for name in snapshot.control if name.startswith(control.DRAIN)),
         "acks": snapshot.acks,
+        "stores": snapshot.stores,
     }
 
 

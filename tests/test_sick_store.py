@@ -116,6 +116,8 @@ def test_a_full_store_the_guard_does_not_see_pauses_and_resumes(
     wait_until(lambda: "store_pause" in log.read_text(), timeout=60)
     assert "reason=store_failing errno=ENOSPC" in log.read_text()
     wait_until(lambda: host_store(env) == ("store_failing", "ENOSPC"), timeout=30)
+    worker_problem = speed_json(env)["control"]["stores"][f"{HOST}:w"]
+    assert worker_problem["store"] == "store_failing" and worker_problem["errno"] == "ENOSPC"
     view = subprocess.run([*run_script("speed.py"), "--once"], env=env, capture_output=True, text=True, timeout=30)
     assert "store_failing ENOSPC" in view.stdout and "1 store_failing" in view.stdout
     assert f'laion5b_host_store_failing{{errno="ENOSPC",host="{HOST}"}} 1.0' in exposition(redis_server)
