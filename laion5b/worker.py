@@ -384,6 +384,8 @@ class Worker:
                 self._sealed(self.shards.ready.get_nowait())
             except queue.Empty:
                 break
+        if self._store_stalled():  # renaming on a store that does not answer would hang this thread too
+            return
         for shard in list(self.sealed):
             if self.kept[shard.id] < shard.samples:
                 if not self.pending:
