@@ -3,9 +3,11 @@
 Usage: python3 control.py pause | resume | drain | status [--host H] [--worker HOST:NAME] [--json]
 
 pause   workers stop claiming, finish and record what is in flight, return what they had not started, and wait
-        (a pause of the whole run also stops add_task.py); resume: they go on
+        (a pause of the whole run also stops add_task.py)
 drain   workers finish what they hold, return the rest, retire and exit with code 3 (systemd leaves them down);
-        a worker started later under the same name works normally
+        the drain holds: a worker started (or restarted) in its scope exits 3 at once, until resume
+resume  lift the pauses and drains of the scope and of everything inside it: paused workers go on, drained ones
+        may be started again
 status  what is paused or drained, and what each worker acknowledged
 """
 
@@ -52,7 +54,7 @@ def main() -> int:
             log.info("drain_asked scope=%s", control.scope(operator.drain(host, worker)))
         elif args.action == "resume":
             lifted = operator.resume(host, worker)
-            log.info("resumed scopes=%s", ",".join(control.scope(name) for name in lifted) or "none-were-paused")
+            log.info("resumed lifted=%s", ",".join(lifted) or "none")
         else:
             status = control.read_status(client, config.keys)
             print(json.dumps(status.to_json(), indent=2) if args.json else render(status, time.time()))

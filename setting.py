@@ -63,6 +63,7 @@ max_redirects = 5  # redirects followed per image
 user_agent = "laion5b-downloader/0.1 (+image dataset download; honours X-Robots-Tag noai)"  # HTTP User-Agent
 disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
 dns_cache_ttl = 300.0  # seconds a DNS answer is reused in a process (failed look-ups: 5 s; 0: no cache)
+dns_timeout = 10.0  # seconds a DNS look-up may take before it counts as failed (dns); the next try looks up again
 tls_ca_file = ""  # CA bundle that image servers' certificates are checked against (empty: the bundle requests ships)
 allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127.0.0.0/8 for a local test server
 fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)

@@ -16,7 +16,9 @@ Everything stays on 127.0.0.1 and in one temporary folder (removed at the end un
   save_error_task.py (small batches) and monitor_disk.py, every one a real process with its own log.
 
 While it runs, faults come at random moments (seeded): workers SIGKILLed and restarted under the same name at once
-or under a new name (their leases then wait for heartbeat expiry and reaping), every worker SIGKILLed at once,
+or under a new name (their leases then wait for heartbeat expiry and reaping), a worker SIGSTOPped for longer than
+heartbeat_ttl while a replacement of the same name starts, then SIGCONTed (its incarnation is fenced out: it must
+exit 1 having recorded and finished nothing more), every worker SIGKILLed at once,
 workers stopped with SIGTERM, Redis restarted cleanly (sometimes with a worker killed and restarted while Redis is
 down), add_task.py SIGKILLed mid-file, save_error_task.py SIGKILLed, and the disk guard tripped (monitor stopped,
 a huge used-GB value published until every worker has paused; the queue must not shrink while they are paused)
@@ -507,6 +509,7 @@ class Chaos:
         self.rows: list[Row] = []
         self.described: list[str] = []
         self.log_counts: Counter = Counter()
+        self.fenced_logs: set[str] = set()  # logs of paused workers fenced out by their successor: identity_lost there
         self.lock = threading.Lock()
         self.sampling = threading.Event()
         (folder / "redis").mkdir()
@@ -722,7 +725,7 @@ class Chaos:
     def chaos(self, t0: float) -> None:
         """Fault events at random moments until --seconds have passed (the first round holds every kind)."""
         first = ["worker_kill_same", "worker_kill_new", "worker_term", "all_workers_kill", "redis_restart",
-                 "saver_kill", "disk_trip"]  # fmt: skip
+                 "saver_kill", "disk_trip", "worker_stop_same"]  # fmt: skip
         self.rng.shuffle(first)
         first.insert(0, "producer_kill")  # first, while add_task.py surely has files to queue
         weights = {
@@ -734,6 +737,7 @@ class Chaos:
             "producer_kill": 12,
             "saver_kill": 12,
             "disk_trip": 3,
+            "worker_stop_same": 6,
         }
         plan: Iterator[str] = iter(first)
         deadline = t0 + self.args.seconds
@@ -786,6 +790,46 @@ class Chaos:
         new = self.start_worker()
         self.figures.faults["worker SIGKILL, replaced under a new name"] += 1
         self.say(f"worker {proc.name}: SIGKILL, replaced by {new.name} (its leases wait for reaping)")
+
+    def event_worker_stop_same(self) -> None:
+        """SIGSTOP a worker for longer than heartbeat_ttl, start its replacement under the same name, then SIGCONT the
+        old one: its incarnation is fenced out, so it must exit 1 (identity_lost) having recorded and finished
+        nothing after the SIGCONT."""
+        proc = self.pick_worker()
+        self.wait_started(proc)
+        token = self.redis.call(lambda c: c.get(KEYS.heartbeat(f"{HOST_ID}:{proc.name}")))
+        proc.signalled = True
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        heartbeat = KEYS.heartbeat(f"{HOST_ID}:{proc.name}")
+        while self.redis.call(lambda c: c.exists(heartbeat)) and time.monotonic() < stopped + 3 * HEARTBEAT_TTL:
+            self.pause(0.2)
+        new = self.start_worker(proc.name)
+        deadline = time.monotonic() + STARTUP_MAX
+        while self.redis.call(lambda c: c.get(heartbeat)) in (None, token) and time.monotonic() < deadline:
+            self.pause(0.1)
+        mark = proc.log_size()
+        os.kill(proc.pid, signal.SIGCONT)
+        self.fenced_logs.add(proc.log.name)
+        try:
+            code = proc.popen.wait(timeout=DOWNLOAD_TIMEOUT + 30)
+        except subprocess.TimeoutExpired:
+            self.fail(f"worker {proc.name} (pid {proc.pid}) was not fenced out after SIGCONT; log tail: {tail(proc)}")
+            self.kill(proc)
+            return
+        after = proc.log_text(mark)
+        wrote = re.findall(r"shard_finished [^\n]*|shard_discarded [^\n]*|lease_lost [^\n]*", after)
+        if code != 1 or "worker_fenced" not in after or wrote:
+            self.fail(f"worker {proc.name} after SIGCONT: exit {code}, wrote {wrote[:3]}; log tail: {tail(proc)}")
+        self.figures.faults["worker SIGSTOP > heartbeat_ttl, same-name replacement, SIGCONT"] += 1
+        self.say(f"worker {proc.name}: SIGSTOP {time.monotonic() - stopped:.1f} s, replaced by pid {new.pid} under the "
+                 f"same name, SIGCONT: the old one exited {code}, fenced out")  # fmt: skip
+
+    def wait_started(self, proc: Proc) -> None:
+        """Wait until a worker has registered its identity (it logs worker_start)."""
+        deadline = time.monotonic() + STARTUP_MAX
+        while "worker_start" not in proc.log_text() and proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def event_worker_term(self) -> None:
         proc = self.pick_worker()
@@ -982,10 +1026,13 @@ class Chaos:
                 "shards left prepared by a dead worker, finished by another": re.compile(r"shard_recovered "),
                 "shards left prepared whose files were gone (tasks queued again)": re.compile(r"shard_lost "),
             })  # fmt: skip
+        patterns["paused workers fenced out after SIGCONT"] = re.compile(r"worker_fenced ")
         self.log_counts = Counter(dict.fromkeys(patterns, 0))
         bad = re.compile(r"Traceback|task_crashed|internal_error|position_conflict|identity_lost|name_lost")
+        bad_when_fenced = re.compile(bad.pattern.replace("|identity_lost", ""))  # the fenced exit is expected there
         for log in sorted(self.logs.glob("*.log")):
             text = log.read_text(encoding="utf-8", errors="replace")
+            unexpected = bad_when_fenced if log.name in self.fenced_logs else bad
             for label, pattern in patterns.items():
                 for match in pattern.finditer(text):
                     if label.startswith("outcomes not applied"):
@@ -994,7 +1041,7 @@ class Chaos:
                         self.log_counts[label] += int(match.group(1))
                     else:
                         self.log_counts[label] += 1
-            for match in bad.finditer(text):
+            for match in unexpected.finditer(text):
                 line = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end())]
                 self.fail(f"{log.name}: {line[:300]}")
                 break

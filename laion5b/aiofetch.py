@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
-import concurrent.futures
+import contextvars
 import socket
 import ssl
 import time
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import urllib3.exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from laion5b.dnscache import AsyncCachedResolver, DnsCache
+from laion5b.dnscache import DNS_THREADS, AsyncCachedResolver, DnsCache, LookupPool
 from laion5b.fetchpolicy import (
     BUDGET_MESSAGE,
     CHUNK,
     DRAIN_SECONDS,
+    GAVE_WAY,
+    TRUNCATED,
     Body,
+    Decoder,
     Fetched,
     FetchFailure,
     FetchPolicy,
@@ -39,8 +41,10 @@ from laion5b.fetchpolicy import (
 from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
 from laion5b.limits import AsyncByteBudget
 
-DNS_THREADS = 64  # look-ups in progress at once; the event loop's default pool (6 threads here) would throttle them
 IDLE_CONNECTION_SECONDS = 15.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
+MAX_IDLE_CONNECTIONS = 256
+"""Idle kept-alive connections a process keeps at most (sockets, and TLS state of some 30 KB each): see
+_BoundedIdleConnector."""
 TLS_READ_BYTES = 16 * 1024 + 256
 """asyncio's TLS protocol zero-fills a 256 KiB read buffer for every new connection and asks OpenSSL for 256 KiB at
 each read: on traffic where nearly every download opens a TLS connection that was 13 % of a worker's CPU, and 256 KiB
@@ -53,6 +57,11 @@ _SSL_ERRORS = (aiohttp.ClientSSLError, ssl.SSLError, ssl.CertificateError)
 _EXPECTED_ERRORS = (aiohttp.ClientError, OSError, ValueError, zlib.error)
 
 
+_RESOLVING: contextvars.ContextVar[list[str]] = contextvars.ContextVar("resolving")
+"""The name a download is resolving now (a list of at most one, set by ``fetch``): if its deadline passes while
+that name waits for a look-up thread, the download gave way to local pressure."""
+
+
 class _GuardedResolver(AbstractResolver):
     """Resolves names through the process's DNS cache and keeps only the addresses the guard allows."""
 
@@ -62,11 +71,37 @@ class _GuardedResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
         check_host_name(host)
-        addresses = self._guard.allowed(await self._lookup(host, port))
+        resolving = _RESOLVING.get([])
+        resolving[:] = [host]  # kept when the deadline cancels the look-up: fetch then reads it
+        try:
+            answer = await self._lookup(host, port)
+        except socket.gaierror:
+            resolving.clear()
+            raise
+        resolving.clear()
+        addresses = self._guard.allowed(answer)
         return [_resolved(host, address, port) for address in addresses]
 
     async def close(self) -> None:
         """Nothing to release: look-ups run on the fetcher's thread pool."""
+
+
+class _BoundedIdleConnector(aiohttp.TCPConnector):
+    """aiohttp's connector with a bound on idle kept-alive connections. Its ``limit`` counts only connections in use
+    (it stays 0: ``concurrency`` bounds those) and ``keepalive_timeout`` only ages idle ones out, so idle sockets grew
+    with the rate of downloads to distinct hosts (rate × 15 s: 15,000 at 1,000 a second). A connection given back
+    while ``max_idle`` are idle is closed instead of kept: at most ``concurrency + max_idle`` sockets are open."""
+
+    def __init__(self, max_idle: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.max_idle = max_idle
+
+    def idle(self) -> int:
+        """Idle connections kept now (at most max_idle)."""
+        return sum(len(connections) for connections in self._conns.values())
+
+    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close or self.idle() >= self.max_idle)
 
 
 def _resolved(host: str, address: str, port: int) -> ResolveResult:
@@ -83,13 +118,16 @@ class AsyncFetcher:
         tls: ssl.SSLContext | None = None,
         budget: AsyncByteBudget | None = None,
         dns_cache: DnsCache | None = None,
+        max_idle: int = MAX_IDLE_CONNECTIONS,
+        dns_threads: int = DNS_THREADS,
     ) -> None:
         self._policy = policy
         self._budget = budget
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
-        self._dns_pool = concurrent.futures.ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="dns")
-        lookup = AsyncCachedResolver(self._look_up, dns_cache or DnsCache(0, 0))
-        connector = aiohttp.TCPConnector(
+        self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout, dns_threads)
+        lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
+        self.connector = _BoundedIdleConnector(
+            max_idle,
             resolver=_GuardedResolver(self._guard, lookup),
             use_dns_cache=False,
             ssl=tls or tls_context(policy.tls_ca_file),
@@ -99,7 +137,7 @@ class AsyncFetcher:
             socket_factory=self._socket,
         )
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=self.connector,
             headers=policy.headers(),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -116,6 +154,8 @@ class AsyncFetcher:
         """
         deadline = time.monotonic() + self._policy.download_timeout
         body = Body(self._policy.max_bytes, deadline)
+        resolving: list[str] = []
+        _RESOLVING.set(resolving)
         try:
             async with asyncio.timeout(self._policy.download_timeout):
                 fetched = await self._follow(url, deadline, body)
@@ -124,7 +164,7 @@ class AsyncFetcher:
         except BlockedAddress as exc:
             fetched = Fetched(None, None, "blocked_address", one_line(str(exc), url))
         except TimeoutError:
-            fetched = Fetched(None, None, "timeout", f"no complete response within {self._policy.download_timeout:g} s")
+            fetched = self._timed_out(body, resolving)
         except _EXPECTED_ERRORS as exc:
             fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
         if fetched.data is None and self._budget is not None:
@@ -138,7 +178,7 @@ class AsyncFetcher:
 
     async def close(self) -> None:
         await self._session.close()
-        self._dns_pool.shutdown(wait=False, cancel_futures=True)
+        self._lookups.close()
 
     async def _follow(self, url: str, deadline: float, body: Body) -> Fetched:
         """Request ``url`` and follow its redirects by hand, each target checked like the first URL."""
@@ -173,12 +213,14 @@ class AsyncFetcher:
         except (FetchFailure, TimeoutError, *_EXPECTED_ERRORS):
             response.close()
 
-    async def _look_up(self, host: str, port: int) -> list[str]:
-        resolver = self._policy.resolver
-        if resolver is not None:  # an injected resolver (tests) answers at once
-            return resolver(host, port)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._dns_pool, system_resolver, host, port)
+    def _timed_out(self, body: Body, resolving: list[str]) -> Fetched:
+        """The outcome of a download whose deadline passed: local pressure when it was waiting for byte budget or
+        for a DNS look-up thread, else a timeout."""
+        if body.waiting:
+            return Fetched(None, None, GAVE_WAY, f"{BUDGET_MESSAGE} (waited until the deadline)")
+        if resolving and self._lookups.queued[resolving[0]]:
+            return Fetched(None, None, GAVE_WAY, f"waited for a DNS look-up thread for {resolving[0]}")
+        return Fetched(None, None, "timeout", f"no complete response within {self._policy.download_timeout:g} s")
 
     def _socket(self, addr_info: Any) -> socket.socket:
         """The socket for one connection attempt, made only when the guard allows the address."""
@@ -190,47 +232,23 @@ class AsyncFetcher:
 
 async def _read_body(response: aiohttp.ClientResponse, body: Body, budget: AsyncByteBudget | None) -> None:
     """Read and decode the body into ``body``, reserving each decoded chunk in ``budget`` first."""
-    decoder = _Decoder(response.headers.get("content-encoding", ""))
+    decoder = Decoder(response.headers.get("content-encoding", ""))
     while raw := await response.content.read(CHUNK):
         for chunk in decoder.decode(raw):
             if budget is not None:
-                if not await budget.take(len(chunk), body.reserved):
-                    raise FetchFailure("timeout", BUDGET_MESSAGE)
-                body.reserved += len(chunk)
+                await _reserve(budget, body, len(chunk))
             body.add(chunk)
+    decoder.finish()
 
 
-class _Decoder:
-    """Content decoding (gzip, deflate) in steps of at most CHUNK decoded bytes; other encodings pass through."""
-
-    def __init__(self, encoding: str) -> None:
-        encoding = encoding.strip().lower()
-        self._raw_fallback = encoding == "deflate"
-        if encoding in ("gzip", "x-gzip"):
-            self._zlib: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == "deflate":
-            self._zlib = zlib.decompressobj()
-        else:
-            self._zlib = None
-
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        """The decoded chunks of ``data``, made one at a time as they are consumed."""
-        if self._zlib is None:
-            yield data
-            return
-        if self._raw_fallback:
-            self._raw_fallback = False
-            try:
-                chunk = self._zlib.decompress(data, CHUNK)
-            except zlib.error:  # a deflate body without the zlib header, as some servers send
-                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-                chunk = self._zlib.decompress(data, CHUNK)
-        else:
-            chunk = self._zlib.decompress(data, CHUNK)
-        while chunk:
-            yield chunk
-            tail = self._zlib.unconsumed_tail
-            chunk = self._zlib.decompress(tail, CHUNK) if tail else b""
+async def _reserve(budget: AsyncByteBudget, body: Body, size: int) -> None:
+    """Reserve ``size`` more bytes of ``body`` in ``budget``; give way (GAVE_WAY) when the budget says so."""
+    body.waiting = True
+    granted = await budget.take(size, body.reserved)
+    body.waiting = False
+    if not granted:
+        raise FetchFailure(GAVE_WAY, BUDGET_MESSAGE)
+    body.reserved += size
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -248,6 +266,7 @@ def _status_word(exc: BaseException) -> str:
     chain = _causes(exc)
     for word, kinds in (
         ("blocked_address", BlockedAddress),
+        (TRUNCATED, aiohttp.ClientPayloadError),
         ("dns", (aiohttp.ClientConnectorDNSError, socket.gaierror)),
         ("ssl", _SSL_ERRORS),
         ("timeout", _TIMEOUT_ERRORS),

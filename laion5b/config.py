@@ -72,6 +72,7 @@ class Config:
     user_agent: str
     disallowed_header_directives: list[str]
     dns_cache_ttl: float
+    dns_timeout: float
     tls_ca_file: str
     allowed_networks: list[str]
     fsync_images: bool
@@ -119,7 +120,14 @@ _AT_LEAST_ONE = (
     "history_days",
     "shard_size",
 )
-_POSITIVE = ("connect_timeout", "read_timeout", "download_timeout", "shard_max_seconds", "store_stall_seconds")
+_POSITIVE = (
+    "connect_timeout",
+    "read_timeout",
+    "download_timeout",
+    "dns_timeout",
+    "shard_max_seconds",
+    "store_stall_seconds",
+)
 _NOT_NEGATIVE = (
     "redis_db",
     "max_redirects",
@@ -158,7 +166,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{_named('allowed_networks')}: {network!r} is not a network such as 127.0.0.0/8"
             ) from None
-    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl"):
+    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl", "dns_timeout"):
         if not math.isfinite(getattr(config, name)):
             raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:

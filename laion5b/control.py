@@ -1,8 +1,8 @@
 """Remote control of a run: pause, resume and drain requests kept in Redis, and the workers' acknowledgements.
 
-A request names a scope: the whole run, one host, or one worker identity (``<host>:<name>``). A pause is a state:
-it holds until resumed. A drain is an event stamped with the Redis time it was asked: it applies to the workers
-that were running then, so a worker started later under a drained name works normally.
+A request names a scope: the whole run, one host, or one worker identity (``<host>:<name>``). Both are states that
+hold until ``resume`` lifts them: a paused worker waits; a drained worker exits with EXIT_DRAINED, and so does every
+worker that starts in a drained scope (systemd restarting a drained worker that crashed, a host rebooted).
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ class Directive:
     drain: bool
 
 
-def directive(fields: Mapping[str, str], host: str, identity: str, started: float) -> Directive:
-    """Read the control hash for the worker ``identity`` of ``host``, started at Redis time ``started``."""
-    paused = any(field(PAUSE, *target) in fields for target in _targets(host, identity))
-    drains = (fields.get(field(DRAIN, *target)) for target in _targets(host, identity))
-    return Directive(paused, any(_float(asked) > started for asked in drains if asked is not None))
+def directive(fields: Mapping[str, str], host: str, identity: str) -> Directive:
+    """Read the control hash for the worker ``identity`` of ``host``."""
+    targets = _targets(host, identity)
+    paused = any(field(PAUSE, *target) in fields for target in targets)
+    return Directive(paused, any(field(DRAIN, *target) in fields for target in targets))
 
 
 def _targets(host: str, identity: str) -> tuple[tuple[str | None, str | None], ...]:
@@ -85,15 +85,10 @@ class WorkerControl:
         self.keys = keys
         self.host = host
         self.identity = identity
-        self.started = 0.0
         self.acked: tuple[str, dict[str, str]] | None = None
 
-    def start(self) -> None:
-        """Note the Redis time this worker starts: drains asked before it do not apply to it."""
-        self.started = redis_time(self.client)
-
     def read(self) -> Directive:
-        return directive(self.client.hgetall(self.keys.control), self.host, self.identity, self.started)
+        return directive(self.client.hgetall(self.keys.control), self.host, self.identity)
 
     def ack(self, state: str, detail: Mapping[str, str] | None = None) -> None:
         """Publish the worker's state, with ``detail`` beside it (a store problem: ``store``, ``errno``, ``path``)."""
@@ -166,17 +161,18 @@ class Operator:
         return name
 
     def resume(self, host: str | None, worker: str | None) -> list[str]:
-        """Lift the pauses of the scope and of everything inside it (the run's: every pause); return them."""
+        """Lift the pauses and drains of the scope and of everything inside it (the run's: all of them); return
+        them."""
         requests = self.client.hkeys(self.keys.control)
-        lifted = [name for name in requests if name.startswith(PAUSE) and _inside(name, host, worker)]
+        lifted = [name for name in requests if any(_inside(name, action, host, worker) for action in (PAUSE, DRAIN))]
         if lifted:
             self.client.hdel(self.keys.control, *lifted)
         return lifted
 
 
-def _inside(name: str, host: str | None, worker: str | None) -> bool:
+def _inside(name: str, action: str, host: str | None, worker: str | None) -> bool:
     if worker:
-        return name == field(PAUSE, worker=worker)
+        return name == field(action, worker=worker)
     if host:
-        return name == field(PAUSE, host) or name.startswith(field(PAUSE, worker=f"{host}:"))
-    return True
+        return name == field(action, host) or name.startswith(field(action, worker=f"{host}:"))
+    return name.startswith(action)

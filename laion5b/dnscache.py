@@ -1,12 +1,15 @@
 """A process's DNS answers, reused for ``dns_cache_ttl`` seconds (failed look-ups for NEGATIVE_TTL), with one
-look-up per name at a time: a dead domain with hundreds of URLs in flight costs a handful of look-ups."""
+look-up per name at a time: a dead domain with hundreds of URLs in flight costs a handful of look-ups. Every look-up
+is given up after ``dns_timeout`` seconds (a gaierror: status ``dns``), and runs on a pool of threads of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 Answer = list[str] | socket.gaierror
@@ -15,6 +18,12 @@ AsyncResolver = Callable[[str, int], Awaitable[list[str]]]
 
 NEGATIVE_TTL = 5.0
 MAX_NAMES = 100_000
+DNS_THREADS = 256
+"""Look-ups in progress at once in the async engine, dead names' and live ones' alike: enough that slow look-ups of
+dead names (each at most dns_timeout) leave turns for the live ones."""
+SPARE_THREADS = 64
+"""Threads for look-ups given up that are still stuck in getaddrinfo; until they fill, a stuck look-up hands its turn
+on, so a few hanging names cannot take every thread."""
 
 
 class DnsCache:
@@ -127,3 +136,86 @@ class AsyncCachedResolver:
             answer = error
         self._cache.put(host, answer)
         return answer
+
+
+def timed_out(host: str, timeout: float) -> socket.gaierror:
+    """The answer of a look-up given up after ``timeout`` s."""
+    return socket.gaierror(socket.EAI_AGAIN, f"no DNS answer for {host} within {timeout:g} s")
+
+
+class LookupPool:
+    """Blocking look-ups (``resolver``: getaddrinfo) on threads of their own for an event loop, each given up after
+    ``timeout`` s, its answer then a gaierror (status ``dns``; not cached for longer than any failure).
+
+    At most ``threads`` look-ups run at once; a caller waits for a turn first, and that wait is no part of its
+    timeout (``queued`` tells which names wait: a download whose deadline passes meanwhile gave way to local
+    pressure). A look-up given up keeps its thread until getaddrinfo returns, but hands its turn on while fewer than
+    ``spare`` are stuck like it; the pool has ``threads + spare`` threads, so a turn always finds a free thread.
+    """
+
+    def __init__(
+        self, resolver: Resolver, timeout: float, threads: int = DNS_THREADS, spare: int = SPARE_THREADS
+    ) -> None:
+        self.timeout = timeout
+        self.stuck = 0
+        self.queued: Counter[str] = Counter()
+        self._resolver = resolver
+        self._spare = spare
+        self._turns = asyncio.Semaphore(threads)
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads + spare, thread_name_prefix="dns")
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        await self._turn(host)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._resolver, host, port)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError:
+            raise timed_out(host, self.timeout) from None
+        finally:
+            self._hand_back(future)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _turn(self, host: str) -> None:
+        self.queued[host] += 1
+        try:
+            await self._turns.acquire()
+        finally:
+            self.queued[host] -= 1
+            if not self.queued[host]:
+                del self.queued[host]
+
+    def _hand_back(self, future: asyncio.Future[list[str]]) -> None:
+        """Give the turn back now, or (a look-up stuck while the spare threads are full) once it returns."""
+        if future.done():
+            self._turns.release()
+        elif self.stuck < self._spare:
+            self.stuck += 1
+            future.add_done_callback(self._unstuck)
+            self._turns.release()
+        else:
+            future.add_done_callback(lambda _: self._turns.release())
+
+    def _unstuck(self, _: asyncio.Future[list[str]]) -> None:
+        self.stuck -= 1
+
+
+class BlockingLookups:
+    """The threads engine's look-ups, each given up after ``timeout`` s (a gaierror: status ``dns``): a look-up runs
+    on a thread of this pool while the download thread waits for its answer, so a getaddrinfo that never returns
+    holds a pool thread, not the download. ``threads`` exceeds the download threads by the stuck look-ups it absorbs
+    (beyond those, a look-up waits for a free thread within its ``timeout``)."""
+
+    def __init__(self, resolver: Resolver, timeout: float, threads: int) -> None:
+        self.timeout = timeout
+        self._resolver = resolver
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dns")
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        future = self._executor.submit(self._resolver, host, port)
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise timed_out(host, self.timeout) from None

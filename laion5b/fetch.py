@@ -8,6 +8,7 @@ import http.client
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Iterator
 
 import requests
@@ -19,7 +20,10 @@ from laion5b.fetchpolicy import (
     BUDGET_MESSAGE,
     CHUNK,
     DRAIN_SECONDS,
+    GAVE_WAY,
+    TRUNCATED,
     Body,
+    Decoder,
     Fetched,
     FetchFailure,
     FetchPolicy,
@@ -45,7 +49,9 @@ _URL_ERRORS = (
     http.client.InvalidURL,
     UnicodeError,
 )
+_TRUNCATED_ERRORS = (http.client.IncompleteRead, urllib3.exceptions.IncompleteRead)
 _EXPECTED_ERRORS = (
+    zlib.error,
     requests.RequestException,
     urllib3.exceptions.HTTPError,
     http.client.HTTPException,
@@ -162,14 +168,18 @@ def _prepare(url: str, headers: CaseInsensitiveDict) -> requests.PreparedRequest
 
 
 def _read_body(raw: HTTPResponse, body: Body, budget: ByteBudget | None) -> None:
-    """Read the decoded body into ``body`` chunk by chunk (each socket read is also capped by the deadline in the
-    connection layer, so a trickle cannot outlive it), reserving each chunk in ``budget`` first."""
-    while chunk := raw.read1(CHUNK, decode_content=True):
-        if budget is not None:
-            if not budget.take(len(chunk), body.reserved, body.deadline):
-                raise FetchFailure("timeout", BUDGET_MESSAGE)
-            body.reserved += len(chunk)
-        body.add(chunk)
+    """Read and decode the body into ``body`` chunk by chunk (each socket read is also capped by the deadline in the
+    connection layer, so a trickle cannot outlive it), reserving each chunk in ``budget`` first. Decoding is the
+    fetchpolicy's, as in the async engine: bounded steps, and a compressed body cut short is ``truncated``."""
+    decoder = Decoder(raw.headers.get("content-encoding", ""))
+    while data := raw.read1(CHUNK, decode_content=False):
+        for chunk in decoder.decode(data):
+            if budget is not None:
+                if not budget.take(len(chunk), body.reserved, body.deadline):
+                    raise FetchFailure(GAVE_WAY, BUDGET_MESSAGE)  # it gave way, or waited until its deadline
+                body.reserved += len(chunk)
+            body.add(chunk)
+    decoder.finish()
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -189,6 +199,7 @@ def _status_word(exc: BaseException) -> str:
     chain = [item for item in _causes(exc) if not isinstance(item, urllib3.exceptions.NewConnectionError)]
     for word, kinds in (
         ("blocked_address", BlockedAddress),
+        (TRUNCATED, _TRUNCATED_ERRORS),
         ("dns", socket.gaierror),
         ("timeout", _TIMEOUT_ERRORS),
         ("ssl", _SSL_ERRORS),

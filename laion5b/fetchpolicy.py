@@ -2,8 +2,8 @@
 rules, the body cap and magic-number check, redirect targets, and the one-line messages.
 
 A fetch returns a ``Fetched`` for every per-URL problem; its ``status`` is None on success, the HTTP code for a
-final status >= 300, or one of the words timeout, connection, dns, ssl, not_image, too_large, disallowed,
-blocked_address, redirects and bad_url.
+final status >= 300, or one of the words timeout, connection, dns, ssl, not_image, too_large, truncated, disallowed,
+blocked_address, redirects and bad_url; or GAVE_WAY when the download yielded to local pressure (not the URL's fault).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
@@ -27,6 +29,10 @@ REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 CHUNK = 64 * 1024  # decoded bytes asked for per read: bounds the memory a gzip bomb can claim per step
 DRAIN_BYTES = 64 * 1024  # unwanted bodies (redirects, errors) up to this size are read so the connection is reused
 DRAIN_SECONDS = 1.0  # ... but for no longer than this
+GAVE_WAY = "gave_way"
+"""The status of a download that yielded to this process's own limits (byte budget, DNS look-up threads): it is tried
+again soon without counting an attempt, and never recorded as the URL's failure."""
+TRUNCATED = "truncated"
 BUDGET_MESSAGE = "gave way: the bodies in memory reached max_inflight_bytes"
 ACCEPT = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"
 ACCEPT_ENCODING = "gzip, deflate"
@@ -49,6 +55,7 @@ class FetchPolicy:
     disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
     allowed_networks: tuple[Network, ...] = ()
     resolver: Resolver | None = None  # host, port -> IP strings; None = the system's; gaierror = DNS failure
+    dns_timeout: float = 10.0  # a look-up is given up after this long (status dns); waits for a DNS thread are apart
     tls_ca_file: str = ""  # CA bundle for servers' certificates; empty = the bundle requests ships (certifi)
 
     def headers(self) -> dict[str, str]:
@@ -59,7 +66,7 @@ class FetchPolicy:
 class Fetched:
     """Outcome of one fetch: image bytes and extension, or a status and a short one-line message."""
 
-    data: bytes | None
+    data: bytes | None  # from the fetchers a bytearray: the body as read, handed over without a copy
     extension: str | None
     status: int | str | None
     error_msg: str = ""
@@ -141,6 +148,7 @@ class Body:
         self.limit = limit
         self.deadline = deadline
         self.reserved = 0  # bytes of it reserved in the process's byte budget
+        self.waiting = False  # waiting for byte budget (a deadline that passes now is local pressure, not a timeout)
         self._data = bytearray()
         self._checked = not image
 
@@ -160,12 +168,60 @@ class Body:
             self._checked = True
 
     def image(self, url: str) -> Fetched:
-        """The complete body (of ``url``) as a Fetched image; refuse it when it is no known image."""
-        data = bytes(self._data)
+        """The complete body (of ``url``) as a Fetched image; refuse it when it is no known image.
+
+        Its data is the body's own buffer (a bytearray), handed over without a copy: the Body is done with it.
+        """
+        data = self._data
+        self._data = bytearray()
         extension = image_extension(data)
         if extension is None:
             raise FetchFailure("not_image", "body is not a known image format")
         return Fetched(data, extension, None, final_url=url)
+
+
+class Decoder:
+    """Content decoding (gzip, deflate) in steps of at most CHUNK decoded bytes; other encodings pass through.
+
+    ``finish`` refuses a compressed body that ended before its trailer (``truncated``): a cut gzip stream decodes
+    without error up to the cut, and would otherwise be stored as a complete image.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        self._raw_fallback = encoding == "deflate"
+        self._started = False
+        if encoding in ("gzip", "x-gzip"):
+            self._zlib: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._zlib = zlib.decompressobj()
+        else:
+            self._zlib = None
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """The decoded chunks of ``data``, made one at a time as they are consumed."""
+        if self._zlib is None:
+            yield data
+            return
+        self._started = self._started or bool(data)
+        if self._raw_fallback:
+            self._raw_fallback = False
+            try:
+                chunk = self._zlib.decompress(data, CHUNK)
+            except zlib.error:  # a deflate body without the zlib header, as some servers send
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                chunk = self._zlib.decompress(data, CHUNK)
+        else:
+            chunk = self._zlib.decompress(data, CHUNK)
+        while chunk:
+            yield chunk
+            tail = self._zlib.unconsumed_tail
+            chunk = self._zlib.decompress(tail, CHUNK) if tail else b""
+
+    def finish(self) -> None:
+        """Check that a compressed body reached the end of its stream (raise FetchFailure ``truncated`` if not)."""
+        if self._started and not self._zlib.eof:
+            raise FetchFailure(TRUNCATED, "compressed body ended before its end of stream")
 
 
 def failed(exc: FetchFailure, url: str) -> Fetched:

@@ -28,6 +28,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import HTTPResponse
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IDLE_PER_THREAD = 8
+"""Idle kept-alive connections one download thread keeps at most (one per host, for its last few hosts)."""
 Resolver = Callable[[str, int], list[str]]
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -230,7 +232,7 @@ class GuardedAdapter(HTTPAdapter):
     def __init__(self, guard: AddressGuard, tls: ssl.SSLContext) -> None:
         self._guard = guard  # read by init_poolmanager, which HTTPAdapter.__init__ calls
         self._tls = tls
-        super().__init__(pool_connections=8, pool_maxsize=1, max_retries=0)
+        super().__init__(pool_connections=IDLE_PER_THREAD, pool_maxsize=1, max_retries=0)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         self._pool_connections = connections

@@ -34,8 +34,8 @@ def _ftyp_extension(data: bytes) -> str | None:
     """Classify an ISO-BMFF file by the major and compatible brands of its leading ``ftyp`` box."""
     box_size = int.from_bytes(data[:4], "big")
     end = min(box_size if box_size >= 16 else 12, len(data), _FTYP_SCAN_END)
-    brands = {data[8:12]}
-    brands.update(data[offset : offset + 4] for offset in range(16, end - 3, 4))
+    brands = {bytes(data[8:12])}  # bytes(): a fetched body is a bytearray, whose slices cannot go in a set
+    brands.update(bytes(data[offset : offset + 4]) for offset in range(16, end - 3, 4))
     if not brands.isdisjoint(_AVIF_BRANDS):
         return "avif"
     if not brands.isdisjoint(_HEIF_BRANDS):

@@ -16,15 +16,24 @@ its open shard, and is counted as succeeded only when its shard is finished (REA
 - ``release_shard`` returns them to the queue when the shard is discarded;
 - a dead worker's kept tasks return to the queue with its leases; a shard it left prepared is finished (or, when its
   files are gone, released) by a worker of its host (``laion5b.shards.recover``).
+
+Fencing: each process makes a random incarnation when it starts, and its token (the heartbeat's value) carries it.
+Every script that records, counts or returns tasks for a worker first checks that the identity's heartbeat holds
+this token (``exchange`` also takes a heartbeat that expired while nobody took the identity over); a stale process
+(paused past ``heartbeat_ttl`` while a successor of its name started) gets IdentityLost having changed nothing, and
+its shards, named with its incarnation, never mix with its successor's. Liveness is the heartbeat: a PID is only a
+hint, used by ``register`` to take over at once from a holder that is provably dead in this PID namespace.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import redis
@@ -185,19 +194,23 @@ end
 
 # Records outcomes, promotes due retries, then claims tasks, in one round trip. KEYS: lease, queue, error list,
 # succ counter, error counter, bytes counter, host counters, heartbeat, workers, delayed set, failures hash, kept.
-# ARGV: host, token, ttl, worker, count, then triples. Returns {applied, 1, claimed tasks...}, or {applied, 0} when
-# another process owns the identity (nothing claimed).
+# ARGV: host, token, ttl, worker, count, then triples. Returns {applied, 1, claimed tasks...}, or {0, 0} when another
+# process (another incarnation) owns the identity: then nothing is recorded, promoted or claimed. A heartbeat that
+# expired while nobody took the identity over is taken again: a reaper may have returned the tasks meanwhile, and
+# their outcomes are then not recorded (LREM finds nothing).
 _EXCHANGE = (
     _TOUCH
     + _CLOCK
     + _PROMOTE
     + _RECORD
     + """
+local holder = redis.call('GET', KEYS[8])
+if holder and holder ~= ARGV[2] then return {0, 0} end
 local now = clock()
 local applied = record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[1], KEYS[10], now, 6,
   KEYS[11], KEYS[12])
 promote(KEYS[10], KEYS[2], now)
-if not touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4]) then return {applied, 0} end
+touch(KEYS[8], KEYS[9], ARGV[2], ARGV[3], ARGV[4])
 local reply = {applied, 1}
 local count = tonumber(ARGV[5])
 if count < 1 then return reply end
@@ -218,8 +231,9 @@ _HEARTBEAT = (
     + _CLOCK
     + _PROMOTE
     + """
+if not touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 promote(KEYS[3], KEYS[4], clock())
-return touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0
+return 1
 """
 )
 
@@ -248,11 +262,21 @@ return moved
 """
 )
 
-# KEYS: kept, kept tasks, shards, shard tasks. ARGV: shard, samples in its files, field, record. Moves the shard's
-# kept tasks to its own list and records it as being finished, only if every sample's task is there; returns -1
-# then (also when it already was, with this record), -2 when another shard of that name is being finished, else how
-# many tasks are there.
+# Whether a shard step must not run: KEYS[fence] does not hold ARGV value (the owner's heartbeat and its token, or the
+# recovery lock and its token), or, for a recovery, the shard's owner holds its identity again (owner_key holds owner).
+_FENCED = """
+local function fenced(key, value, owner_key, owner)
+  if redis.call('GET', key) ~= value then return true end
+  return owner ~= '' and redis.call('GET', owner_key) == owner
+end
+"""
+
+# KEYS: kept, kept tasks, shards, shard tasks, heartbeat. ARGV: shard, samples in its files, field, record, token.
+# Moves the shard's kept tasks to its own list and records it as being finished, only if every sample's task is
+# there; returns -1 then (also when it already was, with this record), -2 when another shard of that name is being
+# finished, -3 when this process no longer owns its identity (nothing done), else how many tasks are there.
 _PREPARE = """
+if redis.call('GET', KEYS[5]) ~= ARGV[5] then return -3 end
 local current = redis.call('HGET', KEYS[3], ARGV[3])
 if current then return current == ARGV[4] and -1 or -2 end
 local held = redis.call('LLEN', KEYS[2])
@@ -263,9 +287,13 @@ redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 return -1
 """
 
-# KEYS: shards, shard tasks, succ counter, bytes counter, host counters. ARGV: field, host, bytes. Counts a prepared
-# shard's tasks as succeeded and forgets it; returns how many, or -1 when it is not (or no longer) prepared.
-_COMMIT = """
+# KEYS: shards, shard tasks, succ counter, bytes counter, host counters, fence key, owner's heartbeat. ARGV: field,
+# host, bytes, fence value, owner token ('' when the owner commits). Counts a prepared shard's tasks as succeeded and
+# forgets it; returns how many, -1 when it is not (or no longer) prepared, -3 when fenced (nothing done).
+_COMMIT = (
+    _FENCED
+    + """
+if fenced(KEYS[6], ARGV[4], KEYS[7], ARGV[5]) then return -3 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
 local count = redis.call('LLEN', KEYS[2])
 redis.call('DEL', KEYS[2])
@@ -277,17 +305,34 @@ redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':bytes', ARGV[3])
 redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':open', -count)
 return count
 """
+)
 
-# KEYS: the shard's task list, queue, the hash that records the shard, host counters. ARGV: field, host. Returns a
-# discarded shard's tasks to the queue; returns how many.
+# KEYS: the shard's task list, queue, the hash that records the shard, host counters, fence key, owner's heartbeat.
+# ARGV: field, host, fence value, owner token ('' for the owner). Returns a discarded shard's tasks to the queue and
+# forgets it; returns how many, -1 when a recovery finds it no longer being finished, -3 when fenced (nothing done).
 _RELEASE_SHARD = (
     _RELEASE_SHARD_TASKS
+    + _FENCED
     + """
+if fenced(KEYS[5], ARGV[3], KEYS[6], ARGV[4]) then return -3 end
+if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return -1 end
 local count = release_shard(KEYS[1], KEYS[2], KEYS[4], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[1])
 return count
 """
 )
+
+# KEYS: lock. ARGV: token, seconds. Keeps a lock this token holds for ``seconds`` more; 0 when it lost it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: lock. ARGV: token. Deletes the lock only if this token holds it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
 
 
 def failed_outcome(raw: str, status: int | str, record: str) -> tuple[str, str, str]:
@@ -310,40 +355,110 @@ class IdentityInUse(RuntimeError):
 
 
 class IdentityLost(RuntimeError):
-    """Another process took this worker identity over while this one was running."""
+    """Another process (another incarnation) took this worker identity over while this one was running."""
+
+
+def _namespace() -> str:
+    """This machine's boot and this process's PID namespace, e.g. ``5d1c0a2e.4026531836``: two PIDs compare only
+    when both are the same (containers sharing a host_id have PID namespaces of their own); '' when unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}.{pid_namespace.strip('pid:[]')}"
+
+
+NAMESPACE = _namespace()
 
 
 @dataclass(frozen=True)
 class Owner:
-    """Who holds a worker identity: a process on a host, told apart from a later process with the same PID."""
+    """Who holds a worker identity: one incarnation (a random id made when the process starts) of a process on a
+    host. The incarnation is what fences a stale process out; the PID is only a hint, and only in this PID
+    namespace."""
 
     host: str
     pid: int
     started: float
+    namespace: str = ""
+    incarnation: str = ""
 
     @classmethod
     def this_process(cls, host: str) -> Owner:
-        return cls(host, os.getpid(), psutil.Process().create_time())
+        return cls(host, os.getpid(), psutil.Process().create_time(), NAMESPACE, secrets.token_hex(8))
 
     @classmethod
     def parse(cls, token: str) -> Owner | None:
-        host, _, rest = token.rpartition("|")
-        pid, _, started = rest.partition("@")
+        """Read ``<host>|<pid>@<started>|<namespace>|<incarnation>``, or an older ``<host>|<pid>@<started>``."""
+        parts = token.rsplit("|", 3)
+        if len(parts) == 4:
+            host, process, namespace, incarnation = parts
+        else:
+            host, _, process = token.rpartition("|")
+            namespace = incarnation = ""
+        pid, _, started = process.partition("@")
         try:
-            return cls(host, int(pid), float(started))
+            return cls(host, int(pid), float(started), namespace, incarnation)
         except ValueError:
             return None
 
     def token(self) -> str:
-        return f"{self.host}|{self.pid}@{self.started:.2f}"
+        return f"{self.host}|{self.pid}@{self.started:.2f}|{self.namespace}|{self.incarnation}"
 
-    def is_alive_here(self) -> bool:
-        """Whether this owner is a running (not zombie) process of this machine."""
+    def is_dead_here(self) -> bool:
+        """Whether this owner is provably gone: a process of this boot and PID namespace whose PID is free, a zombie,
+        or another process now. A process of another namespace, or one hidden by ``hidepid``, is never proved dead:
+        its heartbeat decides."""
+        if not self.namespace or self.namespace != NAMESPACE:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
         try:
             process = psutil.Process(self.pid)
-            return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - self.started) < 0.01
+            return process.status() == psutil.STATUS_ZOMBIE or abs(process.create_time() - self.started) >= 0.01
         except psutil.Error:
             return False
+
+    def is_alive_here(self) -> bool:
+        """Whether this owner may still run: everything not proved dead (``is_dead_here``) is taken as alive."""
+        return not self.is_dead_here()
+
+
+FENCED = -3
+"""What a shard script returns when its fence does not hold (the caller no longer owns the identity or the lock)."""
+
+
+class Lock:
+    """A lock held by one random token: taken with SET NX, renewed and given up only by its holder (Lua)."""
+
+    def __init__(self, client: redis.Redis, key: str, seconds: int) -> None:
+        self.client = client
+        self.key = key
+        self.seconds = seconds
+        self.token = secrets.token_hex(16)
+        self._renew = client.register_script(_RENEW)
+        self._unlock = client.register_script(_UNLOCK)
+
+    def acquire(self, wait: float, poll: float = 0.2) -> bool:
+        """Take the lock, waiting up to ``wait`` seconds for it; False when it stays taken."""
+        deadline = time.monotonic() + wait
+        while not self.client.set(self.key, self.token, nx=True, ex=self.seconds):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+        return True
+
+    def renew(self) -> bool:
+        """Keep it ``seconds`` more; False when it expired and was lost (someone else may hold it now)."""
+        return bool(self._renew(keys=[self.key], args=[self.token, self.seconds]))
+
+    def release(self) -> None:
+        self._unlock(keys=[self.key], args=[self.token])
 
 
 class Leases:
@@ -383,6 +498,10 @@ class Leases:
         self._commit = client.register_script(_COMMIT)
         self._release_shard = client.register_script(_RELEASE_SHARD)
 
+    @property
+    def incarnation(self) -> str:
+        return self.owner.incarnation
+
     def _worker_keys(self, worker: str) -> list[str]:
         """The keys of the scripts that give up a worker's identity and return its tasks (register, retire, reap)."""
         keys = self.keys
@@ -396,9 +515,11 @@ class Leases:
         ]
 
     def register(self) -> int:
-        """Take the identity, returning a dead predecessor's leases to the queue; return how many were returned.
+        """Take the identity, returning a predecessor's leases to the queue; return how many were returned.
 
-        Raise IdentityInUse when a live process holds it (on another host, a live heartbeat is taken as alive).
+        An identity whose heartbeat expired is taken at once (a predecessor that comes back is fenced out by its
+        incarnation). Raise IdentityInUse while the heartbeat lives, unless its holder is provably dead on this host
+        (same PID namespace, its PID gone): a live heartbeat is never declared dead from another namespace.
         """
         keys = self._worker_keys(self.worker)
         result = self._register(keys=keys, args=[self.token, self.ttl, self.worker, ""])
@@ -407,7 +528,7 @@ class Leases:
         if result == self.token:
             return 0
         holder = Owner.parse(result)
-        if holder is None or holder.host != self.host_id or holder.is_alive_here():
+        if holder is None or holder.host != self.host_id or not holder.is_dead_here():
             raise IdentityInUse(f"worker {self.worker} is already running (owner {result})")
         result = self._register(keys=keys, args=[self.token, self.ttl, self.worker, result])
         if isinstance(result, str):
@@ -425,7 +546,7 @@ class Leases:
     def exchange(self, outcomes: Sequence[tuple[str, str, str | int]], count: int) -> tuple[int, list[str]]:
         """Record ``outcomes``, then claim up to ``count`` tasks, in one round trip: (outcomes applied, tasks claimed).
 
-        Raise IdentityLost (after recording) when another process owns this worker's identity.
+        Raise IdentityLost, having recorded nothing, when another incarnation owns this worker's identity.
         """
         args: list[str | int] = [self.host_id, self.token, self.ttl, self.worker, count]
         for outcome in outcomes:
@@ -451,25 +572,58 @@ class Leases:
     def prepare_shard(self, shard: str, samples: int, field: str, record: str) -> bool:
         """Move the tasks kept for ``shard`` to the list of the shard being finished (``field`` in the shards hash,
         holding ``record``), if all ``samples`` of its files are there; False when some are not (a lease was lost) or
-        another shard of that name is being finished."""
+        another shard of that name is being finished. Raise IdentityLost (nothing done) when another incarnation
+        owns the identity, or its heartbeat expired."""
         keys = [self.kept_key, self.keys.kept_tasks(self.worker, shard), self.keys.shards, self.keys.shard_tasks(field)]
-        return int(self._prepare(keys=keys, args=[shard, samples, field, record])) == -1
+        keys.append(self.heartbeat_key)
+        return self._fenced(self._prepare(keys=keys, args=[shard, samples, field, record, self.token])) == -1
 
     def commit_shard(self, field: str, host_id: str, stored_bytes: int) -> int:
-        """Count a prepared shard's tasks as succeeded; return how many (-1: not prepared, or counted already)."""
-        keys = [self.keys.shards, self.keys.shard_tasks(field), self.keys.tongji_succ, self.keys.tongji_bytes]
-        keys.append(self.keys.host_counters)
-        return int(self._commit(keys=keys, args=[field, host_id, stored_bytes]))
+        """Count this process's prepared shard's tasks as succeeded; return how many (-1: not prepared, or counted
+        already). Raise IdentityLost (nothing counted) when this incarnation no longer owns the identity."""
+        keys = self._commit_keys(field, self.heartbeat_key, self.heartbeat_key)
+        return self._fenced(self._commit(keys=keys, args=[field, host_id, stored_bytes, self.token, ""]))
 
     def release_kept(self, shard: str) -> int:
-        """Return the tasks kept for one of this worker's open shards to the queue (the shard is discarded)."""
+        """Return the tasks kept for one of this worker's open shards to the queue (the shard is discarded). Raise
+        IdentityLost (nothing returned) when this incarnation no longer owns the identity."""
         keys = [self.keys.kept_tasks(self.worker, shard), self.keys.task, self.kept_key, self.keys.host_counters]
-        return int(self._release_shard(keys=keys, args=[shard, self.host_id]))
+        keys += [self.heartbeat_key, self.heartbeat_key]
+        return self._fenced(self._release_shard(keys=keys, args=[shard, self.host_id, self.token, ""]))
 
-    def release_prepared(self, field: str, host_id: str) -> int:
-        """Return a prepared shard's tasks to the queue (its files are gone)."""
+    def commit_recovered(self, field: str, host_id: str, stored_bytes: int, lock: Lock, owner: str, worker: str) -> int:
+        """Count a dead worker's prepared shard (``owner`` the token of the incarnation that prepared it, ``worker``
+        its identity): only while ``lock`` is held and that incarnation does not hold its identity; return how many,
+        -1 when it is no longer prepared, FENCED (nothing done) otherwise."""
+        keys = self._commit_keys(field, lock.key, self.keys.heartbeat(worker))
+        return int(self._commit(keys=keys, args=[field, host_id, stored_bytes, lock.token, owner]))
+
+    def release_recovered(self, field: str, host_id: str, lock: Lock, owner: str, worker: str) -> int:
+        """Return a dead worker's prepared shard's tasks to the queue (its files are gone), fenced as
+        ``commit_recovered``: how many, -1 when it is no longer prepared (counted meanwhile), or FENCED."""
         keys = [self.keys.shard_tasks(field), self.keys.task, self.keys.shards, self.keys.host_counters]
-        return int(self._release_shard(keys=keys, args=[field, host_id]))
+        keys += [lock.key, self.keys.heartbeat(worker)]
+        return int(self._release_shard(keys=keys, args=[field, host_id, lock.token, owner]))
+
+    def _commit_keys(self, field: str, fence: str, owner_heartbeat: str) -> list[str]:
+        keys = self.keys
+        return [keys.shards, keys.shard_tasks(field), keys.tongji_succ, keys.tongji_bytes, keys.host_counters, fence,
+                owner_heartbeat]  # fmt: skip
+
+    def _fenced(self, reply: int) -> int:
+        """A shard script's reply; raise IdentityLost when it says this incarnation does not own the identity."""
+        if int(reply) == FENCED:
+            raise IdentityLost(f"worker {self.worker} is no longer owned by this process: shard step refused")
+        return int(reply)
+
+    def claimed_folders(self, names: list[str]) -> set[str]:
+        """Of the temporary folders of this host (``<NAME>.<pid>``), those whose worker ``<host>:<NAME>`` has a live
+        heartbeat held by that PID."""
+        parsed = [name.rpartition(".") for name in names]
+        tokens = self.client.mget([self.keys.heartbeat(f"{self.host_id}:{worker}") for worker, _, _ in parsed])
+        owners = [Owner.parse(token) if token else None for token in tokens]
+        return {name for name, (_, _, pid), owner in zip(names, parsed, owners, strict=True)
+                if owner is not None and owner.host == self.host_id and str(owner.pid) == pid}  # fmt: skip
 
     def retire(self) -> int:
         """Give the identity up, returning every task still leased to the queue."""

@@ -171,17 +171,18 @@ class OpenFilesTooLow(RuntimeError):
     """The hard limit of open files is too low for the configured number of downloads in flight."""
 
 
-def raise_open_files_limit(in_flight: int) -> int:
+def raise_open_files_limit(in_flight: int, idle: int) -> int:
     """Raise the soft RLIMIT_NOFILE as far as the hard limit allows; return it.
 
     Raise OpenFilesTooLow when even the hard limit cannot hold ``in_flight`` downloads (a socket each, a file being
-    written, DNS look-ups) and the worker's own files.
+    written, DNS look-ups), ``idle`` kept-alive connections and the worker's own files.
     """
-    needed = 2 * in_flight + 256
+    needed = 2 * in_flight + idle + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < needed:
         raise OpenFilesTooLow(
-            f"open-files limit {hard} is too low for {in_flight} downloads in flight (needs {needed}): "
+            f"open-files limit {hard} is too low for {in_flight} downloads in flight and {idle} idle connections "
+            f"(needs {needed}): "
             f"raise it (ulimit -n, or LimitNOFILE= in the systemd unit) or lower thread_num/concurrency"
         )
     target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)

@@ -9,7 +9,7 @@ import queue
 import threading
 from urllib.parse import urlsplit
 
-from laion5b.fetchpolicy import Fetched
+from laion5b.fetchpolicy import GAVE_WAY, Fetched
 from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
 from laion5b.limits import HostSlots
@@ -27,6 +27,8 @@ Sink = Store | ShardSink
 Parked = tuple[str, Task]
 """(task as queued, task): a task waiting for a slot of its host."""
 
+GAVE_WAY_DELAY = 1.0
+"""Seconds before a download that gave way to local pressure is tried again (its attempts unchanged)."""
 AS_DOWNLOADED = ProcessPolicy()
 """Bytes kept as downloaded, no filter: ``process`` then only reads the header's size and hashes the bytes."""
 
@@ -97,6 +99,8 @@ class Pipeline:
 
     def finish(self, task: Task, raw: str, fetched: Fetched) -> Outcome:
         """Process (when asked) and store a fetched image, or record why there is none."""
+        if fetched.status == GAVE_WAY:
+            return self.gave_way(task, raw, fetched.error_msg)
         if fetched.status is not None or fetched.data is None or fetched.extension is None:
             return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg, fetched.retry_after)
         mismatch = hash_mismatch(task, fetched.data)
@@ -139,6 +143,11 @@ class Pipeline:
             return retry_outcome(raw, task.encode(), delay)
         log.debug("task_failed worker=%s id=%s status=%s", self.identity, task.id, status)
         return failed_outcome(raw, status, task.error_record(status, error_msg, self.identity))
+
+    def gave_way(self, task: Task, raw: str, reason: str) -> Outcome:
+        """Local pressure (byte budget, DNS look-up threads) is not the URL's failure: retried soon, no attempt used."""
+        log.debug("task_gave_way worker=%s id=%s reason=%s", self.identity, task.id, reason)
+        return retry_outcome(raw, task.encode(), GAVE_WAY_DELAY)
 
     def _store_error(self, task: Task, raw: str, error: OSError, size: int = 0) -> Outcome:
         """A store failure (full, read-only, broken) returns the task and pauses the worker; any other (a name too

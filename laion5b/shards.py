@@ -1,6 +1,7 @@
 """Webdataset output: a worker writes its samples into tar shards in its temporary folder, and a shard is finished
-(fsynced, renamed to ``store_dir/<subset>/<host_id>-<NAME>-<seq>.tar`` beside its ``.parquet`` index) before its
-samples count as succeeded. The protocol and its crash windows are in the README ("Webdataset output")."""
+(fsynced, renamed to ``store_dir/<subset>/<host_id>-<NAME>-<seq>-<incarnation>.tar`` beside its ``.parquet``
+index) before its samples count as succeeded. The protocol and its crash windows are in the README ("Webdataset
+output")."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion5b.imaging import Processed
-from laion5b.leases import KEPT, RETURN, Leases, Owner
+from laion5b.leases import FENCED, KEPT, RETURN, Leases, Lock, Owner
 from laion5b.sidecars import Sidecars, caption_file, metadata_file
-from laion5b.store import file_safe, fresh_temp_folder, worker_temp_folder
+from laion5b.store import Claimed, file_safe, fresh_temp_folder, worker_temp_folder
 from laion5b.storehealth import StoreHealth
 from laion5b.tasks import Task
 
@@ -38,6 +39,11 @@ USTAR_TEMPLATE = bytes(100) + b"0000644\0" + b"0000000\0" * 2 + bytes(24) + b" "
 USTAR_TEMPLATE += b"ustar\x0000" + bytes(TAR_BLOCK - len(USTAR_TEMPLATE) - 8)
 """A ustar header of a regular file, mode 0644, owner 0, with its checksum field blank (spaces)."""
 RECOVERY_LOCK_SECONDS = 60
+"""How long the shard recovery lock of a host lives unless renewed; its holder renews it before each shard."""
+INCARNATION_CHARS = 8
+"""Characters of the process's incarnation in its shards' names: two processes of one worker name never share one."""
+FINISHED, LOST, TAKEN = "finished", "lost", "taken"
+"""What renaming a prepared shard's files found: both under their final names, a file gone, a final name taken."""
 LOCK_WAIT = 0.05
 """Seconds the worker's main thread waits for the shards' lock: a write that does not return holds it."""
 
@@ -112,11 +118,19 @@ class ShardSink:
     """``put`` only appends to an open file: the fsync is the sealer's, once per shard."""
 
     def __init__(
-        self, store_dir: Path, host_id: str, worker_name: str, identity: str, shard_size: int, max_seconds: float
+        self,
+        store_dir: Path,
+        host_id: str,
+        worker_name: str,
+        identity: str,
+        shard_size: int,
+        max_seconds: float,
+        incarnation: str,
     ) -> None:
         self.store_dir = store_dir
         self.host_id = host_id
         self.prefix = f"{file_safe(host_id)}-{file_safe(worker_name)}-"
+        self.suffix = f"-{incarnation[:INCARNATION_CHARS]}"
         self.shard_size = shard_size
         self.max_seconds = max_seconds
         self.sidecars = Sidecars(True, True, host_id, identity)
@@ -137,10 +151,19 @@ class ShardSink:
         """Shards prepared in Redis that could not be renamed: their files stay for ``recover`` once this process
         is gone."""
 
-    def open(self) -> None:
-        """Create this worker's empty temporary folder, removing those of dead workers of this host."""
-        fresh_temp_folder(self.temp_dir)
+    def open(self, claimed: Claimed | None = None) -> None:
+        """Create this worker's empty temporary folder, removing those of dead workers of this host (``claimed``:
+        see ``remove_dead_temp_folders``)."""
+        fresh_temp_folder(self.temp_dir, claimed)
         self._sealer.start()
+
+    def abandon(self) -> None:
+        """This process lost its identity: drop its open shards (files removed, nothing asked of Redis), then close."""
+        with self._lock:
+            for shard in self._open.values():
+                shard.file.close()
+            self._open.clear()
+        self.close()
 
     def close(self) -> None:
         """Stop the sealer and remove the temporary folder, unless it holds shards left prepared."""
@@ -214,16 +237,17 @@ class ShardSink:
         """Samples in open shards (read without the lock: a figure for the log)."""
         return sum(shard.samples for shard in list(self._open.values()))
 
-    def finish(self, shard: Shard, leases: Leases, owner: Owner, retry: Retry) -> int:
+    def finish(self, shard: Shard, leases: Leases, retry: Retry) -> int:
         """Finish a sealed shard: its tasks move to the shard in Redis (all or none), its files get their final names,
         then its samples are counted; return how many. A shard that could not be sealed, or one of whose tasks is no
         longer held (a lease was lost), is discarded instead: its files are dropped, its tasks queued again (-1).
         Each Redis step runs through ``retry`` (which repeats it while Redis is unreachable): each is safe to repeat.
         When renaming fails, the error is raised and the shard stays prepared: a worker of this host finishes it once
-        this process is gone (``recover``)."""
+        this process is gone (``recover``). Every Redis step is fenced: IdentityLost is raised, nothing done, once
+        another incarnation owns the identity."""
         field_name = shard_field(self.host_id, shard.id)
         paths = shard.paths()
-        record = shard_record(shard, owner)
+        record = shard_record(shard, leases.owner, leases.worker)
         try:
             if shard.error is None and retry(lambda: leases.prepare_shard(shard.id, shard.samples, field_name, record)):
                 try:
@@ -285,7 +309,7 @@ class ShardSink:
                 os.makedirs(final_dir, exist_ok=True)
                 seq = next_sequence(final_dir, self.prefix)
             self._next_seq[subset] = seq + 1
-            shard = Shard(subset, f"{self.prefix}{seq:06d}", temp_dir, final_dir)
+            shard = Shard(subset, f"{self.prefix}{seq:06d}{self.suffix}", temp_dir, final_dir)
             os.makedirs(temp_dir, exist_ok=True)
             shard.file = open(shard.paths()["temp_tar"], "wb", buffering=0)  # noqa: SIM115 - closed by the sealer
         self._open[subset] = shard
@@ -343,8 +367,9 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def next_sequence(folder: str, prefix: str) -> int:
-    """One more than the highest sequence number of the shards named ``<prefix><seq>.tar`` or ``.parquet`` there."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(?:tar|parquet)$")
+    """One more than the highest sequence number of the shards named ``<prefix><seq>[-<incarnation>].tar`` or
+    ``.parquet`` there."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)(?:-[0-9a-f]+)?\.(?:tar|parquet)$")
     highest = -1
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -354,9 +379,12 @@ def next_sequence(folder: str, prefix: str) -> int:
     return highest + 1
 
 
-def shard_record(shard: Shard, owner: Owner) -> str:
-    """What Redis keeps of a shard being finished: enough for a worker of its host to finish it after a crash."""
-    return json.dumps({"owner": owner.token(), "samples": shard.samples, "bytes": shard.bytes, **shard.paths()})
+def shard_record(shard: Shard, owner: Owner, worker: str) -> str:
+    """What Redis keeps of a shard being finished: enough for a worker of its host to finish it after a crash. Its
+    ``owner`` (the incarnation's token) and ``worker`` (the identity) tell whether the process that prepared it still
+    holds its identity."""
+    fields = {"owner": owner.token(), "worker": worker, "samples": shard.samples, "bytes": shard.bytes}
+    return json.dumps({**fields, **shard.paths()})
 
 
 def shard_field(host_id: str, shard_id: str) -> str:
@@ -366,17 +394,15 @@ def shard_field(host_id: str, shard_id: str) -> str:
 
 def move_into_place(paths: dict[str, str]) -> None:
     """Rename the index, then the tar, to their final names (a tar under its final name always has its index), and
-    make the renames durable. A step already done is skipped, so a recovery can run it again; nothing is renamed when
-    a final name is taken by another file (a shard is never rewritten)."""
+    make the renames durable. A step already done, by this process or by another one racing it, is skipped, so a
+    recovery can run it again; nothing is renamed when a final name is taken by another file (a shard is never
+    rewritten): FileExistsError. FileNotFoundError when a file is gone under both names."""
     moves = ((paths["temp_index"], paths["index"]), (paths["temp_tar"], paths["tar"]))
     for temp, final in moves:
-        if os.path.exists(temp) and os.path.exists(final):
+        if os.path.exists(final) and os.path.exists(temp):  # final first: a racing rename cannot fake "both"
             raise FileExistsError(f"{final} exists: a shard is never rewritten")
     for temp, final in moves:
-        if os.path.exists(temp):
-            os.rename(temp, final)
-        if not os.path.exists(final):
-            raise FileNotFoundError(f"{final}: neither it nor its temporary file exists")
+        _move(temp, final)
     folder = os.open(os.path.dirname(paths["tar"]), os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -384,53 +410,113 @@ def move_into_place(paths: dict[str, str]) -> None:
         os.close(folder)
 
 
+def _move(temp: str, final: str) -> None:
+    """Rename ``temp`` to ``final`` unless that is done already (by anyone)."""
+    if os.path.exists(final):
+        return
+    try:
+        os.rename(temp, final)
+    except FileNotFoundError:
+        if not os.path.exists(final):  # not renamed by a racing process either
+            raise FileNotFoundError(f"{final}: neither it nor its temporary file exists") from None
+
+
 def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
     """Finish the shards that dead workers of this host left prepared: renamed and counted when their files are
-    there, else their tasks go back to the queue. One worker of a host does it at a time; ``wait`` seconds for that.
-    Return how many shards were recovered."""
+    there, else their tasks go back to the queue. One worker of a host does it at a time, under a lock it renews
+    before each shard and that fences each step in Redis; ``wait`` seconds for that lock. Return how many shards
+    were recovered."""
     if not _orphans(leases, host_id):
         return 0
-    client, lock = leases.client, leases.keys.shard_lock(host_id)
-    deadline = time.monotonic() + wait
-    while not client.set(lock, leases.token, nx=True, ex=RECOVERY_LOCK_SECONDS):
-        if time.monotonic() >= deadline:
-            return 0
-        time.sleep(0.2)
+    lock = Lock(leases.client, leases.keys.shard_lock(host_id), RECOVERY_LOCK_SECONDS)
+    if not lock.acquire(wait):
+        return 0
+    recovered = 0
     try:
-        orphans = _orphans(leases, host_id)
-        for field_name, record in orphans:
-            _recover_one(leases, host_id, field_name, record)
-        return len(orphans)
+        for field_name, record in _orphans(leases, host_id):
+            if not lock.renew():
+                log.warning("shard_recovery_lock_lost host=%s: another worker of the host goes on", host_id)
+                break
+            recovered += _recover_one(leases, host_id, field_name, record, lock)
     finally:
-        if client.get(lock) == leases.token:
-            client.delete(lock)
+        lock.release()
+    return recovered
 
 
 def _orphans(leases: Leases, host_id: str) -> list[tuple[str, dict[str, Any]]]:
-    """The shards of this host being finished whose owner process is gone: (field, record)."""
-    orphans = []
-    for field_name, text in leases.client.hgetall(leases.keys.shards).items():
-        record = json.loads(text)
-        owner = Owner.parse(record["owner"])
-        if field_name.startswith(f"{host_id}|") and not (owner is not None and owner.is_alive_here()):
-            orphans.append((field_name, record))
-    return orphans
+    """The shards of this host being finished whose owner incarnation no longer holds its identity (its heartbeat
+    expired, or another process of that name took it over): (field, record)."""
+    records = [
+        (field_name, json.loads(text))
+        for field_name, text in leases.client.hgetall(leases.keys.shards).items()
+        if field_name.startswith(f"{host_id}|")
+    ]
+    if not records:
+        return []
+    for field_name, record in records:
+        record.setdefault("worker", _worker_of(host_id, field_name))
+    holders = leases.client.mget([leases.keys.heartbeat(record["worker"]) for _, record in records])
+    return [(field_name, record) for (field_name, record), holder in zip(records, holders, strict=True)
+            if holder != record["owner"]]  # fmt: skip
 
 
-def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str, Any]) -> None:
+def _worker_of(host_id: str, field_name: str) -> str:
+    """The identity that wrote a shard, read from its name: for records written before they named it."""
+    name = field_name.rpartition("/")[2].removeprefix(f"{file_safe(host_id)}-")
+    return f"{host_id}:{name.rpartition('-')[0]}"
+
+
+def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str, Any], lock: Lock) -> int:
+    """Finish one orphaned shard; 1 when this call settled it (counted, or its tasks queued again), else 0. Safe
+    when another recoverer races it: renames only go forward, the decision is the Redis record's (counted or
+    released once, fenced by the lock), and files are removed only after this call released the shard."""
+    owner, worker = record["owner"], record["worker"]
     try:
-        move_into_place(record)
+        state = settle_files(record)
     except OSError as error:
-        log.warning("shard_recovery_files field=%s error=%s", field_name, error)
-    if os.path.exists(record["tar"]) and not os.path.exists(record["temp_tar"]):
-        counted = leases.commit_shard(field_name, host_id, int(record["bytes"]))
+        log.warning("shard_recovery_failed field=%s error=%s: tried again later", field_name, error)
+        return 0
+    if state == FINISHED:
+        counted = leases.commit_recovered(field_name, host_id, int(record["bytes"]), lock, owner, worker)
+        if counted < 0:
+            return _skipped(record, counted)
         log.info("shard_recovered shard=%s counted=%d", record["tar"], counted)
-        return
-    if not os.path.exists(record["tar"]):
-        _remove(record["index"])
-    returned = leases.release_prepared(field_name, host_id)
-    log.warning("shard_lost shard=%s returned=%d: its files are gone or its name is taken, its tasks are queued again",
-                record["tar"], returned)  # fmt: skip
+        return 1
+    returned = leases.release_recovered(field_name, host_id, lock, owner, worker)
+    if returned < 0:  # its files are not ours to remove
+        return _skipped(record, returned)
+    drop_leftovers(record, state)
+    log.warning("shard_lost shard=%s returned=%d state=%s: its files are gone or its name is taken, its tasks are "
+                "queued again", record["tar"], returned, state)  # fmt: skip
+    return 1
+
+
+def _skipped(record: dict[str, Any], reply: int) -> int:
+    """A recovery step refused: the shard was counted or released by another process (-1), or this one lost the
+    lock or the owner holds its identity again (FENCED)."""
+    why = "fenced" if reply == FENCED else "settled_elsewhere"
+    log.info("shard_recovery_skipped shard=%s reason=%s", record["tar"], why)
+    return 0
+
+
+def settle_files(paths: dict[str, str]) -> str:
+    """Move a prepared shard's files into place as far as they go: FINISHED, LOST (a file is gone) or TAKEN."""
+    try:
+        move_into_place(paths)
+    except FileExistsError:
+        return TAKEN
+    except FileNotFoundError:
+        return LOST
+    return FINISHED
+
+
+def drop_leftovers(paths: dict[str, str], state: str) -> None:
+    """Remove what is left of a released shard: its temporary files first (so that nobody can rename them any more),
+    then, when its tar is lost, its index; never an index whose tar exists."""
+    for path in (paths["temp_tar"], paths["temp_index"]):
+        _remove(path)
+    if state == LOST and not os.path.exists(paths["tar"]):
+        _remove(paths["index"])
 
 
 def _write_all(file: Any, data: bytes) -> None:

@@ -8,7 +8,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -27,6 +27,8 @@ TEMP_FOLDER = ".tmp"
 LISTING_MAX_AGE = 10.0  # seconds a folder listing answers existing() before the folder is listed again
 _KNOWN_FOLDERS_LIMIT = 100_000
 _LISTED_FOLDERS_LIMIT = 32  # listings kept (each at most about FILES_PER_FOLDER names), oldest dropped first
+Claimed = Callable[[list[str]], set[str]]
+"""Of the names of temporary folders (``<worker>.<pid>``), those that a live worker's heartbeat claims."""
 
 
 def image_folder(store_dir: str, task: Task) -> str:
@@ -55,9 +57,9 @@ class Store:
         self._listings: dict[str, tuple[float, set[str]]] = {}
         self._listing_lock = threading.Lock()
 
-    def open(self) -> None:
+    def open(self, claimed: Claimed | None = None) -> None:
         """Create this worker's empty temporary folder, removing those of dead workers of this host."""
-        fresh_temp_folder(self.temp_dir)
+        fresh_temp_folder(self.temp_dir, claimed)
 
     def close(self) -> None:
         """Remove this worker's temporary folder."""
@@ -150,20 +152,24 @@ def worker_temp_folder(store_dir: Path, host_id: str, worker_name: str) -> Path:
     return temp_root(store_dir, host_id) / f"{file_safe(worker_name)}.{os.getpid()}"
 
 
-def fresh_temp_folder(folder: Path) -> None:
+def fresh_temp_folder(folder: Path, claimed: Claimed | None = None) -> None:
     """Make ``folder`` an empty folder, removing the temporary folders of dead workers beside it."""
-    remove_dead_temp_folders(folder.parent)
+    remove_dead_temp_folders(folder.parent, claimed)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
 
 
-def remove_dead_temp_folders(root: Path) -> None:
-    """Remove temporary folders (named ``<worker>.<pid>``) whose process is gone or a zombie."""
+def remove_dead_temp_folders(root: Path, claimed: Claimed | None = None) -> None:
+    """Remove temporary folders (named ``<worker>.<pid>``) that no live heartbeat claims (``claimed``, asked after
+    the listing: a worker registers before it makes its folder) and whose PID is gone or a zombie here. A PID that
+    looks free is no proof alone: the folder may be a process's of another PID namespace sharing the store."""
     if not root.is_dir():
         return
-    for folder in root.iterdir():
+    folders = list(root.iterdir())
+    live = claimed([folder.name for folder in folders]) if claimed is not None and folders else set()
+    for folder in folders:
         pid = folder.name.rpartition(".")[2]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if folder.name not in live and (not pid.isdigit() or not _alive(int(pid))):
             log.info("temp_removed folder=%s", folder)
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import redis
 
+from laion5b.aiofetch import MAX_IDLE_CONNECTIONS
 from laion5b.asyncengine import AsyncEngine
 from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
-from laion5b.dnscache import CachedResolver, DnsCache
+from laion5b.dnscache import SPARE_THREADS, BlockingLookups, CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context
-from laion5b.guard import Resolver, system_resolver
+from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
 from laion5b.imaging import process_policy
-from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, Leases
+from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
@@ -57,18 +58,18 @@ download, a shard, a write that hangs) is given up, its tasks go back to the que
 ENGINE_STOP_SECONDS = 30.0
 """Longest a stopping worker waits for its downloads in flight (download_timeout + 5 s when that is shorter)."""
 EXIT_RESERVE = 5.0
+"""Seconds of EXIT_SECONDS kept for the last steps: recording outcomes, retiring, removing the temporary folder."""
 CLOSE_STALLED_SECONDS = 1.0
 """Seconds given to removing the temporary folder on a store that does not answer (the next worker removes it)."""
-"""Seconds of EXIT_SECONDS kept for the last steps: recording outcomes, retiring, removing the temporary folder."""
 
 Engine = ThreadEngine | AsyncEngine
 
 
-def make_sink(config: Config, name: str, identity: str) -> Sink:
-    """Where this worker stores images, as ``config.output_format`` says."""
+def make_sink(config: Config, name: str, identity: str, incarnation: str) -> Sink:
+    """Where this worker stores images, as ``config.output_format`` says (shards named with the incarnation)."""
     if config.output_format == "webdataset":
-        store_dir = Path(config.store_dir)
-        return ShardSink(store_dir, config.host_id, name, identity, config.shard_size, config.shard_max_seconds)
+        store_dir, size, seconds = Path(config.store_dir), config.shard_size, config.shard_max_seconds
+        return ShardSink(store_dir, config.host_id, name, identity, size, seconds, incarnation)
     sidecars = Sidecars(config.save_caption, config.save_metadata, config.host_id, identity)
     return Store(Path(config.store_dir), config.host_id, name, config.fsync_images, sidecars)
 
@@ -85,6 +86,7 @@ def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolic
         disallowed_directives=frozenset(config.disallowed_header_directives),
         allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
         resolver=resolver,
+        dns_timeout=config.dns_timeout,
         tls_ca_file=config.tls_ca_file,
     )
 
@@ -100,8 +102,9 @@ def make_engine(
         return AsyncEngine(
             pipeline, policy, config.concurrency, done, config.max_per_host, config.max_inflight_bytes, tls, cache
         )
+    resolver = BlockingLookups(resolver or system_resolver, config.dns_timeout, config.thread_num + SPARE_THREADS)
     if cache is not None:
-        resolver = CachedResolver(resolver or system_resolver, cache)
+        resolver = CachedResolver(resolver, cache)
     policy = fetch_policy(config, resolver)
     return ThreadEngine(pipeline, policy, config.thread_num, done, config.max_per_host, config.max_inflight_bytes, tls)
 
@@ -149,7 +152,7 @@ class Worker:
         self.stop = stop
         self.until_empty = until_empty
         self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
-        self.sink = make_sink(config, name, self.identity)
+        self.sink = make_sink(config, name, self.identity, self.leases.incarnation)
         self.shards = self.sink if isinstance(self.sink, ShardSink) else None
         self.guard = DiskGuard(
             client,
@@ -190,6 +193,8 @@ class Worker:
         self.control = WorkerControl(client, config.keys, config.host_id, self.identity)
         self.paused = False
         self.draining = False
+        self.fenced = False
+        """Another incarnation took the identity over: this process stops without touching Redis or the store."""
 
     # --- life cycle ---
 
@@ -197,21 +202,24 @@ class Worker:
         """Work until stopped (or, with ``until_empty``, until no task remains anywhere)."""
         config = self.config
         in_flight = config.concurrency if config.engine == "async" else config.thread_num
-        open_files = raise_open_files_limit(in_flight)
+        idle = MAX_IDLE_CONNECTIONS if config.engine == "async" else IDLE_PER_THREAD * config.thread_num
+        open_files = raise_open_files_limit(in_flight, idle)
         if config.engine == "threads" and config.thread_num > THREADS_KNEE:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
         returned = self._redis(self.leases.register, "register")
-        self._redis(self.control.start, "control")
         log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
             recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
-        self.sink.open()
+        self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
         self.engine.start()
         try:
             self._main_loop()
+        except IdentityLost:
+            self.fenced = True
+            raise
         finally:
             self._shut_down()
 
@@ -253,6 +261,9 @@ class Worker:
         wait = 0.0 if stalled else min(self.config.download_timeout + 5, ENGINE_STOP_SECONDS)
         for raw in self.engine.stop(wait):
             self.done.put((RETURN, raw, ""))
+        if self.fenced:
+            self._abandon()
+            return
         self._collect(0)
         try:
             if self.shards is not None:
@@ -261,6 +272,10 @@ class Worker:
                 self._record()
             returned = self._redis(self.leases.retire, "retire")
             self._acknowledge_exit()
+        except IdentityLost:
+            self.fenced = True
+            self._abandon()
+            raise
         except redis.RedisError as error:
             log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
                       error)  # fmt: skip
@@ -276,6 +291,16 @@ class Worker:
             self.round_trips,
             self.heartbeat_gap_max,
         )
+
+    def _abandon(self) -> None:
+        """Stop as a stale incarnation: the outcomes and shards this process holds are dropped, nothing is written to
+        Redis; the process that owns the identity now, and the reaper, answer for the tasks."""
+        log.error("worker_fenced worker=%s outcomes_dropped=%d shards_dropped=%d: another process owns this identity",
+                  self.identity, self.done.qsize() + len(self.pending), self._holding() - self.held_count)  # fmt: skip
+        if self.shards is not None:
+            self.shards.abandon()
+        else:
+            self.sink.close()
 
     # --- Redis side (main thread only) ---
 
@@ -395,7 +420,7 @@ class Worker:
                     continue
             self.sealed.remove(shard)
             del self.kept[shard.id]
-            counted = self.shards.finish(shard, self.leases, self.leases.owner, lambda call: self._redis(call, "shard"))
+            counted = self.shards.finish(shard, self.leases, lambda call: self._redis(call, "shard"))
             if counted > 0:
                 self.tally.stored += counted
                 self.tally.bytes += shard.bytes
@@ -432,6 +457,8 @@ class Worker:
                 self._collect(0)
                 self._finish_shards()
                 time.sleep(SHARD_WAIT)
+        except IdentityLost:
+            raise
         except Exception:
             log.exception("shards_unfinished worker=%s", self.identity)
         if self.shards.unfinished:

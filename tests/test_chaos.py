@@ -19,11 +19,13 @@ FAULTS = (
     "Redis restart",
     "save_error_task.py SIGKILL",
     "disk guard tripped and released",
+    "worker SIGSTOP > heartbeat_ttl, same-name replacement, SIGCONT",
 )
 KILLS = (
     "worker SIGKILL, restarted under the same name",
     "worker SIGKILL, replaced under a new name",
     "every worker SIGKILLed at once",
+    "worker SIGSTOP > heartbeat_ttl, same-name replacement, SIGCONT",
 )
 
 

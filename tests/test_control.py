@@ -1,4 +1,5 @@
-"""control.py against real workers: pause, resume and drain acknowledged within 10 s, books exact throughout."""
+"""control.py against real workers: pause, resume and drain acknowledged within 10 s, books exact throughout; a
+drain holds for workers started in its scope until resume."""
 
 from __future__ import annotations
 
@@ -86,9 +87,15 @@ def test_pause_resume_drain(live, redis_server):
     assert acks(client)["testhost:0"] == control.DRAINED
     assert "testhost:0" not in client.smembers(KEYS.workers) and exact(books(client))
 
+    restarted = live.start("worker-0", "downloader.py", "0")  # systemd restarting it: the drain is a state
+    assert restarted.wait(30) == control.EXIT_DRAINED
+    live.processes.pop("worker-0")
+    assert acks(client)["testhost:0"] == control.DRAINED and client.llen(KEYS.lease("testhost:0")) == 0
+    assert live.run("control.py", "resume", "--host", "testhost", "--worker", "0").returncode == 0
+    assert "drains asked: none" in live.run("control.py", "status").stdout
     progress = books(client)["succeeded"]
-    live.start("worker-0", "downloader.py", "0")  # the same name again: the drain was an event, not a state
-    wait_until(lambda: acks(client).get("testhost:0") == control.RUNNING, ACK_WITHIN)
+    live.start("worker-0", "downloader.py", "0")  # started again after the resume: it works
+    wait_until(lambda: acks(client).get("testhost:0") == control.RUNNING, 30)
     wait_until(lambda: books(client)["succeeded"] > progress + 100, 30)
 
     assert live.run("control.py", "drain").returncode == 0

@@ -11,6 +11,7 @@ import pytest
 from laion5b.keys import Keys
 from laion5b.leases import (
     FAILED,
+    NAMESPACE,
     PROMOTE_BATCH,
     RETURN,
     STORED,
@@ -117,7 +118,7 @@ def test_a_live_identity_on_another_host_is_refused(redis_server):
 
 def test_a_dead_predecessor_is_taken_over_at_once(redis_server):
     client = redis_server.client()
-    dead = Owner("h", 4_000_000, 12.0)
+    dead = Owner("h", 4_000_000, 12.0, NAMESPACE, "0" * 16)
     client.set(KEYS.heartbeat("h:0"), dead.token(), ex=30)
     client.lpush(KEYS.lease("h:0"), "held1", "held2")
     leases = leases_for(client)

@@ -87,7 +87,7 @@ def test_async_byte_budget_first_come_first_served_and_cancellation() -> None:
 def test_open_files_soft_limit_is_raised_to_the_hard_limit() -> None:
     code = (
         "import resource; from laion5b.limits import raise_open_files_limit as r;"
-        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 4096)); print(r(512));"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 4096)); print(r(512, 0));"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

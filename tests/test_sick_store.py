@@ -21,9 +21,9 @@ import pytest
 from laion5b import metrics, stats
 from laion5b.fetchpolicy import Fetched
 from laion5b.keys import Keys
-from laion5b.leases import FAILED, RETURN
+from laion5b.leases import FAILED, RETURN, Owner
 from laion5b.pipeline import Pipeline
-from laion5b.shards import ShardSink
+from laion5b.shards import INCARNATION_CHARS, ShardSink
 from laion5b.store import Store
 from laion5b.storehealth import STORE_FAILING, StoreHealth, StoreProblem
 from laion5b.tasks import Task
@@ -161,13 +161,15 @@ def test_a_read_only_store_pauses_and_resumes_once_writable(
     assert_files_exact(client, tiny_store, tasks)
 
 
-def stall_first_shard(store: Path, worker: subprocess.Popen, suffix: str) -> None:
+def stall_first_shard(client, store: Path, worker: subprocess.Popen, suffix: str) -> None:
     """Put a FIFO with no reader where the worker's first shard's tar (a put) or index (the sealer) goes: opening it
-    for writing blocks for ever."""
+    for writing blocks for ever. Shards are named with the process's incarnation, which its heartbeat carries."""
     folder = store / ".tmp" / HOST / f"w.{worker.pid}"
     wait_until(folder.is_dir, timeout=30)
+    owner = Owner.parse(client.get(KEYS.heartbeat(f"{HOST}:w")))
+    assert owner is not None
     (folder / "sub").mkdir(exist_ok=True)
-    os.mkfifo(folder / "sub" / f"{HOST}-w-000000{suffix}")
+    os.mkfifo(folder / "sub" / f"{HOST}-w-000000-{owner.incarnation[:INCARNATION_CHARS]}{suffix}")
 
 
 @pytest.mark.parametrize(
@@ -188,7 +190,7 @@ def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
     log = tmp_path / "worker.log"
     asked = image_server.requests
     worker = start(env, log)
-    stall_first_shard(store, worker, hung)
+    stall_first_shard(client, store, worker, hung)
     wait_until(lambda: "reason=store_stalled" in log.read_text(), timeout=60)
     if engine == "async":  # a thread of the threads engine downloads and stores: a hung write holds its slot
         assert image_server.requests - asked > IN_FLIGHT, "the event loop went on downloading while a write hung"
@@ -216,7 +218,7 @@ def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
 def test_a_closing_sink_refuses_puts_and_opens_no_shard(tmp_path: Path) -> None:
     """A finish still running once the worker stops (its coroutine cancelled) returns its task: no shard is opened
     after the last ones were sealed."""
-    sink = ShardSink(tmp_path, HOST, "w", f"{HOST}:w", 10, 600)
+    sink = ShardSink(tmp_path, HOST, "w", f"{HOST}:w", 10, 600, "0123456789abcdef")
     sink.open()
     task = Task("late", "http://127.0.0.1/late.jpg", "sub", "part", 0)
     sink.closing = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import signal
 import subprocess
 import tarfile
@@ -118,7 +119,10 @@ def test_shards_read_back_with_webdataset(env, redis_server, image_server, tmp_p
     store = tmp_path / "images"
     stored = assert_exact_books(client, store, tasks)
     shards = finished_shards(store)
-    assert [path.name for path in shards] == [f"{HOST}-w-{seq:06d}.tar" for seq in range(3)]
+    incarnation = r"-[0-9a-f]{8}\.tar"
+    names = [re.sub(incarnation, ".tar", path.name) for path in shards]
+    assert names == [f"{HOST}-w-{seq:06d}.tar" for seq in range(3)]
+    assert len({re.search(incarnation, path.name)[0] for path in shards}) == 1, "one process: one incarnation"
     read = list(webdataset.WebDataset([str(path) for path in shards], shardshuffle=False))
     assert len(read) == len(stored) == 22
     statuses = Counter(json.loads(line)["status"] for line in client.lrange(KEYS.error, 0, -1))
@@ -191,17 +195,16 @@ def test_a_shard_left_half_finished_is_recovered(redis_server, tmp_path: Path, w
     dead = Leases(client, KEYS, HOST, f"{HOST}:dead", 30)
     dead.register()
     claimed = dead.claim(10)
-    sink = ShardSink(tmp_path / "store", HOST, "dead", f"{HOST}:dead", shard_size=5, max_seconds=600)
+    sink = ShardSink(tmp_path / "store", HOST, "dead", f"{HOST}:dead", 5, 600, dead.incarnation)
     sink.open()
     data = image_bytes("x", "jpg", 3000)
     image = Processed(data, "jpg", None, sha256=hashlib.sha256(data).hexdigest())
     dead.finish([sink.put(decode(raw), raw, image, None) for raw in claimed])
     shard = sink.ready.get(timeout=10)
     assert shard.error is None and shard.samples == 5
-    gone = subprocess.Popen(["true"])
-    gone.wait()
     field = shard_field(HOST, shard.id)
-    assert dead.prepare_shard(shard.id, shard.samples, field, shard_record(shard, Owner(HOST, gone.pid, 0.0)))
+    assert dead.prepare_shard(shard.id, shard.samples, field, shard_record(shard, dead.owner, dead.worker))
+    client.delete(KEYS.heartbeat(dead.worker))  # the worker is dead: its heartbeat expired
     paths = shard.paths()
     if window == "index renamed":
         Path(paths["temp_index"]).rename(paths["index"])
@@ -247,7 +250,7 @@ def test_speed_counts_samples_in_open_shards(redis_server, script_env) -> None:
 
 def test_shards_of_two_subsets_never_share_a_file(tmp_path: Path) -> None:
     """One worker's shards of two subsets have the same names: their temporary files must still be apart."""
-    sink = ShardSink(tmp_path / "store", HOST, "w", f"{HOST}:w", shard_size=3, max_seconds=600)
+    sink = ShardSink(tmp_path / "store", HOST, "w", f"{HOST}:w", 3, 600, "0123456789abcdef")
     sink.open()
     data = image_bytes("x", "jpg", 3000)
     image = Processed(data, "jpg", None, sha256=hashlib.sha256(data).hexdigest())
@@ -258,8 +261,8 @@ def test_shards_of_two_subsets_never_share_a_file(tmp_path: Path) -> None:
             )
     sink.seal_all()
     shards = [sink.ready.get(timeout=10) for _ in range(4)]
-    assert sorted(shard.id for shard in shards) == ["a/testhost-w-000000", "a/testhost-w-000001",
-                                                     "b/testhost-w-000000", "b/testhost-w-000001"]  # fmt: skip
+    names = [f"{subset}/testhost-w-{seq:06d}-01234567" for subset in "ab" for seq in range(2)]
+    assert sorted(shard.id for shard in shards) == names
     for shard in shards:
         with tarfile.open(shard.paths()["temp_tar"]) as archive:
             keys = sorted({name.partition(".")[0] for name in archive.getnames()})
@@ -290,7 +293,9 @@ def test_a_shard_that_cannot_be_renamed_is_finished_after_the_worker_exits(
     env["LAION_SHARD_SIZE"] = "1000"
     worker = start_worker(env, "w")
     wait_until(lambda: int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0) >= 5)
-    squatter = tmp_path / "images" / "sub" / f"{HOST}-w-000000.tar"
+    owner = Owner.parse(client.get(KEYS.heartbeat(f"{HOST}:w")))
+    assert owner is not None
+    squatter = tmp_path / "images" / "sub" / f"{HOST}-w-000000-{owner.incarnation[:8]}.tar"
     squatter.write_bytes(b"not ours")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0

@@ -29,6 +29,8 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /reset                         resets the connection (RST, SO_LINGER 0) without answering
   /truncated                     200 image/jpeg announcing 20000 bytes, then closing after 1000 of them
   /badgzip                       200 image/jpeg, Content-Encoding: gzip, but the body is a plain JPEG
+  /gzip/<name>.<ext>[?cut=1]     200, Content-Encoding: gzip: the image gzipped; with cut=1 cut in the middle of
+                                 its stream (no end, no trailer), with a Content-Length that matches the cut body
   /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
 Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
 """
@@ -422,6 +424,14 @@ class _Handler(BaseHTTPRequestHandler):
     def route_badgzip(self, rest: str, query: dict[str, str]) -> None:
         self._reply(200, image_bytes("badgzip"), "image/jpeg", {"Content-Encoding": "gzip"})
 
+    def route_gzip(self, rest: str, query: dict[str, str]) -> None:
+        name, _, ext = rest.rpartition(".")
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+        body = compressor.compress(image_bytes(name, ext)) + compressor.flush()
+        if query.get("cut") == "1":
+            body = body[: len(body) // 2]
+        self._reply(200, body, FORMATS[ext], {"Content-Encoding": "gzip"})
+
     def route_notimage(self, rest: str, query: dict[str, str]) -> None:
         self._reply(200, b"NOTIMAGE" + random.Random(rest).randbytes(4088), "image/jpeg")
 
@@ -447,6 +457,7 @@ _ROUTES = {
     "truncated": _Handler.route_truncated,
     "badgzip": _Handler.route_badgzip,
     "notimage": _Handler.route_notimage,
+    "gzip": _Handler.route_gzip,
 }
 
 
