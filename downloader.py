@@ -33,7 +33,7 @@ def main() -> int:
     setup(f"downloader-{args.name}", config.log_dir, logging.DEBUG if args.debug else logging.INFO)
     stop = threading.Event()
     cli.stop_on_signals(stop)
-    client = redisconn.connect(config)
+    client = redisconn.connect(config, encoding_errors="surrogateescape")  # any queued entry is claimed and ended
     try:
         redisconn.retrying(client.ping, "connect", stop)
         redisconn.warn_if_evicting(client)

@@ -23,7 +23,7 @@ from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import AsyncByteBudget, HostSlots
-from laion5b.pipeline import Outcome, Parked, Pipeline, admit
+from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -152,15 +152,19 @@ class AsyncEngine:
         self._start_waiting()
 
     async def _run(self, raw: str) -> None:
-        """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on)."""
+        """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
+        ends as exactly one outcome, whatever raises."""
         admitted = admit(self.pipeline, self.slots, self.done, raw)
         if admitted is None:
             return
         host, first = admitted
         turn: Parked | None = first
         while turn is not None:
-            await self._download(*turn)
-            turn = self.slots.release(host)
+            try:
+                await self._download(*turn)
+            except Exception as error:  # one task's exception is its outcome
+                self.done.put(self.pipeline.crashed(turn[1], turn[0], error))
+            turn = next_turn(self.slots, host, self.done)
 
     async def _download(self, raw: str, task: Task) -> None:
         """Fetch on the loop, then hand the task to the pool, which puts its outcome on ``done``: the download slot

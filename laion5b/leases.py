@@ -274,13 +274,18 @@ end
 # KEYS: kept, kept tasks, shards, shard tasks, heartbeat. ARGV: shard, samples in its files, field, record, token.
 # Moves the shard's kept tasks to its own list and records it as being finished, only if every sample's task is
 # there; returns -1 then (also when it already was, with this record), -2 when another shard of that name is being
-# finished, -3 when this process no longer owns its identity (nothing done), else how many tasks are there.
+# finished, -3 when this process no longer owns its identity (nothing done), else how many tasks are there (a shard
+# without a sample is forgotten, never prepared: 0).
 _PREPARE = """
 if redis.call('GET', KEYS[5]) ~= ARGV[5] then return -3 end
 local current = redis.call('HGET', KEYS[3], ARGV[3])
 if current then return current == ARGV[4] and -1 or -2 end
 local held = redis.call('LLEN', KEYS[2])
 if held ~= tonumber(ARGV[2]) then return held end
+if held == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
 redis.call('RENAME', KEYS[2], KEYS[4])
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])

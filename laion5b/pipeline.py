@@ -16,7 +16,18 @@ from laion5b.limits import HostSlots
 from laion5b.retry import retry_delay
 from laion5b.shards import ShardSink
 from laion5b.store import Store
-from laion5b.tasks import HASH_MISMATCH, BadTask, Task, bad_task_record, decode, hash_mismatch, is_transient
+from laion5b.tasks import (
+    HASH_MISMATCH,
+    INTERNAL_ERROR,
+    BadTask,
+    Task,
+    bad_task_record,
+    decode,
+    entry_record,
+    hash_mismatch,
+    is_transient,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +56,32 @@ def admit(
     pipeline: Pipeline, slots: HostSlots[Parked], done: queue.SimpleQueue[Outcome], raw: str
 ) -> tuple[str, Parked] | None:
     """Begin a task in an engine: its outcome goes to ``done`` when there is nothing to download, it is parked when its
-    host is busy; otherwise return (host, task to download), holding a slot of that host."""
-    begun = pipeline.begin(raw)
-    if isinstance(begun, tuple):
-        done.put(begun)
-        return None
-    host = host_key(begun.url)
-    if not slots.acquire(host, (raw, begun)):
+    host is busy; otherwise return (host, task to download), holding a slot of that host. Whatever raises, the entry
+    ends as exactly one outcome or one turn to download."""
+    try:
+        begun = pipeline.begin(raw)
+        if isinstance(begun, tuple):
+            done.put(begun)
+            return None
+        host = host_key(begun.url)
+        if not slots.acquire(host, (raw, begun)):
+            return None
+    except Exception as error:  # one entry's exception is its outcome
+        done.put(pipeline.lost(raw, error))
         return None
     return host, (raw, begun)
+
+
+def next_turn(slots: HostSlots[Parked], host: str, done: queue.SimpleQueue[Outcome]) -> Parked | None:
+    """Give the slot of ``host`` back and return the task parked for it next, which now holds the slot. Should the
+    slots fail, every parked task goes back to the queue, so that none is left waiting."""
+    try:
+        return slots.release(host)
+    except Exception:  # parked tasks must still end
+        log.exception("host_slots_failed host=%s: parked tasks are queued again", host)
+        for raw, _ in slots.take_waiting():
+            done.put((RETURN, raw, ""))
+        return None
 
 
 class Pipeline:
@@ -82,7 +110,8 @@ class Pipeline:
         self._processing_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     def begin(self, raw: str) -> Task | Outcome:
-        """The task to download, or the outcome when there is nothing to download (not a task, already stored)."""
+        """The task to download, or the outcome when there is nothing to download (not a task, already stored, or
+        looking it up failed)."""
         try:
             task = decode(raw)
         except BadTask as error:
@@ -95,6 +124,8 @@ class Pipeline:
                 return STORED, raw, 0
         except OSError as error:
             return self._store_error(task, raw, error)
+        except Exception as error:  # one task's exception is its outcome
+            return self.crashed(task, raw, error)
         return task
 
     def finish(self, task: Task, raw: str, fetched: Fetched) -> Outcome:
@@ -102,7 +133,7 @@ class Pipeline:
         if fetched.status == GAVE_WAY:
             return self.gave_way(task, raw, fetched.error_msg)
         if fetched.status is not None or fetched.data is None or fetched.extension is None:
-            return self.failure(task, raw, fetched.status or "internal_error", fetched.error_msg, fetched.retry_after)
+            return self.failure(task, raw, fetched.status or INTERNAL_ERROR, fetched.error_msg, fetched.retry_after)
         mismatch = hash_mismatch(task, fetched.data)
         if mismatch is not None:
             return self.failure(task, raw, HASH_MISMATCH, mismatch)
@@ -128,9 +159,19 @@ class Pipeline:
             return self._store_error(task, raw, error, len(image.data or b""))
 
     def crashed(self, task: Task, raw: str, error: Exception) -> Outcome:
-        """The outcome of a task whose handling raised a bug's exception."""
-        log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
-        return self.failure(task, raw, "internal_error", f"{type(error).__name__}: {error}"[:200])
+        """The outcome of a task whose handling raised a bug's exception (never raises itself)."""
+        try:
+            log.exception("task_crashed worker=%s id=%s", self.identity, task.id)
+            return self.failure(task, raw, INTERNAL_ERROR, f"{type(error).__name__}: {one_line(error)}")
+        except Exception as second:  # the outcome must still be made
+            return self.lost(raw, second)
+
+    def lost(self, raw: str, error: Exception) -> Outcome:
+        """The outcome of a queued entry whose handling raised where its task's own record cannot be made: an error
+        record keeping the entry itself. Never raises."""
+        message = f"{type(error).__name__}: {one_line(error)}"
+        log.error("task_crashed worker=%s error=%s", self.identity, message, exc_info=error)
+        return failed_outcome(raw, INTERNAL_ERROR, entry_record(raw, INTERNAL_ERROR, message, self.identity))
 
     def failure(
         self, task: Task, raw: str, status: int | str, error_msg: str, retry_after: float | None = None

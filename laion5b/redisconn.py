@@ -24,8 +24,10 @@ FATAL = (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOf
 MAX_BACKOFF = 30.0
 
 
-def connect(config: Config, timeout: float = 30.0) -> redis.Redis:
-    """A client for the configured Redis, waiting at most ``timeout`` seconds for an answer; connects lazily."""
+def connect(config: Config, timeout: float = 30.0, encoding_errors: str = "strict") -> redis.Redis:
+    """A client for the configured Redis, waiting at most ``timeout`` seconds for an answer; connects lazily.
+    ``encoding_errors="surrogateescape"`` reads values that are not UTF-8 as text that writes back as the same bytes
+    (a worker must be able to claim, record and remove any queued entry)."""
     return redis.Redis(
         host=config.redis_ip,
         port=config.redis_port,
@@ -37,6 +39,7 @@ def connect(config: Config, timeout: float = 30.0) -> redis.Redis:
         socket_connect_timeout=min(timeout, 5.0),
         health_check_interval=30,
         decode_responses=True,
+        encoding_errors=encoding_errors,
         retry=Retry(NoBackoff(), 0),
     )
 

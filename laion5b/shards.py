@@ -28,7 +28,7 @@ from laion5b.leases import FENCED, KEPT, RETURN, Leases, Lock, Owner
 from laion5b.sidecars import Sidecars, caption_file, metadata_file
 from laion5b.store import Claimed, file_safe, fresh_temp_folder, worker_temp_folder
 from laion5b.storehealth import StoreHealth
-from laion5b.tasks import Task
+from laion5b.tasks import Task, one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ INCARNATION_CHARS = 8
 """Characters of the process's incarnation in its shards' names: two processes of one worker name never share one."""
 FINISHED, LOST, TAKEN = "finished", "lost", "taken"
 """What renaming a prepared shard's files found: both under their final names, a file gone, a final name taken."""
+MAX_INDEX_NESTING = 16
+"""Lists and objects nested deeper than this are kept as JSON text in a shard's index (parquet reads back only
+so much nesting)."""
 LOCK_WAIT = 0.05
 """Seconds the worker's main thread waits for the shards' lock: a write that does not return holds it."""
 
@@ -87,7 +90,8 @@ class Shard:
     bytes: int = 0
     end: int = 0
     """Bytes of its tar's members so far (where the tar end goes)."""
-    error: OSError | None = None
+    error: Exception | None = None
+    """Why it could not be sealed: it is discarded, its tasks queued again (unless the store refused it for now)."""
 
     @property
     def id(self) -> str:
@@ -318,24 +322,35 @@ class ShardSink:
         return shard
 
     def _seal(self, shard: Shard) -> None:
-        """Hand a shard to the sealer (caller holds the lock)."""
+        """Hand a shard to the sealer (caller holds the lock). A shard without a sample (its first write failed) is
+        dropped instead: nothing of it is in Redis."""
         del self._open[shard.subset]
-        self._sealing.put(shard)
+        if shard.samples:
+            self._sealing.put(shard)
+            return
+        with contextlib.suppress(OSError):  # else the file goes with the temporary folder
+            shard.file.close()
+            os.unlink(shard.paths()["temp_tar"])
+        self.unfinished -= 1
+        log.info("shard_empty_dropped shard=%s", shard.id)
 
     def _seal_loop(self) -> None:
+        """Seal each shard handed over; one that cannot be sealed, whatever the reason, is marked failed (``finish``
+        then discards it): the sealer itself never stops before ``close``."""
         while (shard := self._sealing.get()) is not None:
             try:
                 with self.health.watch(shard.paths()["temp_tar"]):
                     seal(shard)
-            except OSError as error:
+            except Exception as error:  # one shard's failure is that shard's outcome
                 shard.error = error
+                log.error("shard_seal_failed shard=%s error=%s: %s", shard.id, type(error).__name__, one_line(error))
             self.ready.put(shard)
 
 
 def seal(shard: Shard) -> None:
     """End the shard's tar and write its index, both fsynced, under their temporary names."""
     with shard.file as file:
-        file.write(TAR_END)
+        _write_all(file, TAR_END)
         os.fsync(file.fileno())
     paths = shard.paths()
     with open(paths["temp_index"], "wb") as file:
@@ -354,16 +369,42 @@ def index_row(task: Task, metadata: dict[str, Any], members: list[str]) -> dict[
 
 
 def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """The rows as a table; a ``save_columns`` column whose values mix types is stored as text."""
+    """The rows as a table that parquet can store and read back: a column Arrow cannot take as it is (values that mix
+    types, an integer past 64 bits, an empty object, nesting too deep) is stored as JSON text."""
     names = list(dict.fromkeys(name for row in rows for name in row))
-    columns = {}
-    for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowException, TypeError, ValueError):
-            columns[name] = pa.array([None if value is None else str(value) for value in values], pa.string())
-    return pa.table(columns)
+    return pa.table({name: index_column([row.get(name) for row in rows]) for name in names})
+
+
+def index_column(values: list[Any]) -> pa.Array:
+    """The values as an Arrow column of the type they share, or as JSON text (None stays null)."""
+    try:
+        column = pa.array(values)
+    except Exception:  # whatever Arrow refuses of a sample's values is kept as text
+        column = None
+    if column is not None and storable(column.type):
+        return column
+    return pa.array([None if value is None else json_text(value) for value in values], pa.string())
+
+
+def storable(kind: pa.DataType, depth: int = 0) -> bool:
+    """Whether parquet writes and reads back a column of this type: no struct without fields anywhere in it, nesting
+    no deeper than ``MAX_INDEX_NESTING``."""
+    if depth > MAX_INDEX_NESTING:
+        return False
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(storable(kind.field(i).type, depth + 1) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return storable(kind.value_type, depth + 1)
+    return True
+
+
+def json_text(value: Any) -> str:
+    """A value as JSON text (valid Unicode: a lone surrogate is written as its ``\\u`` escape)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        text = repr(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def next_sequence(folder: str, prefix: str) -> int:

@@ -29,10 +29,12 @@ METADATA_FIELDS = frozenset(
 BAD_URL = "bad_url"
 BAD_ROW = "bad_row"
 HASH_MISMATCH = "hash_mismatch"
+INTERNAL_ERROR = "internal_error"
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _STRING = json.encoder.encode_basestring
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.|^\.")
 _EXPECTED_HASH = re.compile(r"sha256:[0-9a-f]{64}|md5:[0-9a-f]{32}")
+MAX_MESSAGE_CHARS = 200
 
 Status = int | str
 """An HTTP status code, or one of the status words (``timeout``, ``not_image``, ...)."""
@@ -85,7 +87,9 @@ class Task:
         )
 
     def error_record(self, status: Status, error_msg: str, worker: str) -> str:
-        """The flat JSON error record for this task, with a unique ``record_id``."""
+        """The flat JSON error record for this task, with a unique ``record_id``. A task whose fields cannot be
+        written as JSON (nesting too deep, a lone surrogate) gets a record without its ``meta``, its strings made
+        valid Unicode."""
         record = self.fields()
         record.update(
             status=status,
@@ -94,7 +98,15 @@ class Task:
             ts=round(time.time(), 3),
             record_id=os.urandom(8).hex(),
         )
-        return _ENCODE(record)
+        try:
+            text = _ENCODE(record)
+            text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError here, not in the Redis client
+            return text
+        except (ValueError, RecursionError):
+            record.pop("meta", None)
+            return _ENCODE(
+                {name: printable(value) if isinstance(value, str) else value for name, value in record.items()}
+            )
 
 
 def _object(values: dict[str, Any]) -> str:
@@ -127,24 +139,52 @@ def hash_mismatch(task: Task, data: bytes) -> str | None:
 
 
 def decode(raw: str | bytes) -> Task:
-    """Parse a task from Redis; raise BadTask with a one-line reason when it is not one."""
+    """Parse a task from Redis; raise BadTask with a one-line reason when it is not one. Whatever a queued entry
+    holds (any JSON, nesting too deep to parse, invalid UTF-8 kept as surrogates) ends as BadTask, never as another
+    exception."""
     try:
-        fields = json.loads(raw)
-        task = Task(
-            id=fields["id"],
-            url=fields["url"],
-            subset=fields["subset"],
-            part=fields["part"],
-            row=fields["row"],
-            text=fields.get("text"),
-            attempts=fields.get("attempts", 0),
-            meta=fields.get("meta"),
-            expected_hash=fields.get("expected_hash"),
-        )
-    except (ValueError, TypeError, KeyError) as error:
-        raise BadTask(f"not a task: {type(error).__name__}: {error}") from None
+        return _parse(raw)
+    except BadTask:
+        raise
+    except Exception as error:  # any entry is a task or BadTask
+        raise BadTask(f"not a task: {type(error).__name__}: {one_line(error)}") from None
+
+
+def _parse(raw: str | bytes) -> Task:
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: the client's stand-ins for bytes that are not UTF-8
+        raise BadTask("not a task: not valid UTF-8") from None
+    fields = json.loads(text)
+    if not isinstance(fields, dict):
+        raise BadTask("not a task: not a JSON object")
+    task = Task(
+        id=fields["id"],
+        url=fields["url"],
+        subset=fields["subset"],
+        part=fields["part"],
+        row=fields["row"],
+        text=fields.get("text"),
+        attempts=fields.get("attempts", 0),
+        meta=fields.get("meta"),
+        expected_hash=fields.get("expected_hash"),
+    )
+    _check(task)
+    if "\\u" in text:  # a JSON escape may stand for a lone surrogate
+        try:
+            task.encode().encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadTask("not a task: a string holds a lone surrogate") from None
+    return task
+
+
+def _check(task: Task) -> None:
+    """Raise BadTask when a parsed task's fields have the wrong types or values."""
     if task.meta is not None and not isinstance(task.meta, dict):
         raise BadTask("not a task: meta must be an object")
+    if task.meta and not METADATA_FIELDS.isdisjoint(task.meta):
+        raise BadTask("not a task: meta names a metadata field")
     if task.expected_hash is not None and not (
         isinstance(task.expected_hash, str) and _EXPECTED_HASH.fullmatch(task.expected_hash)
     ):
@@ -153,9 +193,10 @@ def decode(raw: str | bytes) -> Task:
         raise BadTask("not a task: row and attempts must be whole numbers")
     if not all(isinstance(value, str) for value in (task.id, task.url, task.subset, task.part)):
         raise BadTask("not a task: id, url, subset and part must be strings")
+    if task.text is not None and not isinstance(task.text, str):
+        raise BadTask("not a task: text must be a string")
     if not (_is_safe_name(task.id) and _is_safe_name(task.part) and _safe_folder(task.subset)):
         raise BadTask("not a task: id, subset or part would leave the store folder")
-    return task
 
 
 def safe_id(value: object) -> str:
@@ -215,15 +256,41 @@ def is_transient(status: Status) -> bool:
     return status in TRANSIENT_WORDS
 
 
-def bad_task_record(raw: str, error_msg: str, worker: str) -> str:
-    """The error record of a queued entry that is not a task: it keeps the entry as given."""
+def bad_task_record(raw: str | bytes, error_msg: str, worker: str) -> str:
+    """The error record of a queued entry that is not a task: it keeps the entry as given (its start)."""
+    return entry_record(raw, "bad_task", error_msg, worker)
+
+
+def entry_record(raw: str | bytes, status: Status, error_msg: str, worker: str) -> str:
+    """An error record that keeps the queued entry itself (its start) instead of a task's fields. Never raises: text
+    that is not valid UTF-8 is kept with backslash escapes."""
     return _ENCODE(
         {
-            "raw": raw[:MAX_URL_CHARS],
-            "status": "bad_task",
-            "error_msg": error_msg,
-            "worker": worker,
+            "raw": printable(raw[:MAX_URL_CHARS]),
+            "status": status,
+            "error_msg": printable(error_msg),
+            "worker": printable(worker),
             "ts": round(time.time(), 3),
             "record_id": os.urandom(8).hex(),
         }
     )
+
+
+def printable(text: str | bytes) -> str:
+    """``text`` as valid Unicode: invalid UTF-8 (bytes, or the surrogates that stand for it) as ``\\xNN``, other
+    lone surrogates as ``\\uNNNN``."""
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line, at most ``MAX_MESSAGE_CHARS`` long, never raising."""
+    try:
+        text = str(error)
+    except Exception:  # a broken __str__ must not hide the error itself
+        text = ""
+    return printable(" ".join(text.split())[:MAX_MESSAGE_CHARS])

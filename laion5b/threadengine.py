@@ -10,7 +10,7 @@ import time
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import ByteBudget, HostSlots
-from laion5b.pipeline import Outcome, Parked, Pipeline, admit
+from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
 
 
@@ -79,15 +79,20 @@ class ThreadEngine:
             fetcher.close()
 
     def _run(self, raw: str, fetcher: Fetcher) -> None:
-        """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on)."""
+        """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
+        ends as exactly one outcome, whatever raises."""
         admitted = admit(self.pipeline, self.slots, self.done, raw)
         if admitted is None:
             return
         host, first = admitted
         turn: Parked | None = first
         while turn is not None:
-            self.done.put(self._download(*turn, fetcher))
-            turn = self.slots.release(host)
+            try:
+                outcome = self._download(*turn, fetcher)
+            except Exception as error:  # one task's exception is its outcome
+                outcome = self.pipeline.crashed(turn[1], turn[0], error)
+            self.done.put(outcome)
+            turn = next_turn(self.slots, host, self.done)
 
     def _download(self, raw: str, task: Task, fetcher: Fetcher) -> Outcome:
         fetched: Fetched | None = None
