@@ -26,7 +26,7 @@ from laion5b import shards
 from laion5b.imaging import Processed
 from laion5b.keys import Keys
 from laion5b.leases import RETURN, Leases
-from laion5b.shards import TAR_BLOCK, TAR_END, ShardSink, index_table, shard_field
+from laion5b.shards import INCARNATION_CHARS, TAR_BLOCK, TAR_END, ShardSink, index_table, shard_field
 from laion5b.tasks import Task, bad_task_record, decode
 from tests.helpers import run_script
 from tools.image_server import image_bytes
@@ -115,7 +115,8 @@ def test_values_arrow_cannot_store_are_kept_as_json_text(env, redis_server, imag
 def test_a_shard_that_cannot_be_sealed_is_discarded_and_the_sealer_lives_on(redis_server, tmp_path: Path) -> None:
     """Whatever sealing raises marks that shard failed; ``finish`` queues its tasks again; the next shard seals."""
     client = redis_server.client()
-    leases, sink = Leases(client, KEYS, HOST, f"{HOST}:w", 30), open_sink(tmp_path)
+    leases = Leases(client, KEYS, HOST, f"{HOST}:w", 30)
+    sink = open_sink(tmp_path, leases.incarnation)
     leases.register()
     client.lpush(KEYS.task, *[Task(f"id{row}", "http://127.0.0.1/x.jpg", "sub", "p", row).encode() for row in range(2)])
     first, second = leases.claim(2)
@@ -124,12 +125,12 @@ def test_a_shard_that_cannot_be_sealed_is_discarded_and_the_sealer_lives_on(redi
     sink.seal_all()
     broken = sink.ready.get(timeout=10)
     assert broken.error is not None
-    assert sink.finish(broken, leases, leases.owner, lambda call: call()) == -1
+    assert sink.finish(broken, leases, lambda call: call()) == -1
     assert client.lrange(KEYS.task, 0, -1) == [first]
     leases.finish([sink.put(decode(second), second, sample_image(), None)])
     sink.seal_all()
     sealed = sink.ready.get(timeout=10)
-    assert sealed.error is None and sink.finish(sealed, leases, leases.owner, lambda call: call()) == 1
+    assert sealed.error is None and sink.finish(sealed, leases, lambda call: call()) == 1
     assert sink.unfinished == 0
     sink.close()
 
@@ -160,7 +161,8 @@ def test_a_shard_without_a_sample_is_never_prepared(redis_server, tmp_path: Path
     """The first write of a shard fails (ENOSPC, truncated back) and the shard is sealed with no sample: it is dropped
     without a Redis step, the next shard is finished and counted, and nothing is left behind."""
     client = redis_server.client()
-    leases, sink = Leases(client, KEYS, HOST, f"{HOST}:w", 30), open_sink(tmp_path)
+    leases = Leases(client, KEYS, HOST, f"{HOST}:w", 30)
+    sink = open_sink(tmp_path, leases.incarnation)
     leases.register()
     client.lpush(KEYS.task, *[Task(f"id{row}", "http://127.0.0.1/x.jpg", "sub", "p", row).encode() for row in range(2)])
     first, second = leases.claim(2)
@@ -172,12 +174,13 @@ def test_a_shard_without_a_sample_is_never_prepared(redis_server, tmp_path: Path
     sink.seal_all()
     leases.finish([sink.put(decode(second), second, sample_image(), None)])
     sink.seal_all()
-    counted = [sink.finish(shard, leases, leases.owner, lambda call: call()) for shard in ready_shards(sink)]
+    counted = [sink.finish(shard, leases, lambda call: call()) for shard in ready_shards(sink)]
     assert counted == [1] and sink.unfinished == 0
     assert client.lrange(KEYS.task, 0, -1) == [first] and int(client.get(KEYS.tongji_succ)) == 1
     assert int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0 and not client.hgetall(KEYS.shards)
     names = sorted(path.name for path in (tmp_path / "store" / "sub").iterdir())
-    assert names == [f"{HOST}-w-000001.parquet", f"{HOST}-w-000001.tar"]
+    suffix = leases.incarnation[:INCARNATION_CHARS]
+    assert names == [f"{HOST}-w-000001-{suffix}.parquet", f"{HOST}-w-000001-{suffix}.tar"]
     assert not [path for path in (tmp_path / "store" / ".tmp").rglob("*") if path.is_file()]
     sink.close()
 
@@ -380,8 +383,8 @@ def test_any_json_values_make_an_index_parquet_reads_back(values):
 # --- helpers ---
 
 
-def open_sink(tmp_path: Path) -> ShardSink:
-    sink = ShardSink(tmp_path / "store", HOST, "w", f"{HOST}:w", shard_size=100, max_seconds=600)
+def open_sink(tmp_path: Path, incarnation: str = "0123456789abcdef") -> ShardSink:
+    sink = ShardSink(tmp_path / "store", HOST, "w", f"{HOST}:w", 100, 600, incarnation)
     sink.open()
     return sink
 
