@@ -90,6 +90,7 @@ monitor_disk = "."  # path whose disk usage is watched and published
 monitor_interval = 60  # seconds between two disk samples published by monitor_disk.py
 stop_threshold = 5000  # GB used on monitor_disk above which workers stop taking tasks
 min_free_gb = 50  # GB free on monitor_disk under which workers stop taking tasks
+store_stall_seconds = 60.0  # a store write or fsync taking longer stops the worker claiming (store_stalled)
 
 # --- save_error_task.py and speed.py ---
 store_error_dir = "./error_task/"  # error records are saved here as YYYYMMDD_<hour // 4>.txt

@@ -1,19 +1,23 @@
 """The async engine: one asyncio event loop, on a thread of its own, with ``concurrency`` downloads in flight.
 
 The worker's main thread keeps talking to Redis while the loop downloads: only two threads share the interpreter,
-so heartbeats stay on time at any concurrency. When finishing a task may block (an fsync, or decoding and resizing
-pixels), a pool of about one thread per core does it, off the loop; Pillow releases the interpreter while it works.
+so heartbeats stay on time at any concurrency. Finishing a task (hashing, processing pixels, writing to the store)
+is done off the loop by a small pool of daemon threads: a store that does not answer holds those threads, never the
+loop (downloads go on, the engine answers) nor the process's exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
 import os
 import queue
 import ssl
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
@@ -22,17 +26,47 @@ from laion5b.limits import AsyncByteBudget, HostSlots
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
 
+log = logging.getLogger(__name__)
+
 START_TIMEOUT = 30.0
+ANSWER_TIMEOUT = 5.0
+"""Seconds the worker waits for the loop to answer (take back tasks, stop): it answers in milliseconds, unless a
+call on it hangs (a listing of a store that does not answer)."""
 
 
-def finish_pool(pipeline: Pipeline) -> ThreadPoolExecutor | None:
-    """Threads that finish tasks off the loop when that may block: one per core for pixels, a few more for fsyncs
-    alone (as asyncio's default executor); None when finishing never blocks."""
-    if not pipeline.blocks:
-        return None
+def finish_threads(pipeline: Pipeline) -> int:
+    """Threads that finish tasks: one per core for pixels, a few more for fsyncs (as asyncio's default executor),
+    else two: hashing and appending hold the interpreter, more threads would only contend for it with the loop."""
     cores = os.cpu_count() or 1
-    size = cores if pipeline.processing is not None else min(32, cores + 4)
-    return ThreadPoolExecutor(size, thread_name_prefix="async-finish")
+    if pipeline.processing is not None:
+        return cores
+    return min(32, cores + 4) if pipeline.sink.fsync else 2
+
+
+class FinishPool:
+    """Daemon threads running jobs in order. A job never raises; one that never returns holds its thread only."""
+
+    def __init__(self, size: int) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"async-finish-{number}", daemon=True) for number in range(size)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Let each thread end once the jobs before are done (none is waited for)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
 
 
 class AsyncEngine:
@@ -61,29 +95,42 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="async-engine", daemon=True)
         self._waiting: deque[str] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        self._finishing: set[asyncio.Future[None]] = set()
+        """Tasks fetched and handed to the pool, not finished yet (they hold no download slot)."""
         self._stopping = False
         self._fetcher: AsyncFetcher | None = None
-        self._finishers = finish_pool(pipeline)
+        self._finishers = FinishPool(finish_threads(pipeline))
 
     def start(self) -> None:
         self._thread.start()
+        self._finishers.start()
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(START_TIMEOUT)
 
     def submit(self, raws: list[str]) -> None:
         self._loop.call_soon_threadsafe(self._accept, raws)
 
     def drain_unstarted(self) -> list[str]:
-        """Take back every submitted task not started yet (waiting for room on the loop, or parked behind its host)."""
+        """Take back every submitted task not started yet (waiting for room on the loop, or parked behind its host);
+        none when the loop does not answer in time (they stay held, and go back to the queue with the leases)."""
         future = asyncio.run_coroutine_threadsafe(self._take_unstarted(), self._loop)
-        return future.result(START_TIMEOUT)
+        try:
+            return future.result(ANSWER_TIMEOUT)
+        except TimeoutError:
+            log.error("engine_unresponsive what=drain_unstarted seconds=%.0f", ANSWER_TIMEOUT)
+            return []
 
     def stop(self, timeout: float) -> list[str]:
-        """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight."""
-        unstarted = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop).result()
+        """Stop taking tasks; return those not started; wait up to ``timeout`` s for those in flight. Bounded: a
+        task whose finish does not return stays held (it goes back to the queue with the leases)."""
+        future = asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop)
+        try:
+            unstarted = future.result(timeout + ANSWER_TIMEOUT)
+        except TimeoutError:
+            log.error("engine_unresponsive what=stop seconds=%.0f", timeout + ANSWER_TIMEOUT)
+            unstarted = []
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
-        if self._finishers is not None:
-            self._finishers.shutdown(wait=False, cancel_futures=True)
+        self._thread.join(ANSWER_TIMEOUT)
+        self._finishers.stop()
         return unstarted
 
     async def _open(self) -> None:
@@ -114,25 +161,39 @@ class AsyncEngine:
         turn: Parked | None = first
         while turn is not None:
             try:
-                outcome = await self._download(*turn)
+                await self._download(*turn)
             except Exception as error:  # one task's exception is its outcome
-                outcome = self.pipeline.crashed(turn[1], turn[0], error)
-            self.done.put(outcome)
+                self.done.put(self.pipeline.crashed(turn[1], turn[0], error))
             turn = next_turn(self.slots, host, self.done)
 
-    async def _download(self, raw: str, task: Task) -> Outcome:
+    async def _download(self, raw: str, task: Task) -> None:
+        """Fetch on the loop, then hand the task to the pool, which puts its outcome on ``done``: the download slot
+        is free at once, so a store that does not answer holds the pool's threads, not the downloads."""
         assert self._fetcher is not None
-        fetched: Fetched | None = None
         try:
             fetched = await self._fetcher.fetch(task.url)
-            if self._finishers is not None:
-                return await self._loop.run_in_executor(self._finishers, self.pipeline.finish, task, raw, fetched)
-            return self.pipeline.finish(task, raw, fetched)
         except Exception as error:
-            return self.pipeline.crashed(task, raw, error)
-        finally:
-            if fetched is not None:
-                self._fetcher.release(fetched)
+            self.done.put(self.pipeline.crashed(task, raw, error))
+            return
+        finished = self._loop.create_future()
+        self._finishing.add(finished)
+        self._finishers.submit(functools.partial(self._finish, raw, task, fetched, finished))
+
+    def _finish(self, raw: str, task: Task, fetched: Fetched, finished: asyncio.Future[None]) -> None:
+        """In the pool: process and store a fetched image, report its outcome, then give its bytes back on the loop."""
+        try:
+            outcome = self.pipeline.finish(task, raw, fetched)
+        except Exception as error:
+            outcome = self.pipeline.crashed(task, raw, error)
+        self.done.put(outcome)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            self._loop.call_soon_threadsafe(self._release, fetched, finished)
+
+    def _release(self, fetched: Fetched, finished: asyncio.Future[None]) -> None:
+        assert self._fetcher is not None
+        self._fetcher.release(fetched)
+        self._finishing.discard(finished)
+        finished.set_result(None)
 
     async def _take_unstarted(self) -> list[str]:
         unstarted = list(self._waiting)
@@ -143,8 +204,10 @@ class AsyncEngine:
     async def _stop(self, timeout: float) -> list[str]:
         self._stopping = True
         unstarted = await self._take_unstarted()
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=timeout)
+        deadline = self._loop.time() + timeout
+        while (self._running or self._finishing) and self._loop.time() < deadline:
+            left = deadline - self._loop.time()
+            await asyncio.wait(self._running | self._finishing, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         for task in self._running:
             task.cancel()
         if self._fetcher is not None:

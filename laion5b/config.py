@@ -95,6 +95,7 @@ class Config:
     monitor_interval: int
     stop_threshold: float
     min_free_gb: float
+    store_stall_seconds: float
     store_error_dir: str
     min_success_ratio: float
     history_days: int
@@ -119,7 +120,14 @@ _AT_LEAST_ONE = (
     "history_days",
     "shard_size",
 )
-_POSITIVE = ("connect_timeout", "read_timeout", "download_timeout", "dns_timeout", "shard_max_seconds")
+_POSITIVE = (
+    "connect_timeout",
+    "read_timeout",
+    "download_timeout",
+    "dns_timeout",
+    "shard_max_seconds",
+    "store_stall_seconds",
+)
 _NOT_NEGATIVE = (
     "redis_db",
     "max_redirects",

@@ -85,18 +85,21 @@ class WorkerControl:
         self.keys = keys
         self.host = host
         self.identity = identity
-        self.acked: str | None = None
+        self.acked: tuple[str, dict[str, str]] | None = None
 
     def read(self) -> Directive:
         return directive(self.client.hgetall(self.keys.control), self.host, self.identity)
 
-    def ack(self, state: str) -> None:
-        if state == self.acked:
+    def ack(self, state: str, detail: Mapping[str, str] | None = None) -> None:
+        """Publish the worker's state, with ``detail`` beside it (a store problem: ``store``, ``errno``, ``path``)."""
+        acked = (state, dict(detail or {}))
+        if acked == self.acked:
             return
-        record = json.dumps({"state": state, "at": round(redis_time(self.client), 3)})
+        record = json.dumps({"state": state, "at": round(redis_time(self.client), 3), **acked[1]})
         self.client.hset(self.keys.control_acks, self.identity, record)
-        self.acked = state
-        log.info("control_ack worker=%s state=%s", self.identity, state)
+        self.acked = acked
+        log.info("control_ack worker=%s state=%s%s", self.identity, state,
+                 "".join(f" {name}={value}" for name, value in acked[1].items()))  # fmt: skip
 
     def forget(self) -> None:
         """Remove this worker's acknowledgement (it retired without being drained)."""

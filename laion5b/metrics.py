@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from laion5b import control
 from laion5b.stats import Snapshot
+from laion5b.storehealth import STORE_FAILING, STORE_STALLED
 
 
 def families(snapshot: Snapshot) -> Iterator[Metric]:
@@ -68,6 +69,25 @@ def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield succeeded
     yield stored
     yield from gauges.values()
+    yield from _store_families(snapshot)
+
+
+def _store_families(snapshot: Snapshot) -> Iterator[Metric]:
+    """1 for each host whose store fails (with the errno) or does not answer, as its live workers report."""
+    failing = GaugeMetricFamily("laion5b_host_store_failing", "1 while a host's store refuses writes (ENOSPC, EDQUOT, "
+                                "EROFS, EIO): its workers pause and probe it.", labels=["host", "errno"])  # fmt: skip
+    stalled = GaugeMetricFamily(
+        "laion5b_host_store_stalled",
+        "1 while a write to a host's store has not returned for store_stall_seconds.",
+        labels=["host"],
+    )
+    for host in snapshot.hosts:
+        if host.state == STORE_FAILING:
+            failing.add_metric([host.host, host.store_errno or ""], 1)
+        elif host.state == STORE_STALLED:
+            stalled.add_metric([host.host], 1)
+    yield failing
+    yield stalled
 
 
 def _control_families(snapshot: Snapshot) -> Iterator[Metric]:

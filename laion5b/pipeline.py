@@ -3,7 +3,6 @@ it, process (filter, resize) and store what was fetched, and turn every failure 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import queue
@@ -39,7 +38,6 @@ Sink = Store | ShardSink
 Parked = tuple[str, Task]
 """(task as queued, task): a task waiting for a slot of its host."""
 
-DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 GAVE_WAY_DELAY = 1.0
 """Seconds before a download that gave way to local pressure is tried again (its attempts unchanged)."""
 AS_DOWNLOADED = ProcessPolicy()
@@ -110,13 +108,6 @@ class Pipeline:
         self.max_retry_after = max_retry_after
         self.processing = processing if processing is not None and processing.active else None
         self._processing_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
-        self.disk_full = threading.Event()
-
-    @property
-    def blocks(self) -> bool:
-        """Whether ``finish`` may block for long (an fsync, or decoding and resizing pixels): the async engine then
-        runs it off its loop."""
-        return self.sink.fsync or self.processing is not None
 
     def begin(self, raw: str) -> Task | Outcome:
         """The task to download, or the outcome when there is nothing to download (not a task, already stored, or
@@ -126,6 +117,8 @@ class Pipeline:
         except BadTask as error:
             log.debug("bad_task worker=%s error=%s", self.identity, error)
             return failed_outcome(raw, "bad_task", bad_task_record(raw, str(error), self.identity))
+        if self.sink.health.blocked:
+            return RETURN, raw, ""
         try:
             if self.sink.existing(task) is not None:
                 return STORED, raw, 0
@@ -156,11 +149,14 @@ class Pipeline:
         return self._save(task, raw, image, fetched.final_url)
 
     def _save(self, task: Task, raw: str, image: Processed, final_url: str | None) -> Outcome:
-        """Store an image, and the files asked for beside it (caption, metadata)."""
+        """Store an image, and the files asked for beside it (caption, metadata); return the task, not counting an
+        attempt, while the store fails or does not answer."""
+        if self.sink.health.blocked:
+            return RETURN, raw, ""
         try:
             return self.sink.put(task, raw, image, final_url)
         except OSError as error:
-            return self._store_error(task, raw, error)
+            return self._store_error(task, raw, error, len(image.data or b""))
 
     def crashed(self, task: Task, raw: str, error: Exception) -> Outcome:
         """The outcome of a task whose handling raised a bug's exception (never raises itself)."""
@@ -194,9 +190,11 @@ class Pipeline:
         log.debug("task_gave_way worker=%s id=%s reason=%s", self.identity, task.id, reason)
         return retry_outcome(raw, task.encode(), GAVE_WAY_DELAY)
 
-    def _store_error(self, task: Task, raw: str, error: OSError) -> Outcome:
-        if error.errno in DISK_FULL_ERRORS:
-            self.disk_full.set()
+    def _store_error(self, task: Task, raw: str, error: OSError, size: int = 0) -> Outcome:
+        """A store failure (full, read-only, broken) returns the task and pauses the worker; any other (a name too
+        long, say) is this task's own error."""
+        if self.sink.health.failed(error, str(self.sink.temp_dir), size):
+            log.debug("store_refused worker=%s id=%s error=%s", self.identity, task.id, error)
             return RETURN, raw, ""
         log.error("store_failed worker=%s id=%s error=%s", self.identity, task.id, error)
         return self.failure(task, raw, "store_error", str(error)[:200])

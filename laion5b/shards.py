@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion5b.imaging import Processed
-from laion5b.leases import FENCED, KEPT, Leases, Lock, Owner
+from laion5b.leases import FENCED, KEPT, RETURN, Leases, Lock, Owner
 from laion5b.sidecars import Sidecars, caption_file, metadata_file
 from laion5b.store import Claimed, file_safe, fresh_temp_folder, worker_temp_folder
+from laion5b.storehealth import StoreHealth
 from laion5b.tasks import Task, one_line
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ FINISHED, LOST, TAKEN = "finished", "lost", "taken"
 MAX_INDEX_NESTING = 16
 """Lists and objects nested deeper than this are kept as JSON text in a shard's index (parquet reads back only
 so much nesting)."""
+LOCK_WAIT = 0.05
+"""Seconds the worker's main thread waits for the shards' lock: a write that does not return holds it."""
 
 T = TypeVar("T")
 Retry = Callable[[Callable[[], T]], T]
@@ -85,8 +88,10 @@ class Shard:
     opened: float = field(default_factory=time.monotonic)
     rows: list[dict[str, Any]] = field(default_factory=list)
     bytes: int = 0
+    end: int = 0
+    """Bytes of its tar's members so far (where the tar end goes)."""
     error: Exception | None = None
-    """Why it could not be sealed: it is discarded, its tasks queued again."""
+    """Why it could not be sealed: it is discarded, its tasks queued again (unless the store refused it for now)."""
 
     @property
     def id(self) -> str:
@@ -134,9 +139,13 @@ class ShardSink:
         self.max_seconds = max_seconds
         self.sidecars = Sidecars(True, True, host_id, identity)
         self.temp_dir = worker_temp_folder(store_dir, host_id, worker_name)
+        self.health = StoreHealth()
+        self.closing = False
+        """Set once the worker stops: a put then returns its task (a shard opened now would never be sealed)."""
         self._open: dict[str, Shard] = {}
         self._next_seq: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._sealing: queue.SimpleQueue[Shard | None] = queue.SimpleQueue()
         self.ready: queue.SimpleQueue[Shard] = queue.SimpleQueue()
         self._sealer = threading.Thread(target=self._seal_loop, name="shard-sealer", daemon=True)
@@ -189,14 +198,10 @@ class ShardSink:
         block = b"".join([piece for name, data in members for piece in tar_member(name, data, mtime)])
         row = index_row(task, metadata, [name for name, _ in members])
         with self._lock:
+            if self.closing:
+                return RETURN, raw, ""
             shard = self._open.get(task.subset) or self._new_shard(task.subset)
-            position = shard.file.tell()
-            try:
-                _write_all(shard.file, block)
-            except OSError:
-                shard.file.truncate(position)
-                shard.file.seek(position)
-                raise
+            self._append(shard, block)
             shard.rows.append(row)
             shard.bytes += len(image.data)
             if shard.samples >= self.shard_size:
@@ -205,21 +210,36 @@ class ShardSink:
 
     def seal_old(self, now: float) -> None:
         """Seal every open shard that has been open for ``shard_max_seconds``."""
-        with self._lock:
-            for shard in list(self._open.values()):
+        with self._try_lock() as locked:
+            for shard in list(self._open.values()) if locked else []:
                 if now - shard.opened >= self.max_seconds:
                     self._seal(shard)
 
     def seal_all(self) -> None:
-        """Seal every open shard that holds a sample (the worker stops, pauses or has nothing left to do)."""
-        with self._lock:
-            for shard in list(self._open.values()):
+        """Seal every open shard that holds a sample (the worker stops, pauses or has nothing left to do). Like
+        ``seal_old``, it seals nothing while a write that does not return holds the shards: call it again later."""
+        with self._try_lock() as locked:
+            for shard in list(self._open.values()) if locked else []:
                 self._seal(shard)
+
+    def reseal(self, shard: Shard) -> None:
+        """Seal again a shard whose sealing the store refused (full, read-only): its tar is cut back to its members
+        first. When that fails, it comes back on ``ready`` with the error."""
+        try:
+            shard.file = open(shard.paths()["temp_tar"], "r+b", buffering=0)  # noqa: SIM115 - closed by the sealer
+            shard.file.truncate(shard.end)
+            shard.file.seek(shard.end)
+        except OSError as error:
+            shard.error = error
+            self.ready.put(shard)
+            return
+        shard.error = None
+        self._sealing.put(shard)
 
     @property
     def open_samples(self) -> int:
-        with self._lock:
-            return sum(shard.samples for shard in self._open.values())
+        """Samples in open shards (read without the lock: a figure for the log)."""
+        return sum(shard.samples for shard in list(self._open.values()))
 
     def finish(self, shard: Shard, leases: Leases, retry: Retry) -> int:
         """Finish a sealed shard: its tasks move to the shard in Redis (all or none), its files get their final names,
@@ -252,22 +272,53 @@ class ShardSink:
         return -1
 
     def _forget(self) -> None:
-        with self._lock:
+        with self._count_lock:
             self.unfinished -= 1
+
+    @contextlib.contextmanager
+    def _try_lock(self) -> Iterator[bool]:
+        """The shards' lock, if it comes within LOCK_WAIT: the main thread must not wait on a write that hangs."""
+        locked = self._lock.acquire(timeout=LOCK_WAIT)
+        try:
+            yield locked
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _append(self, shard: Shard, block: bytes) -> None:
+        """Append a sample's members to the shard's tar. A write that fails is cut back off; a shard that cannot be
+        cut back is sealed with the error (discarded once sealed)."""
+        with self.health.watch(shard.file.name):
+            try:
+                _write_all(shard.file, block)
+            except OSError:
+                self._cut_back(shard)
+                raise
+        shard.end += len(block)
+
+    def _cut_back(self, shard: Shard) -> None:
+        try:
+            shard.file.truncate(shard.end)
+            shard.file.seek(shard.end)
+        except OSError as error:
+            shard.error = error
+            self._seal(shard)
 
     def _new_shard(self, subset: str) -> Shard:
         final_dir = os.path.join(self.store_dir, subset)
-        seq = self._next_seq.get(subset)
-        if seq is None:
-            os.makedirs(final_dir, exist_ok=True)
-            seq = next_sequence(final_dir, self.prefix)
-        self._next_seq[subset] = seq + 1
         temp_dir = os.path.join(self.temp_dir, subset)  # shards of two subsets may have the same name
-        os.makedirs(temp_dir, exist_ok=True)
-        shard = Shard(subset, f"{self.prefix}{seq:06d}{self.suffix}", temp_dir, final_dir)
-        shard.file = open(shard.paths()["temp_tar"], "wb", buffering=0)  # noqa: SIM115 - closed by the sealer
+        with self.health.watch(temp_dir):
+            seq = self._next_seq.get(subset)
+            if seq is None:
+                os.makedirs(final_dir, exist_ok=True)
+                seq = next_sequence(final_dir, self.prefix)
+            self._next_seq[subset] = seq + 1
+            shard = Shard(subset, f"{self.prefix}{seq:06d}{self.suffix}", temp_dir, final_dir)
+            os.makedirs(temp_dir, exist_ok=True)
+            shard.file = open(shard.paths()["temp_tar"], "wb", buffering=0)  # noqa: SIM115 - closed by the sealer
         self._open[subset] = shard
-        self.unfinished += 1
+        with self._count_lock:
+            self.unfinished += 1
         return shard
 
     def _seal(self, shard: Shard) -> None:
@@ -288,7 +339,8 @@ class ShardSink:
         then discards it): the sealer itself never stops before ``close``."""
         while (shard := self._sealing.get()) is not None:
             try:
-                seal(shard)
+                with self.health.watch(shard.paths()["temp_tar"]):
+                    seal(shard)
             except Exception as error:  # one shard's failure is that shard's outcome
                 shard.error = error
                 log.error("shard_seal_failed shard=%s error=%s: %s", shard.id, type(error).__name__, one_line(error))

@@ -15,6 +15,7 @@ from laion5b import control
 from laion5b.keys import Keys
 from laion5b.leases import Owner
 from laion5b.monitor import RECORD_TTL_INTERVALS, HostSample
+from laion5b.storehealth import STORE_STALLED
 from laion5b.tables import table
 
 MB = 1024 * 1024
@@ -51,6 +52,9 @@ class Host:
     in_flight: int = 0
     in_shards: int = 0
     """Samples in its workers' unfinished shards (webdataset output): stored, counted as succeeded once finished."""
+    store_errno: str | None = None
+    """The errno name of its failing store: ``state`` is then store_failing (or store_stalled, which comes first),
+    whatever ``_state`` says, as long as a live worker of it reports the problem."""
 
     @property
     def dead(self) -> bool:
@@ -82,6 +86,8 @@ class Snapshot:
     requeued: int = 0
     control: dict[str, str] = field(default_factory=dict)
     acks: dict[str, str] = field(default_factory=dict)
+    stores: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Worker identity -> its store problem (``store``: store_failing or store_stalled, ``errno``, ``path``)."""
 
     @property
     def in_shards(self) -> int:
@@ -129,6 +135,8 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
      failures, requeued, requests, acks) = pipe.execute()  # fmt: skip
     now = time.time()
     workers = read_workers(client, keys, sorted(members), heartbeat_ttl)
+    records = {identity: _ack_record(text) for identity, text in sorted(acks.items())}
+    stores = {identity: _store_problem(record) for identity, record in records.items() if "store" in record}
     per_host = _host_counters(counters)
     names = set(per_host) | {w.host for w in workers} | {f for f in disks if not f.endswith(":ts")}
     samples = _host_samples(client, keys, sorted(names))
@@ -136,7 +144,7 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
     for worker in workers:
         by_host[worker.host].append(worker)
     hosts = [
-        _host(name, per_host.get(name), disks, samples[name], by_host[name], now, monitor_interval)
+        _host(name, per_host.get(name), disks, samples[name], by_host[name], stores, now, monitor_interval)
         for name in sorted(names)
     ]
     return Snapshot(
@@ -155,15 +163,21 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
         failures={status: _int(count) for status, count in sorted(failures.items())},
         requeued=_int(requeued),
         control=requests,
-        acks={identity: _ack_state(text) for identity, text in sorted(acks.items())},
+        acks={identity: str(record.get("state", "?")) for identity, record in records.items()},
+        stores=stores,
     )
 
 
-def _ack_state(text: str) -> str:
+def _ack_record(text: str) -> dict[str, Any]:
     try:
-        return str(json.loads(text).get("state", "?"))
-    except (ValueError, AttributeError):
-        return "?"
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _store_problem(record: dict[str, Any]) -> dict[str, str]:
+    return {name: str(record.get(name) or "") for name in ("store", "errno", "path")}
 
 
 def read_workers(client: redis.Redis, keys: Keys, identities: list[str], heartbeat_ttl: int) -> list[Worker]:
@@ -206,6 +220,7 @@ def _host(
     disks: dict[str, str],
     sample: HostSample | None,
     workers: list[Worker],
+    stores: dict[str, dict[str, str]],
     now: float,
     monitor_interval: int,
 ) -> Host:
@@ -218,6 +233,8 @@ def _host(
     stale = len(workers) - live
     fresh = RECORD_TTL_INTERVALS * monitor_interval
     monitor = "missing" if disk_age is None else "fresh" if disk_age <= fresh else "stale"
+    problems = [stores[worker.identity] for worker in workers if worker.alive and worker.identity in stores]
+    problem = min(problems, key=lambda found: found["store"] != STORE_STALLED, default=None)  # stalled comes first
     return Host(
         host=name,
         succeeded=counters["succ"],
@@ -230,9 +247,10 @@ def _host(
         live_workers=live,
         stale_workers=stale,
         sample=sample,
-        state=_state(live, stale, monitor),
+        state=problem["store"] if problem is not None else _state(live, stale, monitor),
         in_flight=sum(worker.leased for worker in workers),
         in_shards=counters["open"],
+        store_errno=(problem["errno"] or None) if problem is not None else None,
     )
 
 
@@ -342,11 +360,12 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def control_json(snapshot: Snapshot) -> dict[str, Any]:
-    """What is paused or drained, and each worker's acknowledgement."""
+    """What is paused or drained, each worker's acknowledgement, and the store problems workers report."""
     return {
         "paused": sorted(control.scope(name) for name in snapshot.control if name.startswith(control.PAUSE)),
         "drains": sorted(control.scope(name) for name in snapshot.control if name.startswith(control.DRAIN)),
         "acks": snapshot.acks,
+        "stores": snapshot.stores,
     }
 
 
@@ -366,6 +385,7 @@ def _host_json(host: Host, rate: float) -> dict[str, Any]:
         "live_workers": host.live_workers,
         "stale_workers": host.stale_workers,
         "state": host.state,
+        "store_errno": host.store_errno,
         "dead": host.dead,
     }
     sample = asdict(host.sample) if host.sample else {}
@@ -445,7 +465,7 @@ def _hosts_table(snapshot: Snapshot, rates: dict[str, float]) -> str:
             _gb(host.free_gb),
             f"{host.heartbeat_age:.0f} s ago" if host.heartbeat_age is not None else "-",
             f"{host.live_workers}" + (f" (+{host.stale_workers} dead)" if host.stale_workers else ""),
-            host.state,
+            host.state + (f" {host.store_errno}" if host.store_errno else ""),
         ]
         for host in snapshot.hosts
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from laion5b.imageformat import EXTENSIONS
 from laion5b.imaging import Processed
 from laion5b.leases import STORED
 from laion5b.sidecars import Sidecars
+from laion5b.storehealth import StoreHealth
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Store:
         self.fsync = fsync
         self.sidecars = sidecars or Sidecars()
         self.temp_dir = worker_temp_folder(store_dir, host_id, worker_name)
+        self.health = StoreHealth()
         self._root = os.fspath(store_dir)
         self._temp = os.fspath(self.temp_dir)
         self._known_folders: set[str] = set()
@@ -89,30 +92,37 @@ class Store:
         (extension -> content: caption, metadata) are written beside it the same way, first: an image on disk always
         has them."""
         folder = image_folder(self._root, task)
-        if folder not in self._known_folders:
-            os.makedirs(folder, exist_ok=True)
-            if len(self._known_folders) >= _KNOWN_FOLDERS_LIMIT:
-                self._known_folders.clear()
-            self._known_folders.add(folder)
-        for sidecar, content in (sidecars or {}).items():
-            self._write(content, f"{folder}/{task.id}.{sidecar}")
         name = f"{task.id}.{extension}"
         final = f"{folder}/{name}"
-        self._write(data, final)
+        with self.health.watch(final):
+            if folder not in self._known_folders:
+                os.makedirs(folder, exist_ok=True)
+                if len(self._known_folders) >= _KNOWN_FOLDERS_LIMIT:
+                    self._known_folders.clear()
+                self._known_folders.add(folder)
+            for sidecar, content in (sidecars or {}).items():
+                self._write(content, f"{folder}/{task.id}.{sidecar}")
+            self._write(data, final)
         listed = self._listings.get(folder)
         if listed is not None:
             listed[1].add(name)
         return Path(final)
 
     def _write(self, data: bytes, final: str) -> None:
-        """Write ``data`` under a temporary name of this thread, then rename it to ``final`` (atomic)."""
+        """Write ``data`` under a temporary name of this thread, then rename it to ``final`` (atomic). A write that
+        fails leaves no temporary file behind (on a full disk, its space is given back)."""
         temporary = f"{self._temp}/{threading.get_ident()}.part"
-        with open(temporary, "wb") as file:
-            file.write(data)
-            if self.fsync:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(temporary, final)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                if self.fsync:
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.replace(temporary, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     def _listing(self, folder: str) -> set[str]:
         now = time.monotonic()
@@ -120,7 +130,8 @@ class Store:
         if listed is not None and now - listed[0] <= LISTING_MAX_AGE:
             return listed[1]
         try:
-            names = set(os.listdir(folder))
+            with self.health.watch(folder):  # a listing that hangs is a store that does not answer too
+                names = set(os.listdir(folder))
         except (FileNotFoundError, NotADirectoryError):
             names = set()
         with self._listing_lock:  # the only place that adds or drops listings

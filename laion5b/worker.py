@@ -29,6 +29,7 @@ from laion5b.redisconn import retrying
 from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
+from laion5b.storehealth import STORE_STALLED, WRITTEN_STANDS, StoreProblem
 from laion5b.threadengine import ThreadEngine
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,20 @@ CONTROL_EVERY = 1.0
 THREADS_KNEE = 128
 """Past this many threads the threads engine gains nothing on web-like traffic (bench/RESULTS.md): use async."""
 
+STORE_CHECK_EVERY = 0.25
+"""Seconds between two looks at the store's health (writes that hang, probes of a failing store)."""
+
 SHARD_WAIT = 0.05
 """Seconds a stopping worker waits at a time for its last shards to be sealed."""
-SHARD_EXIT_SECONDS = 120.0
-"""Longest a stopping worker waits for its last shards to be sealed and finished."""
+EXIT_SECONDS = 50.0
+"""Longest a stopping worker takes, under the systemd unit's TimeoutStopSec (60 s): what is not done by then (a
+download, a shard, a write that hangs) is given up, its tasks go back to the queue with the leases."""
+ENGINE_STOP_SECONDS = 30.0
+"""Longest a stopping worker waits for its downloads in flight (download_timeout + 5 s when that is shorter)."""
+EXIT_RESERVE = 5.0
+"""Seconds of EXIT_SECONDS kept for the last steps: recording outcomes, retiring, removing the temporary folder."""
+CLOSE_STALLED_SECONDS = 1.0
+"""Seconds given to removing the temporary folder on a store that does not answer (the next worker removes it)."""
 
 Engine = ThreadEngine | AsyncEngine
 
@@ -170,6 +181,9 @@ class Worker:
         self.pending: list[Outcome] = []
         self.pending_since = 0.0
         self.pause_reason: str | None = None
+        self.store_problem: StoreProblem | None = None
+        self.unsealed: list[Shard] = []
+        """Shards whose sealing the store refused (full, read-only): sealed again once it is healthy."""
         self.tally = Tally()
         self.round_trips = 0
         self.heartbeat_gap_max = 0.0
@@ -233,7 +247,7 @@ class Worker:
                     self._next_claim = now + CLAIM_RETRY
             if self.shards is not None and self.held_count == 0 and (not self._may_claim() or claimed == 0):
                 self.shards.seal_all()  # nothing in flight, nothing more coming for now: do not hold the tasks
-            if self.draining and self._holding() == 0:
+            if self.draining and self._drained():
                 return
             if self.until_empty and claimed == 0 and self._holding() == 0 and self._nothing_left():
                 log.info("queue_drained worker=%s", self.identity)
@@ -241,7 +255,11 @@ class Worker:
             self._collect(idle if self.held_count == 0 else TICK)
 
     def _shut_down(self) -> None:
-        for raw in self.engine.stop(self.config.download_timeout + 5):
+        """Stop within EXIT_SECONDS: downloads in flight and the last shards get what time the store allows."""
+        deadline = time.monotonic() + EXIT_SECONDS
+        stalled = self._store_stalled()
+        wait = 0.0 if stalled else min(self.config.download_timeout + 5, ENGINE_STOP_SECONDS)
+        for raw in self.engine.stop(wait):
             self.done.put((RETURN, raw, ""))
         if self.fenced:
             self._abandon()
@@ -249,7 +267,7 @@ class Worker:
         self._collect(0)
         try:
             if self.shards is not None:
-                self._finish_last_shards()
+                self._finish_last_shards(deadline - EXIT_RESERVE)
             if self.pending:
                 self._record()
             returned = self._redis(self.leases.retire, "retire")
@@ -262,7 +280,7 @@ class Worker:
             log.error("shutdown_incomplete worker=%s error=%s: leases return after heartbeat_ttl", self.identity,
                       error)  # fmt: skip
             returned = -1
-        self.sink.close()
+        self._close_sink(CLOSE_STALLED_SECONDS if self._store_stalled() else max(0.0, deadline - time.monotonic()))
         log.info(
             "worker_exit worker=%s stored=%d failed=%d retried=%d returned=%d round_trips=%d heartbeat_gap_max=%.2f",
             self.identity,
@@ -350,8 +368,9 @@ class Worker:
             self._reap()
             if self.shards is not None:
                 self._redis(lambda: recover(self.leases, self.config.host_id), "shard")
-        if self.pipeline.disk_full.is_set() or now >= self._next.get("disk", 0.0):
-            self.pipeline.disk_full.clear()
+        if self._due("store", now, STORE_CHECK_EVERY):
+            self._check_store(now)
+        if now >= self._next.get("disk", 0.0):
             self._check_disk()
             paused_recheck = min(DISK_RECHECK_MAX, self.config.monitor_interval)
             self._next["disk"] = now + (paused_recheck if self.pause_reason else DISK_CHECK_EVERY)
@@ -387,9 +406,11 @@ class Worker:
         self.shards.seal_old(time.monotonic())
         while True:
             try:
-                self.sealed.append(self.shards.ready.get_nowait())
+                self._sealed(self.shards.ready.get_nowait())
             except queue.Empty:
                 break
+        if self._store_stalled():  # renaming on a store that does not answer would hang this thread too
+            return
         for shard in list(self.sealed):
             if self.kept[shard.id] < shard.samples:
                 if not self.pending:
@@ -404,14 +425,35 @@ class Worker:
                 self.tally.stored += counted
                 self.tally.bytes += shard.bytes
 
-    def _finish_last_shards(self) -> None:
-        """At exit: seal every shard and finish it before the tasks are given up. A shard not finished in
-        ``SHARD_EXIT_SECONDS``, or after an error, is left: its kept tasks go back to the queue with the leases."""
+    def _sealed(self, shard: Shard) -> None:
+        """Take a shard from the sealer: to be finished, or kept aside when the store refused to seal it."""
+        error = shard.error
+        refused = isinstance(error, OSError) and self.sink.health.failed(error, shard.paths()["temp_tar"])
+        if refused and isinstance(error, OSError) and error.errno in WRITTEN_STANDS:
+            log.warning("shard_seal_deferred shard=%s samples=%d error=%s", shard.id, shard.samples, error)
+            self.unsealed.append(shard)
+        else:
+            self.sealed.append(shard)
+
+    def _reseal(self) -> None:
         assert self.shards is not None
-        deadline = time.monotonic() + SHARD_EXIT_SECONDS
+        for shard in self.unsealed:
+            self.shards.reseal(shard)
+        self.unsealed.clear()
+
+    def _finish_last_shards(self, deadline: float) -> None:
+        """At exit: seal every shard and finish it before the tasks are given up. New puts are refused first (their
+        tasks are returned). A shard not finished by ``deadline``, or while the store does not answer, or after an
+        error, is left: its kept tasks go back to the queue with the leases."""
+        assert self.shards is not None
+        self.shards.closing = True
         try:
-            self.shards.seal_all()
-            while self.shards.unfinished and time.monotonic() < deadline:
+            if not self.sink.health.blocked:
+                self._reseal()
+            while self.shards.unfinished > len(self.unsealed) and time.monotonic() < deadline:
+                if self._store_check_stalled():
+                    break
+                self.shards.seal_all()  # also a shard a put opened just before puts were refused
                 self._collect(0)
                 self._finish_shards()
                 time.sleep(SHARD_WAIT)
@@ -426,7 +468,16 @@ class Worker:
     # --- remote control (control.py) ---
 
     def _may_claim(self) -> bool:
-        return self.pause_reason is None and not self.paused and not self.draining
+        return self.pause_reason is None and self.store_problem is None and not self.paused and not self.draining
+
+    def _drained(self) -> bool:
+        """Whether a draining worker may exit: it holds nothing, or only what the store keeps (the writes of a
+        stalled store, the unsealed shards of a failing one), which goes back to the queue at exit."""
+        if self._store_stalled():
+            return True
+        if self.store_problem is not None:
+            return self.held_count == 0
+        return self._holding() == 0
 
     def _follow_control(self) -> None:
         """Read the control state; on a new pause or drain, return the tasks not started yet; acknowledge."""
@@ -443,11 +494,14 @@ class Worker:
                 self._return_unstarted()
         if self.draining:
             state = DRAINING
+        elif self.store_problem is not None:
+            state = self.store_problem.state
         elif self.paused:
             state = PAUSED if self._holding() == 0 else PAUSING
         else:
             state = RUNNING
-        self._redis(lambda: self.control.ack(state), "control")
+        detail = self.store_problem.to_json() if self.store_problem is not None else None
+        self._redis(lambda: self.control.ack(state, detail), "control")
 
     def _return_unstarted(self) -> None:
         for raw in self.engine.drain_unstarted():
@@ -474,6 +528,38 @@ class Worker:
         if strays:
             returned = self._redis(lambda: self.leases.finish([(RETURN, raw, "") for raw in strays]), "finish")
             log.warning("strays_returned worker=%s tasks=%d", self.identity, returned)
+
+    def _check_store(self, now: float) -> None:
+        """Stop claiming while the store fails or stalls, returning the tasks not started; resume once it is healthy
+        again (a probe write succeeded, or the write that hung returned), sealing the shards it refused."""
+        problem = self.sink.health.check(now, self.config.store_stall_seconds, self.sink.temp_dir)
+        before, self.store_problem = self.store_problem, problem
+        if problem is not None and (before is None or before.state != problem.state):
+            log.warning("store_pause worker=%s reason=%s held=%d", self.identity, problem, self.held_count)
+            self._return_unstarted()
+        elif problem is None and before is not None:
+            log.info("store_resume worker=%s after=%s", self.identity, before.state)
+            if self.shards is not None:
+                self._reseal()
+
+    def _store_stalled(self) -> bool:
+        return self.store_problem is not None and self.store_problem.state == STORE_STALLED
+
+    def _store_check_stalled(self) -> bool:
+        """At exit: whether a write hangs now (the engine is stopped: nothing is returned to it)."""
+        self.store_problem = self.sink.health.check(time.monotonic(), self.config.store_stall_seconds,
+                                                    self.sink.temp_dir)  # fmt: skip
+        return self._store_stalled()
+
+    def _close_sink(self, seconds: float) -> None:
+        """Close the sink (stop the sealer, remove the temporary folder) for at most ``seconds``: on a store that
+        does not answer the folder is left, and the next worker of this host removes it."""
+        closer = threading.Thread(target=self.sink.close, name="sink-close", daemon=True)
+        closer.start()
+        closer.join(max(seconds, CLOSE_STALLED_SECONDS))
+        if closer.is_alive():
+            log.error("store_close_timeout worker=%s folder=%s: left for the next worker of this host", self.identity,
+                      self.sink.temp_dir)  # fmt: skip
 
     def _check_disk(self) -> None:
         try:
