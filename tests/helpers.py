@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "laion_sample_10000.parquet"
 
 
+def webdataset_env(script_env: dict[str, str], **settings: str) -> dict[str, str]:
+    """The scripts' environment for a quick webdataset run on loopback, with ``settings`` (``LAION_*``) on top."""
+    return {
+        **script_env,
+        "LAION_OUTPUT_FORMAT": "webdataset",
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_THREAD_NUM": "8",
+        "LAION_CONCURRENCY": "8",
+        "LAION_HEARTBEAT_TTL": "3",
+        "LAION_DOWNLOAD_TIMEOUT": "5",
+        **settings,
+    }
+
+
 def run_script(name: str) -> list[str]:
     """The command line that runs one of the suite's scripts with this interpreter."""
     return [sys.executable, str(ROOT / name)]

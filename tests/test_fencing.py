@@ -22,7 +22,7 @@ from laion5b.keys import Keys
 from laion5b.leases import KEPT, NAMESPACE, STORED, IdentityInUse, IdentityLost, Leases, Owner
 from laion5b.shards import ShardSink, recover, shard_field, shard_record
 from laion5b.tasks import Task, decode
-from tests.helpers import run_script, wait_until
+from tests.helpers import run_script, wait_until, webdataset_env
 from tests.test_webdataset import assert_exact_books, finished_shards, queue, read_shard
 from tools.image_server import image_bytes
 
@@ -160,15 +160,7 @@ def test_two_recoverers_racing_on_one_shard(redis_server, tmp_path: Path, monkey
 
 @pytest.fixture
 def env(script_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **script_env,
-        "LAION_OUTPUT_FORMAT": "webdataset",
-        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
-        "LAION_THREAD_NUM": "6",
-        "LAION_HEARTBEAT_TTL": str(TTL),
-        "LAION_DOWNLOAD_TIMEOUT": "5",
-        "LAION_SHARD_SIZE": "15",
-    }
+    return webdataset_env(script_env, LAION_THREAD_NUM="6", LAION_HEARTBEAT_TTL=str(TTL), LAION_SHARD_SIZE="15")
 
 
 def start(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:

@@ -28,7 +28,7 @@ from laion5b.keys import Keys
 from laion5b.leases import RETURN, Leases
 from laion5b.shards import INCARNATION_CHARS, TAR_BLOCK, TAR_END, ShardSink, index_table, shard_field
 from laion5b.tasks import Task, bad_task_record, decode
-from tests.helpers import run_script
+from tests.helpers import run_script, webdataset_env
 from tools.image_server import image_bytes
 
 KEYS = Keys()
@@ -41,16 +41,7 @@ UNSTORABLE = {"big": 2**64 - 1, "empty": {}, "deep_empty": [{"a": {}}], "mixed":
 
 @pytest.fixture
 def env(script_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **script_env,
-        "LAION_OUTPUT_FORMAT": "webdataset",
-        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
-        "LAION_THREAD_NUM": "4",
-        "LAION_CONCURRENCY": "8",
-        "LAION_HEARTBEAT_TTL": "3",
-        "LAION_DOWNLOAD_TIMEOUT": "5",
-        "LAION_SHARD_SIZE": "7",
-    }
+    return webdataset_env(script_env, LAION_THREAD_NUM="4", LAION_SHARD_SIZE="7")
 
 
 def run_worker(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
@@ -115,11 +106,7 @@ def test_values_arrow_cannot_store_are_kept_as_json_text(env, redis_server, imag
 def test_a_shard_that_cannot_be_sealed_is_discarded_and_the_sealer_lives_on(redis_server, tmp_path: Path) -> None:
     """Whatever sealing raises marks that shard failed; ``finish`` queues its tasks again; the next shard seals."""
     client = redis_server.client()
-    leases = Leases(client, KEYS, HOST, f"{HOST}:w", 30)
-    sink = open_sink(tmp_path, leases.incarnation)
-    leases.register()
-    client.lpush(KEYS.task, *[Task(f"id{row}", "http://127.0.0.1/x.jpg", "sub", "p", row).encode() for row in range(2)])
-    first, second = leases.claim(2)
+    leases, sink, (first, second) = claim_into_sink(client, tmp_path, 2)
     leases.finish([sink.put(decode(first), first, sample_image(), None)])
     sink._open["sub"].rows[0]["broken"] = Unprintable()  # a value no encoder takes: the index cannot be built
     sink.seal_all()
@@ -161,11 +148,7 @@ def test_a_shard_without_a_sample_is_never_prepared(redis_server, tmp_path: Path
     """The first write of a shard fails (ENOSPC, truncated back) and the shard is sealed with no sample: it is dropped
     without a Redis step, the next shard is finished and counted, and nothing is left behind."""
     client = redis_server.client()
-    leases = Leases(client, KEYS, HOST, f"{HOST}:w", 30)
-    sink = open_sink(tmp_path, leases.incarnation)
-    leases.register()
-    client.lpush(KEYS.task, *[Task(f"id{row}", "http://127.0.0.1/x.jpg", "sub", "p", row).encode() for row in range(2)])
-    first, second = leases.claim(2)
+    leases, sink, (first, second) = claim_into_sink(client, tmp_path, 2)
     monkeypatch.setattr(shards, "open", lambda path, *_, **__: FullOnce(path, "w"), raising=False)
     with pytest.raises(OSError, match="No space"):
         sink.put(decode(first), first, sample_image(), None)
@@ -381,6 +364,16 @@ def test_any_json_values_make_an_index_parquet_reads_back(values):
 
 
 # --- helpers ---
+
+
+def claim_into_sink(client, tmp_path: Path, count: int) -> tuple[Leases, ShardSink, list[str]]:
+    """A registered worker's leases, its open shard sink, and ``count`` tasks it claimed."""
+    leases = Leases(client, KEYS, HOST, f"{HOST}:w", 30)
+    sink = open_sink(tmp_path, leases.incarnation)
+    leases.register()
+    tasks = [Task(f"id{row}", "http://127.0.0.1/x.jpg", "sub", "p", row).encode() for row in range(count)]
+    client.lpush(KEYS.task, *tasks)
+    return leases, sink, leases.claim(count)
 
 
 def open_sink(tmp_path: Path, incarnation: str = "0123456789abcdef") -> ShardSink:

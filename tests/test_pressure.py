@@ -14,7 +14,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +29,10 @@ from laion5b.tasks import Task, is_transient
 from tests.helpers import ROOT, run_script, wait_until
 from tests.redis_server import RedisServer
 from tests.test_downloader import run_worker
+from tests.test_fetch import MIB, policy
 from tools.image_server import ImageServer, image_bytes
 
-LOOPBACK = (ip_network("127.0.0.0/8"),)
-MIB = 1024 * 1024
 KEYS = Keys()
-
-
-def policy(**changes: Any) -> FetchPolicy:
-    """A test policy: loopback allowed, limits small enough for quick tests."""
-    values: dict[str, Any] = {
-        "allowed_networks": LOOPBACK,
-        "connect_timeout": 2.0,
-        "read_timeout": 2.0,
-        "download_timeout": 5.0,
-        "max_bytes": 16 * MIB,
-    }
-    values.update(changes)
-    return FetchPolicy(**values)
 
 
 def fetch_async(fetch_policy: FetchPolicy, urls: list[str], **options: Any) -> list[Fetched]:
@@ -101,6 +86,14 @@ def test_a_cut_body_is_truncated_on_both_engines(image_server: ImageServer, fetc
 # --- finding 9: waiting for byte budget is local pressure ------------------------------------------------------------
 
 
+def queue_tasks(client, urls: list[str]) -> list[Task]:
+    """Queue one task per URL, counted as added."""
+    tasks = [Task(id=f"id{row}", url=url, subset="s", part="p", row=row) for row, url in enumerate(urls)]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    client.incrby(KEYS.tongji_all, len(tasks))
+    return tasks
+
+
 @pytest.mark.parametrize("engine", ["threads", "async"])
 def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     redis_server: RedisServer, script_env: dict[str, str], image_server: ImageServer, engine: str
@@ -121,9 +114,7 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     }
     client = redis_server.client()
     urls = [image_server.url(f"/img/big{row}.jpg?size=1500000") for row in range(16)]
-    tasks = [Task(id=f"id{row}", url=url, subset="s", part="p", row=row) for row, url in enumerate(urls)]
-    client.lpush(KEYS.task, *[task.encode() for task in tasks])
-    client.incrby(KEYS.tongji_all, len(tasks))
+    tasks = queue_tasks(client, urls)
     result = run_worker(env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert client.lrange(KEYS.error, 0, -1) == [], "a wait for budget was recorded as a failure"
@@ -152,9 +143,7 @@ def test_waiting_for_a_host_slot_does_not_use_the_download_deadline(
     }
     client = redis_server.client()
     urls = [image_server.url(f"/slow/1.2/parked{row}.jpg") for row in range(4)]
-    tasks = [Task(id=f"id{row}", url=url, subset="s", part="p", row=row) for row, url in enumerate(urls)]
-    client.lpush(KEYS.task, *[task.encode() for task in tasks])
-    client.incrby(KEYS.tongji_all, len(tasks))
+    tasks = queue_tasks(client, urls)
     result = run_worker(env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert client.lrange(KEYS.error, 0, -1) == []
@@ -315,7 +304,7 @@ def _traced(fetch: Callable[[str], Fetched], url: str) -> tuple[Fetched, int]:
 def peak_of_fetch(engine: str, url: str) -> tuple[Fetched, int]:
     """The result of fetching ``url`` with a warmed-up fetcher of ``engine``, and the peak memory of that fetch."""
     if engine == "threads":
-        fetcher = Fetcher(policy())
+        fetcher = Fetcher(policy(max_bytes=16 * MIB))
         try:
             fetcher.fetch(url.replace("copy.", "warm.").partition("?")[0])
             return _traced(fetcher.fetch, url)
@@ -323,7 +312,7 @@ def peak_of_fetch(engine: str, url: str) -> tuple[Fetched, int]:
             fetcher.close()
 
     async def run() -> tuple[Fetched, int]:
-        fetcher = AsyncFetcher(policy())
+        fetcher = AsyncFetcher(policy(max_bytes=16 * MIB))
         try:
             await fetcher.fetch(url.replace("copy.", "warm.").partition("?")[0])
             tracemalloc.start()

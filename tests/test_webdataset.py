@@ -32,7 +32,7 @@ from laion5b.shards import (
     tar_member,
 )
 from laion5b.tasks import Task, decode
-from tests.helpers import run_script, wait_until
+from tests.helpers import run_script, wait_until, webdataset_env
 from tests.test_downloader import start_worker
 from tools.image_server import image_bytes
 
@@ -42,15 +42,7 @@ HOST = "testhost"
 
 @pytest.fixture
 def env(script_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **script_env,
-        "LAION_OUTPUT_FORMAT": "webdataset",
-        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
-        "LAION_THREAD_NUM": "8",
-        "LAION_CONCURRENCY": "8",
-        "LAION_HEARTBEAT_TTL": "3",
-        "LAION_DOWNLOAD_TIMEOUT": "5",
-    }
+    return webdataset_env(script_env)
 
 
 def queue(client, urls: list[str], first_row: int = 0) -> list[Task]:
