@@ -1059,6 +1059,8 @@ class Chaos:
         """Shrink the store's tmpfs to what it holds: writes fail with ENOSPC, which the disk guard does not see. Hold
         it full until every worker has paused (at most STORE_FILL_MAX s) and watch that no download starts while they
         are, then grow it back: each paused worker must resume once its probe write succeeds."""
+        for proc in self.workers.values():
+            self.wait_started(proc)
         marks = {name: proc.log_size() for name, proc in self.workers.items()}
         size = self.tmpfs.fill()
         filled = time.monotonic()
