@@ -1746,8 +1746,12 @@ def main() -> int:
         print("interrupted: stopping everything this run started", file=sys.stderr)
         code = 130
     finally:
-        chaos.stop_everything()
-        chaos.tmpfs.unmount(keep=code != 0 or args.keep)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal (timeout(1) sends two) must not cut this short
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            chaos.stop_everything()
+        finally:
+            chaos.tmpfs.unmount(keep=code != 0 or args.keep)
         if code == 0 and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
         else:

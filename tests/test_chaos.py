@@ -53,6 +53,7 @@ def chaos(tmp_path: Path, *options: str) -> str:
     for figure in ("lost", "doubled", "wrong outcome", "sentinel connections"):
         assert re.search(rf"^{figure} +0\b", output, re.MULTILINE), f"{figure} is not 0:\n{output[-6000:]}"
     assert elapsed < LIMIT
+    assert str(tmp_path) not in Path("/proc/mounts").read_text(), "the store's tmpfs is still mounted"
     return output
 
 
