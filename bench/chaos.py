@@ -22,7 +22,11 @@ exit 1 having recorded and finished nothing more), every worker SIGKILLed at onc
 workers stopped with SIGTERM, Redis restarted cleanly (sometimes with a worker killed and restarted while Redis is
 down), add_task.py SIGKILLed mid-file, save_error_task.py SIGKILLed, and the disk guard tripped (monitor stopped,
 a huge used-GB value published until every worker has paused; the queue must not shrink while they are paused)
-and released. The first round holds every kind of fault once.
+and released, and the store filled: store_dir is a tmpfs of its own, which the disk guard does not watch (it watches
+the run's folder), shrunk to what it holds so that writes fail with ENOSPC until every worker has paused
+(store_pause; no download is made again while they are paused), then grown back (each paused worker must resume once
+its probe write succeeds: store_resume). The first round holds every kind of fault once. Mounting the tmpfs needs root
+(CAP_SYS_ADMIN): without it the run says so in one line and goes without that fault (--no-store-fill: likewise).
 
 Then the faults stop, the chaos workers get SIGTERM, a final pass of `downloader.py --until-empty` workers runs,
 the saver is stopped and `save_error_task.py --until-empty` runs, add_task.py runs once more (it must queue
@@ -32,7 +36,9 @@ exactly one file whose bytes are the bytes the server sends for its URL; every f
 tries; their last try may meet another transient failure, timeout or connection, on a busy machine: that is accepted
 and shown apart, for at most 10 % of a kind); nothing left in the queue, the delayed set, any lease or processing
 list, or store_dir/.tmp; no connection reached the sentinel; worker RSS stayed under threads x max_image_bytes +
-overhead. It prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1 on any mismatch.
+overhead; no error record is store_error and no worker logged store_failed (a full store returns its tasks
+without using an attempt). It prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1
+on any mismatch.
 
 With --output webdataset the workers write tar shards (small ones, --shard-size, so that kills land mid-shard) and
 the audit reads every finished shard back with tarfile instead of the files: each success is exactly one sample in
@@ -81,6 +87,7 @@ from laion5b import errorfiles, inputs  # noqa: E402
 from laion5b.disk import publish_used  # noqa: E402
 from laion5b.imageformat import image_extension  # noqa: E402
 from laion5b.keys import Keys  # noqa: E402
+from laion5b.storehealth import PROBE_MAX  # noqa: E402
 from laion5b.tasks import safe_id  # noqa: E402
 from tools.image_server import ImageServer, gzip_bomb, image_bytes  # noqa: E402
 
@@ -101,6 +108,12 @@ PAUSED_WATCH = 1.5  # seconds the queue is watched once every worker has paused
 STARTUP_MAX = 30.0  # seconds a process may take to log its first line (imports on a busy machine)
 SAVER_CATCH = 6.0  # seconds spent trying to catch save_error_task.py while it holds a batch
 RESUME_MAX = 15.0  # a worker that has just paused looks at its disk again after up to 10 s
+STORE_FILL_MIN = 2.0  # seconds the store is held full at least ...
+STORE_FILL_MAX = 10.0  # ... and at most, waiting for every worker to pause
+STORE_FILL_MARGIN = 64 * 1024  # bytes left free when the tmpfs is shrunk: the next few writes fill them
+STORE_RESUME_MAX = PROBE_MAX + 5.0  # a failing store is probed 2, 4, 8, 16, then 30 s apart
+TMPFS_ROW_BYTES = 128 * 1024  # room on the store's tmpfs per row (images average 20 KiB), besides TMPFS_BASE_BYTES
+TMPFS_BASE_BYTES = 64 * MIB
 SHARD_ROWS = 10_000
 TRANSIENT_ENDINGS = ("timeout", "connection")  # what else a transient kind's last try may meet on a busy machine
 OWN_STATUS_SHARE = 0.9  # ... but most rows of a transient kind must end with the kind's own status
@@ -435,6 +448,73 @@ class Sentinel:
         self.socket.close()
 
 
+class TmpfsStore:
+    """store_dir on a tmpfs of its own (the disk guard watches the run's folder, not it): shrunk to what it holds to
+    fill the store, grown back to free it, unmounted at the end."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        self.folder = folder
+        self.size = size
+        self.mounted = False
+
+    def mount(self) -> str | None:
+        """Mount the tmpfs; return why it cannot be (not root, mounting not permitted), else None."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            done = run_mount("-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.folder))
+        except (OSError, subprocess.SubprocessError) as error:
+            return str(error)
+        if done.returncode != 0:
+            return done.stderr.strip() or f"mount exited {done.returncode}"
+        self.mounted = True
+        return None
+
+    def used(self) -> int:
+        stat = os.statvfs(self.folder)
+        return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+    def fill(self) -> int:
+        """Shrink the tmpfs to what it holds plus STORE_FILL_MARGIN, again while writes outgrow that: the next writes
+        fail with ENOSPC. Return its new size."""
+        for _ in range(100):
+            size = self.used() + STORE_FILL_MARGIN
+            if run_mount("-o", f"remount,size={size}", str(self.folder)).returncode == 0:
+                return size
+        raise RuntimeError(f"cannot shrink the tmpfs at {self.folder} to what it holds")
+
+    def free(self) -> None:
+        """Grow the tmpfs back to its size."""
+        done = run_mount("-o", f"remount,size={self.size}", str(self.folder))
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot grow the tmpfs at {self.folder} back: {done.stderr.strip()}")
+
+    def unmount(self, keep: bool) -> None:
+        """Unmount (lazily when busy); with ``keep``, its files are copied to the run's folder first."""
+        if not self.mounted:
+            return
+        copy = self.copy() if keep else None
+        if subprocess.run(["umount", str(self.folder)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True, check=False)
+        self.mounted = False
+        if copy is not None:
+            self.folder.rmdir()
+            copy.rename(self.folder)
+
+    def copy(self) -> Path | None:
+        """Copy the tmpfs's files beside it (None when that fails: they go with the tmpfs)."""
+        copy = self.folder.with_name(f"{self.folder.name}.kept")
+        try:
+            shutil.copytree(self.folder, copy, symlinks=True)
+        except OSError as error:
+            print(f"the store's files could not be kept: {error}", file=sys.stderr)
+            return None
+        return copy
+
+
+def run_mount(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
 # --- managed processes ------------------------------------------------------------------------------------------
 
 
@@ -475,6 +555,7 @@ class Figures:
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     disk: list[str] = field(default_factory=list)
+    store_fill: list[str] = field(default_factory=list)
     producer_mid_file: int = 0
     saver_mid_batch: int = 0
     window: tuple[float, float, int, int, int, int] = (0.0, 0.0, 0, 0, 0, 0)  # t0, t1, succ0, succ1, done0, done1
@@ -495,6 +576,7 @@ class Chaos:
         self.logs = folder / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.store = folder / "images"
+        self.tmpfs = TmpfsStore(self.store, args.rows * TMPFS_ROW_BYTES + TMPFS_BASE_BYTES)
         self.errors = folder / "error_task"
         self.parquet = folder / "parquet"
         self.procs: list[Proc] = []
@@ -702,6 +784,7 @@ class Chaos:
         rows, described = write_parquet(self.parquet, self.args.rows, self.args.seed, ctx)
         self.rows, self.described = rows, described
         self.redis.start()
+        self.mount_store()
         self.say(f"{len(rows):,} rows in {len(described)} parquet files; redis on port {self.redis.port} "
                  f"(appendfsync {self.args.appendfsync}); image server {ctx.base}; sentinel port {ctx.sentinel}; "
                  f"folder {self.folder}")  # fmt: skip
@@ -722,11 +805,24 @@ class Chaos:
         self.audit_logs()
         return self.audit()
 
+    def mount_store(self) -> None:
+        """Put store_dir on a tmpfs of its own for the store fill; without one (not root), say so in one line."""
+        if self.args.no_store_fill:
+            self.say("store fill: off (--no-store-fill); store_dir stays on the run's disk")
+            return
+        why = self.tmpfs.mount()
+        if why is None:
+            self.say(f"store_dir on a tmpfs of {self.tmpfs.size / MIB:,.0f} MiB that the disk guard does not watch")
+        else:
+            self.say(f"store fill: skipped, mounting a tmpfs needs root (CAP_SYS_ADMIN): {why}")
+
     def chaos(self, t0: float) -> None:
         """Fault events at random moments until --seconds have passed (the first round holds every kind)."""
         first = ["worker_kill_same", "worker_kill_new", "worker_term", "all_workers_kill", "redis_restart",
                  "saver_kill", "disk_trip", "worker_stop_same"]  # fmt: skip
         self.rng.shuffle(first)
+        if self.tmpfs.mounted:
+            first.insert(0, "store_fill")  # early, while the workers surely have images to store
         first.insert(0, "producer_kill")  # first, while add_task.py surely has files to queue
         weights = {
             "worker_kill_same": 24,
@@ -739,6 +835,8 @@ class Chaos:
             "disk_trip": 3,
             "worker_stop_same": 6,
         }
+        if self.tmpfs.mounted:
+            weights["store_fill"] = 3
         plan: Iterator[str] = iter(first)
         deadline = t0 + self.args.seconds
         round_done = False
@@ -957,6 +1055,67 @@ class Chaos:
         self.figures.disk.append(line)
         self.say(f"disk guard: {line}")
 
+    def event_store_fill(self) -> None:
+        """Shrink the store's tmpfs to what it holds: writes fail with ENOSPC, which the disk guard does not see. Hold
+        it full until every worker has paused (at most STORE_FILL_MAX s) and watch that no download starts while they
+        are, then grow it back: each paused worker must resume once its probe write succeeds."""
+        for proc in self.workers.values():
+            self.wait_started(proc)
+        marks = {name: proc.log_size() for name, proc in self.workers.items()}
+        size = self.tmpfs.fill()
+        filled = time.monotonic()
+        paused = self.store_paused(marks)
+        while not self.store_fill_over(time.monotonic() - filled, paused):
+            time.sleep(0.2)
+            paused = self.store_paused(marks)
+        took = time.monotonic() - filled
+        fetched = self.fetches_while_paused() if paused and paused == set(self.workers) else None
+        self.tmpfs.free()
+        released = time.monotonic()
+        resumed: set[str] = set()
+        while paused and time.monotonic() - released < STORE_RESUME_MAX:
+            resumed = {name for name in paused if "store_resume" in self.workers[name].log_text(marks[name])}
+            if resumed == paused:
+                break
+            time.sleep(0.2)
+        if resumed != paused:
+            self.fail(f"store fill: {len(paused) - len(resumed)} paused workers did not resume within "
+                      f"{STORE_RESUME_MAX:g} s of the release")  # fmt: skip
+        if not paused:
+            self.figures.notes.append(f"the store was full for {took:.1f} s but no worker wrote meanwhile")
+            self.say(f"store fill: full for {took:.1f} s, no worker wrote meanwhile")
+            return
+        self.figures.faults["store full (ENOSPC, the disk guard blind), then freed"] += 1
+        watched = "" if fetched is None else f", {fetched} requests in the {PAUSED_WATCH:g} s all were paused"
+        line = (
+            f"{len(paused)}/{len(self.workers)} workers paused within {took:.1f} s of the shrink to "
+            f"{size / MIB:.1f} MiB{watched}, {len(resumed)} resumed within {time.monotonic() - released:.1f} s of "
+            "the release"
+        )
+        self.figures.store_fill.append(line)
+        self.say(f"store fill: {line}")
+
+    def store_fill_over(self, held: float, paused: set[str]) -> bool:
+        """Whether the store was full long enough: every worker paused (after STORE_FILL_MIN s), or STORE_FILL_MAX s."""
+        return held >= STORE_FILL_MAX or (held >= STORE_FILL_MIN and paused == set(self.workers))
+
+    def store_paused(self, marks: dict[str, int]) -> set[str]:
+        """The workers that paused for the full store since their log's mark."""
+        return {name for name, proc in self.workers.items()
+                if "reason=store_failing errno=ENOSPC" in proc.log_text(marks[name])}  # fmt: skip
+
+    def fetches_while_paused(self) -> int:
+        """Requests the image server gets in PAUSED_WATCH s while every worker is paused: at most the redirects of
+        the downloads in flight, never a new download."""
+        asked = self.server.requests
+        time.sleep(PAUSED_WATCH)
+        fetched = self.server.requests - asked
+        bound = len(self.workers) * self.args.threads * 6  # each download in flight: its URL and 5 redirects
+        if fetched > bound:
+            self.fail(f"store fill: {fetched} requests in {PAUSED_WATCH:g} s while every worker was paused "
+                      f"(bound {bound})")  # fmt: skip
+        return fetched
+
     # --- the end ---
 
     def settle(self, t0: float) -> None:
@@ -1027,8 +1186,17 @@ class Chaos:
                 "shards left prepared whose files were gone (tasks queued again)": re.compile(r"shard_lost "),
             })  # fmt: skip
         patterns["paused workers fenced out after SIGCONT"] = re.compile(r"worker_fenced ")
+        if self.tmpfs.mounted:
+            patterns.update({
+                "store pauses (store_failing ENOSPC)": re.compile(r"store_pause .*reason=store_failing errno=ENOSPC"),
+                "store resumes (a probe write succeeded)": re.compile(r"store_resume "),
+                "probe writes that failed (store still full)": re.compile(r"store_probe_failed "),
+            })  # fmt: skip
+            if self.args.output == "webdataset":
+                patterns["shard seals deferred (store full)"] = re.compile(r"shard_seal_deferred ")
         self.log_counts = Counter(dict.fromkeys(patterns, 0))
-        bad = re.compile(r"Traceback|task_crashed|internal_error|position_conflict|identity_lost|name_lost")
+        bad = re.compile(r"Traceback|task_crashed|internal_error|position_conflict|identity_lost|name_lost|"
+                         r"store_failed")  # fmt: skip
         bad_when_fenced = re.compile(bad.pattern.replace("|identity_lost", ""))  # the fenced exit is expected there
         for log in sorted(self.logs.glob("*.log")):
             text = log.read_text(encoding="utf-8", errors="replace")
@@ -1050,6 +1218,9 @@ class Chaos:
         audit = Audit(self.rows, self.store, self.errors, self.redis, self.args.output)
         audit.check()
         self.figures.failures.extend(audit.problems)
+        if audit.status_count.get("store_error"):
+            self.figures.failures.append(f"{audit.status_count['store_error']} store_error records: a store failure "
+                                         "used up an attempt")  # fmt: skip
         if self.sentinel.connections:
             self.figures.failures.append(f"the sentinel behind 0.0.0.0 got {self.sentinel.connections} connections")
         peak = max(self.figures.rss_peak.values(), default=0)
@@ -1105,6 +1276,10 @@ class Chaos:
             lines.append(f"         ({figures.saver_mid_batch} of the save_error_task.py kills landed while it held "
                          "a batch)")  # fmt: skip
         lines += [f"  disk trip: {line}" for line in figures.disk]
+        lines += [f"  store fill: {line}" for line in figures.store_fill]
+        if self.tmpfs.mounted:
+            lines.append(f"  store_error records: {audit.status_count.get('store_error', 0)} (a full store uses no "
+                         "attempt)")  # fmt: skip
         starts = ", ".join(f"{role} {count}" for role, count in sorted(figures.starts.items()))
         lines.append(f"process restarts        {restarts:>8,}   ({starts} starts); from the processes' logs:")
         lines += [f"  {count:>5,}  {what}" for what, count in self.log_counts.items()]
@@ -1539,6 +1714,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec")
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="seconds allowed to finish after faults")
     parser.add_argument("--workdir", type=Path, help="folder of the run (default: a new temporary folder)")
+    parser.add_argument("--no-store-fill", action="store_true",
+                        help="keep store_dir on the run's disk: no tmpfs, no store that fills")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (images, logs, Redis data)")
     parser.add_argument("--no-report", action="store_true", help=f"do not write {REPORT.relative_to(ROOT)}")
     args = parser.parse_args()
@@ -1569,7 +1746,12 @@ def main() -> int:
         print("interrupted: stopping everything this run started", file=sys.stderr)
         code = 130
     finally:
-        chaos.stop_everything()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal (timeout(1) sends two) must not cut this short
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            chaos.stop_everything()
+        finally:
+            chaos.tmpfs.unmount(keep=code != 0 or args.keep)
         if code == 0 and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
         else:
