@@ -62,6 +62,7 @@ max_image_bytes = 32 * 1024 * 1024  # larger bodies are cut off and recorded as 
 max_redirects = 5  # redirects followed per image
 user_agent = "laion5b-downloader/0.1 (+image dataset download; honours X-Robots-Tag noai)"  # HTTP User-Agent
 disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
+honour_tdm_reservation = True  # an image served with the W3C TDMRep header tdm-reservation: 1 is not stored
 dns_cache_ttl = 300.0  # seconds a DNS answer is reused in a process (failed look-ups: 5 s; 0: no cache)
 dns_timeout = 10.0  # seconds a DNS look-up may take before it counts as failed (dns); the next try looks up again
 tls_ca_file = ""  # CA bundle that image servers' certificates are checked against (empty: the bundle requests ships)

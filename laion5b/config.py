@@ -71,6 +71,7 @@ class Config:
     max_redirects: int
     user_agent: str
     disallowed_header_directives: list[str]
+    honour_tdm_reservation: bool
     dns_cache_ttl: float
     dns_timeout: float
     tls_ca_file: str

@@ -84,6 +84,7 @@ def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolic
         max_redirects=config.max_redirects,
         user_agent=config.user_agent,
         disallowed_directives=frozenset(config.disallowed_header_directives),
+        honour_tdm_reservation=config.honour_tdm_reservation,
         allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
         resolver=resolver,
         dns_timeout=config.dns_timeout,

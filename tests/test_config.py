@@ -61,6 +61,7 @@ def test_redis_key_names_are_pinned():
         ("LAION_REDIS_TLS", "0", "redis_tls", False),
         ("LAION_ALLOWED_NETWORKS", "127.0.0.0/8, ::1/128", "allowed_networks", ["127.0.0.0/8", "::1/128"]),
         ("LAION_DISALLOWED_HEADER_DIRECTIVES", "noai", "disallowed_header_directives", ["noai"]),
+        ("LAION_HONOUR_TDM_RESERVATION", "no", "honour_tdm_reservation", False),
         ("LAION_STORE_DIR", "/data/laion", "store_dir", "/data/laion"),
     ],
 )

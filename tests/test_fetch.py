@@ -446,6 +446,31 @@ def test_custom_directives(image_server: ImageServer, fetch_with: Callable[..., 
     assert fetch(image_server.url("/optout/noai/a.jpg")).status is None
 
 
+@pytest.mark.parametrize("value", ["1", " 1 ", "1, 1"])
+def test_tdm_reservation(image_server: ImageServer, fetcher: AnyFetcher, value: str) -> None:
+    result = fetcher.fetch(image_server.url(f"/tdm/{quote(value)}/reserved.jpg"))
+    assert_failed(result, "disallowed")
+    assert "tdm-reservation" in result.error_msg
+
+
+@pytest.mark.parametrize("value", ["0", " 0 ", "", "yes"])
+def test_no_tdm_reservation(image_server: ImageServer, fetcher: AnyFetcher, value: str) -> None:
+    result = fetcher.fetch(image_server.url(f"/tdm/{quote(value)}/open.jpg"))
+    assert_image(result, image_bytes("open"), "jpg")
+
+
+def test_tdm_reservation_of_a_redirect_target(image_server: ImageServer, fetcher: AnyFetcher) -> None:
+    target = quote(image_server.url("/tdm/1/reserved.jpg"), safe="")
+    assert_failed(fetcher.fetch(image_server.url(f"/redirect-to?url={target}")), "disallowed")
+
+
+def test_tdm_reservation_not_honoured(
+    image_server: ImageServer, fetch_with: Callable[..., Callable[[str], Fetched]]
+) -> None:
+    fetch = fetch_with(honour_tdm_reservation=False)
+    assert_image(fetch(image_server.url("/tdm/1/research.jpg")), image_bytes("research"), "jpg")
+
+
 # --- connection errors -----------------------------------------------------------------------------------------
 
 

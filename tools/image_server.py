@@ -25,6 +25,7 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /redirect-to?url=U[&status=S]  redirect (302 or S) to any URL U
   /html                          200 text/html page
   /optout/<directive>/<name>.<ext>  the image with ``X-Robots-Tag: <directive>``
+  /tdm/<value>/<name>.<ext>      the image with the W3C TDMRep header ``TDM-Reservation: <value>``
   /wrongtype/<name>.<ext>        the image with ``Content-Type: text/html``
   /reset                         resets the connection (RST, SO_LINGER 0) without answering
   /truncated                     200 image/jpeg announcing 20000 bytes, then closing after 1000 of them
@@ -407,6 +408,10 @@ class _Handler(BaseHTTPRequestHandler):
         directive, _, image = rest.partition("/")
         self._image(image, query, **{"X-Robots-Tag": directive})
 
+    def route_tdm(self, rest: str, query: dict[str, str]) -> None:
+        value, _, image = rest.partition("/")
+        self._image(image, query, **{"TDM-Reservation": value})
+
     def route_wrongtype(self, rest: str, query: dict[str, str]) -> None:
         self._image(rest, query, content_type="text/html")
 
@@ -452,6 +457,7 @@ _ROUTES = {
     "redirect-to": _Handler.route_redirect_to,
     "html": _Handler.route_html,
     "optout": _Handler.route_optout,
+    "tdm": _Handler.route_tdm,
     "wrongtype": _Handler.route_wrongtype,
     "reset": _Handler.route_reset,
     "truncated": _Handler.route_truncated,
