@@ -21,6 +21,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
 
+from laion5b import __version__
 from laion5b.guard import Network, Resolver
 from laion5b.imageformat import image_extension
 from laion5b.retry import retry_after_of
@@ -35,6 +36,7 @@ GAVE_WAY = "gave_way"
 again soon without counting an attempt, and never recorded as the URL's failure."""
 TRUNCATED = "truncated"
 BUDGET_MESSAGE = "gave way: the bodies in memory reached max_inflight_bytes"
+TOOL_NAME = "laion5b-downloader"
 ACCEPT = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"
 ACCEPT_ENCODING = "gzip, deflate"
 _MAGIC_BYTES = 256  # the body is checked for an image signature once this much of it has arrived
@@ -52,7 +54,7 @@ class FetchPolicy:
     download_timeout: float = 30.0  # total deadline for the whole download incl. body and redirects
     max_bytes: int = 32 * 1024 * 1024  # body cap after content decoding (gzip bombs -> too_large)
     max_redirects: int = 5
-    user_agent: str = "laion5b-downloader"
+    user_agent: str = f"{TOOL_NAME}/{__version__}"
     disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
     honour_tdm_reservation: bool = True  # a response with the W3C TDMRep header tdm-reservation: 1 is disallowed
     allowed_networks: tuple[Network, ...] = ()
@@ -83,6 +85,12 @@ class FetchFailure(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+def user_agent_of(contact: str) -> str:
+    """The User-Agent naming this tool, its version and, when given, the URL or address its operator is reached at."""
+    agent = f"{TOOL_NAME}/{__version__}"
+    return f"{agent} (+{contact})" if contact else agent
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import setting
+from laion5b import config
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetch import Fetcher
@@ -39,10 +42,13 @@ from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.guard import system_resolver
 from laion5b.limits import AsyncByteBudget, ByteBudget
 from laion5b.tasks import MAX_URL_CHARS
+from laion5b.worker import fetch_policy
 from tests.certs import make_certificates
+from tests.helpers import ROOT
 from tools.image_server import ImageServer, gzip_bomb, image_bytes
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
+AGENT = "laion5b-downloader/" + tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 MIB = 1024 * 1024
 STATUS_WORDS = {
     "timeout",
@@ -469,6 +475,46 @@ def test_tdm_reservation_not_honoured(
 ) -> None:
     fetch = fetch_with(honour_tdm_reservation=False)
     assert_image(fetch(image_server.url("/tdm/1/research.jpg")), image_bytes("research"), "jpg")
+
+
+# --- the settings' policy: User-Agent and TDM reservation ----------------------------------------------------------
+
+
+def settings_fetcher(engine: str, **variables: str) -> AnyFetcher:
+    """A fetcher of ``engine`` with the policy that setting.py and ``LAION_*`` ``variables`` make, loopback allowed."""
+    loaded = config.load(setting, {"LAION_ALLOWED_NETWORKS": "127.0.0.0/8", **variables})
+    return ENGINES[engine](fetch_policy(loaded))
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, AGENT),
+        ({"LAION_USER_AGENT_CONTACT": "https://example.org/crawler"}, f"{AGENT} (+https://example.org/crawler)"),
+        ({"LAION_USER_AGENT_CONTACT": "mailto:ops@example.org"}, f"{AGENT} (+mailto:ops@example.org)"),
+        ({"LAION_USER_AGENT": "my-crawler/2.0"}, "my-crawler/2.0"),
+    ],
+)
+def test_user_agent_names_the_tool_its_version_and_contact(
+    image_server: ImageServer, engine: str, variables: dict[str, str], expected: str
+) -> None:
+    fetcher = settings_fetcher(engine, **variables)
+    path = f"/img/agent-{engine}-{len(expected)}.jpg"
+    try:
+        assert fetcher.fetch(image_server.url(path)).status is None
+    finally:
+        fetcher.close()
+    assert image_server.user_agent(path) == expected
+
+
+def test_tdm_reservation_setting(image_server: ImageServer, engine: str) -> None:
+    honouring, ignoring = settings_fetcher(engine), settings_fetcher(engine, LAION_HONOUR_TDM_RESERVATION="0")
+    try:
+        assert_failed(honouring.fetch(image_server.url("/tdm/1/set.jpg")), "disallowed")
+        assert_image(ignoring.fetch(image_server.url("/tdm/1/set.jpg")), image_bytes("set"), "jpg")
+    finally:
+        honouring.close()
+        ignoring.close()
 
 
 # --- connection errors -----------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /gzip/<name>.<ext>[?cut=1]     200, Content-Encoding: gzip: the image gzipped; with cut=1 cut in the middle of
                                  its stream (no end, no trailer), with a Content-Length that matches the cut body
   /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
-Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
+Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen;
+``ImageServer.user_agent(path)`` is the User-Agent of the last request for ``path``.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ class _Server(ThreadingHTTPServer):
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
         self.started: dict[str, list[float]] = {}
+        self.user_agents: dict[str, str] = {}
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -262,6 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
             self.server.started.setdefault(host, []).append(time.monotonic())
+            self.server.user_agents[self.path] = self.headers.get("User-Agent", "")
         try:
             self._answer()
         finally:
@@ -495,6 +498,11 @@ class ImageServer:
         """When each request to ``host`` arrived (monotonic clock)."""
         with self._server.lock:
             return list(self._server.started.get(host, []))
+
+    def user_agent(self, path: str) -> str | None:
+        """The User-Agent of the last request for ``path`` (as sent: query included), None if it was not asked."""
+        with self._server.lock:
+            return self._server.user_agents.get(path)
 
     def asked(self, name: str) -> list[float]:
         """When (time.monotonic) each request of /retry-after/.../<name>.<ext> arrived."""
