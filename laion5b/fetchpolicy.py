@@ -45,6 +45,12 @@ _TOKENS = re.compile(r"[\s,:;]+")
 _USERINFO = re.compile(r"//[^/@\s]*@")
 
 
+def user_agent_of(contact: str) -> str:
+    """The User-Agent naming this tool, its version and, when given, the URL or address its operator is reached at."""
+    agent = f"{TOOL_NAME}/{__version__}"
+    return f"{agent} (+{contact})" if contact else agent
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     """Limits of one download; the worker builds it from the settings."""
@@ -54,7 +60,7 @@ class FetchPolicy:
     download_timeout: float = 30.0  # total deadline for the whole download incl. body and redirects
     max_bytes: int = 32 * 1024 * 1024  # body cap after content decoding (gzip bombs -> too_large)
     max_redirects: int = 5
-    user_agent: str = f"{TOOL_NAME}/{__version__}"
+    user_agent: str = user_agent_of("")
     disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
     honour_tdm_reservation: bool = True  # a response with the W3C TDMRep header tdm-reservation: 1 is disallowed
     allowed_networks: tuple[Network, ...] = ()
@@ -85,12 +91,6 @@ class FetchFailure(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
-
-
-def user_agent_of(contact: str) -> str:
-    """The User-Agent naming this tool, its version and, when given, the URL or address its operator is reached at."""
-    agent = f"{TOOL_NAME}/{__version__}"
-    return f"{agent} (+{contact})" if contact else agent
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

@@ -499,12 +499,12 @@ def test_user_agent_names_the_tool_its_version_and_contact(
     image_server: ImageServer, engine: str, variables: dict[str, str], expected: str
 ) -> None:
     fetcher = settings_fetcher(engine, **variables)
-    path = f"/img/agent-{engine}-{len(expected)}.jpg"
+    name = f"{engine}-{len(expected)}"
     try:
-        assert fetcher.fetch(image_server.url(path)).status is None
+        assert_image(fetcher.fetch(image_server.url(f"/agent/{name}.jpg")), image_bytes(name), "jpg")
     finally:
         fetcher.close()
-    assert image_server.user_agent(path) == expected
+    assert image_server.user_agent(name) == expected
 
 
 def test_tdm_reservation_setting(image_server: ImageServer, engine: str) -> None:

@@ -26,6 +26,7 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /html                          200 text/html page
   /optout/<directive>/<name>.<ext>  the image with ``X-Robots-Tag: <directive>``
   /tdm/<value>/<name>.<ext>      the image with the W3C TDMRep header ``TDM-Reservation: <value>``
+  /agent/<name>.<ext>            the image; ``ImageServer.user_agent(name)`` is the User-Agent it was asked with
   /wrongtype/<name>.<ext>        the image with ``Content-Type: text/html``
   /reset                         resets the connection (RST, SO_LINGER 0) without answering
   /truncated                     200 image/jpeg announcing 20000 bytes, then closing after 1000 of them
@@ -33,8 +34,7 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /gzip/<name>.<ext>[?cut=1]     200, Content-Encoding: gzip: the image gzipped; with cut=1 cut in the middle of
                                  its stream (no end, no trailer), with a Content-Length that matches the cut body
   /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
-Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen;
-``ImageServer.user_agent(path)`` is the User-Agent of the last request for ``path``.
+Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
 """
 
 from __future__ import annotations
@@ -264,7 +264,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
             self.server.started.setdefault(host, []).append(time.monotonic())
-            self.server.user_agents[self.path] = self.headers.get("User-Agent", "")
         try:
             self._answer()
         finally:
@@ -415,6 +414,11 @@ class _Handler(BaseHTTPRequestHandler):
         value, _, image = rest.partition("/")
         self._image(image, query, **{"TDM-Reservation": value})
 
+    def route_agent(self, rest: str, query: dict[str, str]) -> None:
+        with self.server.lock:
+            self.server.user_agents[rest.rpartition(".")[0]] = self.headers.get("User-Agent", "")
+        self._image(rest, query)
+
     def route_wrongtype(self, rest: str, query: dict[str, str]) -> None:
         self._image(rest, query, content_type="text/html")
 
@@ -461,6 +465,7 @@ _ROUTES = {
     "html": _Handler.route_html,
     "optout": _Handler.route_optout,
     "tdm": _Handler.route_tdm,
+    "agent": _Handler.route_agent,
     "wrongtype": _Handler.route_wrongtype,
     "reset": _Handler.route_reset,
     "truncated": _Handler.route_truncated,
@@ -499,10 +504,10 @@ class ImageServer:
         with self._server.lock:
             return list(self._server.started.get(host, []))
 
-    def user_agent(self, path: str) -> str | None:
-        """The User-Agent of the last request for ``path`` (as sent: query included), None if it was not asked."""
+    def user_agent(self, name: str) -> str | None:
+        """The User-Agent of the last request of /agent/<name>.<ext>, None if there was none."""
         with self._server.lock:
-            return self._server.user_agents.get(path)
+            return self._server.user_agents.get(name)
 
     def asked(self, name: str) -> list[float]:
         """When (time.monotonic) each request of /retry-after/.../<name>.<ext> arrived."""
