@@ -70,7 +70,9 @@ class Config:
     max_image_bytes: int
     max_redirects: int
     user_agent: str
+    user_agent_contact: str
     disallowed_header_directives: list[str]
+    honour_tdm_reservation: bool
     dns_cache_ttl: float
     dns_timeout: float
     tls_ca_file: str
@@ -184,9 +186,22 @@ def _validate(config: Config) -> None:
         )
     if config.tls_ca_file and not os.path.isfile(config.tls_ca_file):
         raise ConfigError(f"{_named('tls_ca_file')}: {config.tls_ca_file!r} is not a file")
-    for name in ("redis_ip", "store_dir", "user_agent"):
+    for name in ("redis_ip", "store_dir"):
         if not getattr(config, name):
             raise ConfigError(f"{_named(name)} must not be empty")
+    _validate_user_agent(config)
+
+
+def _validate_user_agent(config: Config) -> None:
+    for name in ("user_agent", "user_agent_contact"):
+        value = getattr(config, name)
+        if not (value.isascii() and value.isprintable()) or value != value.strip():
+            raise ConfigError(f"{_named(name)} must be printable ASCII on one line, got {value!r}")
+    if config.user_agent and config.user_agent_contact and config.user_agent_contact not in config.user_agent:
+        raise ConfigError(
+            f"{_named('user_agent_contact')} is not sent while {_named('user_agent')} is set: "
+            "empty user_agent, or put the contact in it"
+        )
 
 
 def _validate_processing(config: Config) -> None:

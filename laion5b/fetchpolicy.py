@@ -2,8 +2,9 @@
 rules, the body cap and magic-number check, redirect targets, and the one-line messages.
 
 A fetch returns a ``Fetched`` for every per-URL problem; its ``status`` is None on success, the HTTP code for a
-final status >= 300, or one of the words timeout, connection, dns, ssl, not_image, too_large, truncated, disallowed,
-blocked_address, redirects and bad_url; or GAVE_WAY when the download yielded to local pressure (not the URL's fault).
+final status >= 300, or one of the words timeout, connection, dns, ssl, not_image, too_large, truncated, disallowed
+(an X-Robots-Tag or TDMRep opt-out), blocked_address, redirects and bad_url; or GAVE_WAY when the download yielded to
+local pressure (not the URL's fault).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
 
+from laion5b import __version__
 from laion5b.guard import Network, Resolver
 from laion5b.imageformat import image_extension
 from laion5b.retry import retry_after_of
@@ -34,12 +36,19 @@ GAVE_WAY = "gave_way"
 again soon without counting an attempt, and never recorded as the URL's failure."""
 TRUNCATED = "truncated"
 BUDGET_MESSAGE = "gave way: the bodies in memory reached max_inflight_bytes"
+TOOL_NAME = "laion5b-downloader"
 ACCEPT = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"
 ACCEPT_ENCODING = "gzip, deflate"
 _MAGIC_BYTES = 256  # the body is checked for an image signature once this much of it has arrived
 _MESSAGE_CHARS = 200
 _TOKENS = re.compile(r"[\s,:;]+")
 _USERINFO = re.compile(r"//[^/@\s]*@")
+
+
+def user_agent_of(contact: str) -> str:
+    """The User-Agent naming this tool, its version and, when given, the URL or address its operator is reached at."""
+    agent = f"{TOOL_NAME}/{__version__}"
+    return f"{agent} (+{contact})" if contact else agent
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,9 @@ class FetchPolicy:
     download_timeout: float = 30.0  # total deadline for the whole download incl. body and redirects
     max_bytes: int = 32 * 1024 * 1024  # body cap after content decoding (gzip bombs -> too_large)
     max_redirects: int = 5
-    user_agent: str = "laion5b-downloader"
+    user_agent: str = user_agent_of("")
     disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+    honour_tdm_reservation: bool = True  # a response with the W3C TDMRep header tdm-reservation: 1 is disallowed
     allowed_networks: tuple[Network, ...] = ()
     resolver: Resolver | None = None  # host, port -> IP strings; None = the system's; gaierror = DNS failure
     dns_timeout: float = 10.0  # a look-up is given up after this long (status dns); waits for a DNS thread are apart
@@ -100,13 +110,16 @@ def check_url(url: str, deadline: float, policy: FetchPolicy) -> None:
 
 
 def check_final(status: int, reason: str | None, headers: Mapping[str, str], policy: FetchPolicy) -> None:
-    """Refuse a final response by its status, its X-Robots-Tag opt-out or its announced length."""
+    """Refuse a final response by its status, its opt-out (X-Robots-Tag, TDMRep) or its announced length."""
     if status >= 300:
         retry_after = retry_after_of(status, headers.get("retry-after"))
         raise FetchFailure(status, f"HTTP {status} {reason or ''}".rstrip(), retry_after)
     robots = headers.get("x-robots-tag")
     if robots and not _disallowed(policy).isdisjoint(_TOKENS.split(robots.lower())):
         raise FetchFailure("disallowed", f"X-Robots-Tag: {robots}")
+    reservation = headers.get("tdm-reservation")
+    if policy.honour_tdm_reservation and reservation and _reserved(reservation):
+        raise FetchFailure("disallowed", f"tdm-reservation: {reservation}")
     length = headers.get("content-length", "")
     if length.isdigit() and int(length) > policy.max_bytes:
         raise FetchFailure("too_large", f"Content-Length {length} > {policy.max_bytes}")
@@ -114,6 +127,11 @@ def check_final(status: int, reason: str | None, headers: Mapping[str, str], pol
 
 def _disallowed(policy: FetchPolicy) -> frozenset[str]:
     return frozenset(directive.lower() for directive in policy.disallowed_directives)
+
+
+def _reserved(value: str) -> bool:
+    """Whether a tdm-reservation header value reserves text and data mining rights (TDMRep: 1; 0 or else: not)."""
+    return "1" in (item.strip() for item in value.split(","))
 
 
 def redirect_location(status: int, headers: Mapping[str, str]) -> str | None:

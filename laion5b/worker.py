@@ -19,7 +19,7 @@ from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
 from laion5b.dnscache import SPARE_THREADS, BlockingLookups, CachedResolver, DnsCache
-from laion5b.fetchpolicy import FetchPolicy, tls_context
+from laion5b.fetchpolicy import FetchPolicy, tls_context, user_agent_of
 from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
 from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
@@ -82,8 +82,9 @@ def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolic
         download_timeout=config.download_timeout,
         max_bytes=config.max_image_bytes,
         max_redirects=config.max_redirects,
-        user_agent=config.user_agent,
+        user_agent=config.user_agent or user_agent_of(config.user_agent_contact),
         disallowed_directives=frozenset(config.disallowed_header_directives),
+        honour_tdm_reservation=config.honour_tdm_reservation,
         allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks),
         resolver=resolver,
         dns_timeout=config.dns_timeout,

@@ -1,9 +1,11 @@
 import subprocess
 import sys
+import tomllib
 import types
 
 import pytest
 
+import laion5b
 import setting
 from laion5b import config
 from laion5b.keys import Keys
@@ -61,6 +63,7 @@ def test_redis_key_names_are_pinned():
         ("LAION_REDIS_TLS", "0", "redis_tls", False),
         ("LAION_ALLOWED_NETWORKS", "127.0.0.0/8, ::1/128", "allowed_networks", ["127.0.0.0/8", "::1/128"]),
         ("LAION_DISALLOWED_HEADER_DIRECTIVES", "noai", "disallowed_header_directives", ["noai"]),
+        ("LAION_HONOUR_TDM_RESERVATION", "no", "honour_tdm_reservation", False),
         ("LAION_STORE_DIR", "/data/laion", "store_dir", "/data/laion"),
     ],
 )
@@ -87,6 +90,8 @@ def test_environment_overrides(variable, value, field, expected):
         ("LAION_VERIFY_HASH", "sha256", "verify_hash (LAION_VERIFY_HASH) needs hash_col (LAION_HASH_COL)"),
         ("LAION_SAVE_COLUMNS", "score,key", "save_columns (LAION_SAVE_COLUMNS): 'key' would overwrite a metadata"),
         ("LAION_SAVE_COLUMNS", "score,score", "save_columns (LAION_SAVE_COLUMNS) names a column twice"),
+        ("LAION_USER_AGENT_CONTACT", "ops@x.org\r\nX-Evil: 1", "user_agent_contact (LAION_USER_AGENT_CONTACT) must be"),
+        ("LAION_USER_AGENT", "bot/1 ♥", "user_agent (LAION_USER_AGENT) must be printable ASCII on one line"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):
@@ -94,6 +99,18 @@ def test_bad_values_are_one_line_errors(variable, value, message):
         config.load(setting, {variable: value})
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_user_agent_and_a_contact_it_does_not_hold_are_refused():
+    both = {"LAION_USER_AGENT": "my-bot/1", "LAION_USER_AGENT_CONTACT": "https://example.org/bot"}
+    with pytest.raises(config.ConfigError, match=r"user_agent_contact \(LAION_USER_AGENT_CONTACT\) is not sent"):
+        config.load(setting, both)
+    held = {**both, "LAION_USER_AGENT": "my-bot/1 (+https://example.org/bot)"}
+    assert config.load(setting, held).user_agent == "my-bot/1 (+https://example.org/bot)"
+
+
+def test_version_is_pyproject_version():
+    assert laion5b.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
 def test_missing_setting_is_named():

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import setting
+from laion5b import config
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import CachedResolver, DnsCache
 from laion5b.fetch import Fetcher
@@ -39,10 +42,13 @@ from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.guard import system_resolver
 from laion5b.limits import AsyncByteBudget, ByteBudget
 from laion5b.tasks import MAX_URL_CHARS
+from laion5b.worker import fetch_policy
 from tests.certs import make_certificates
+from tests.helpers import ROOT
 from tools.image_server import ImageServer, gzip_bomb, image_bytes
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
+AGENT = "laion5b-downloader/" + tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 MIB = 1024 * 1024
 STATUS_WORDS = {
     "timeout",
@@ -444,6 +450,71 @@ def test_custom_directives(image_server: ImageServer, fetch_with: Callable[..., 
     fetch = fetch_with(disallowed_directives=frozenset({"NoTrain"}))
     assert_failed(fetch(image_server.url("/optout/notrain/a.jpg")), "disallowed")
     assert fetch(image_server.url("/optout/noai/a.jpg")).status is None
+
+
+@pytest.mark.parametrize("value", ["1", " 1 ", "1, 1"])
+def test_tdm_reservation(image_server: ImageServer, fetcher: AnyFetcher, value: str) -> None:
+    result = fetcher.fetch(image_server.url(f"/tdm/{quote(value)}/reserved.jpg"))
+    assert_failed(result, "disallowed")
+    assert "tdm-reservation" in result.error_msg
+
+
+@pytest.mark.parametrize("value", ["0", " 0 ", "", "yes"])
+def test_no_tdm_reservation(image_server: ImageServer, fetcher: AnyFetcher, value: str) -> None:
+    result = fetcher.fetch(image_server.url(f"/tdm/{quote(value)}/open.jpg"))
+    assert_image(result, image_bytes("open"), "jpg")
+
+
+def test_tdm_reservation_of_a_redirect_target(image_server: ImageServer, fetcher: AnyFetcher) -> None:
+    target = quote(image_server.url("/tdm/1/reserved.jpg"), safe="")
+    assert_failed(fetcher.fetch(image_server.url(f"/redirect-to?url={target}")), "disallowed")
+
+
+def test_tdm_reservation_not_honoured(
+    image_server: ImageServer, fetch_with: Callable[..., Callable[[str], Fetched]]
+) -> None:
+    fetch = fetch_with(honour_tdm_reservation=False)
+    assert_image(fetch(image_server.url("/tdm/1/research.jpg")), image_bytes("research"), "jpg")
+
+
+# --- the settings' policy: User-Agent and TDM reservation ----------------------------------------------------------
+
+
+def settings_fetcher(engine: str, **variables: str) -> AnyFetcher:
+    """A fetcher of ``engine`` with the policy that setting.py and ``LAION_*`` ``variables`` make, loopback allowed."""
+    loaded = config.load(setting, {"LAION_ALLOWED_NETWORKS": "127.0.0.0/8", **variables})
+    return ENGINES[engine](fetch_policy(loaded))
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, AGENT),
+        ({"LAION_USER_AGENT_CONTACT": "https://example.org/crawler"}, f"{AGENT} (+https://example.org/crawler)"),
+        ({"LAION_USER_AGENT_CONTACT": "mailto:ops@example.org"}, f"{AGENT} (+mailto:ops@example.org)"),
+        ({"LAION_USER_AGENT": "my-crawler/2.0"}, "my-crawler/2.0"),
+    ],
+)
+def test_user_agent_names_the_tool_its_version_and_contact(
+    image_server: ImageServer, engine: str, variables: dict[str, str], expected: str
+) -> None:
+    fetcher = settings_fetcher(engine, **variables)
+    name = f"{engine}-{len(expected)}"
+    try:
+        assert_image(fetcher.fetch(image_server.url(f"/agent/{name}.jpg")), image_bytes(name), "jpg")
+    finally:
+        fetcher.close()
+    assert image_server.user_agent(name) == expected
+
+
+def test_tdm_reservation_setting(image_server: ImageServer, engine: str) -> None:
+    honouring, ignoring = settings_fetcher(engine), settings_fetcher(engine, LAION_HONOUR_TDM_RESERVATION="0")
+    try:
+        assert_failed(honouring.fetch(image_server.url("/tdm/1/set.jpg")), "disallowed")
+        assert_image(ignoring.fetch(image_server.url("/tdm/1/set.jpg")), image_bytes("set"), "jpg")
+    finally:
+        honouring.close()
+        ignoring.close()
 
 
 # --- connection errors -----------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /redirect-to?url=U[&status=S]  redirect (302 or S) to any URL U
   /html                          200 text/html page
   /optout/<directive>/<name>.<ext>  the image with ``X-Robots-Tag: <directive>``
+  /tdm/<value>/<name>.<ext>      the image with the W3C TDMRep header ``TDM-Reservation: <value>``
+  /agent/<name>.<ext>            the image; ``ImageServer.user_agent(name)`` is the User-Agent it was asked with
   /wrongtype/<name>.<ext>        the image with ``Content-Type: text/html``
   /reset                         resets the connection (RST, SO_LINGER 0) without answering
   /truncated                     200 image/jpeg announcing 20000 bytes, then closing after 1000 of them
@@ -219,6 +221,7 @@ class _Server(ThreadingHTTPServer):
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
         self.started: dict[str, list[float]] = {}
+        self.user_agents: dict[str, str] = {}
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -407,6 +410,15 @@ class _Handler(BaseHTTPRequestHandler):
         directive, _, image = rest.partition("/")
         self._image(image, query, **{"X-Robots-Tag": directive})
 
+    def route_tdm(self, rest: str, query: dict[str, str]) -> None:
+        value, _, image = rest.partition("/")
+        self._image(image, query, **{"TDM-Reservation": value})
+
+    def route_agent(self, rest: str, query: dict[str, str]) -> None:
+        with self.server.lock:
+            self.server.user_agents[rest.rpartition(".")[0]] = self.headers.get("User-Agent", "")
+        self._image(rest, query)
+
     def route_wrongtype(self, rest: str, query: dict[str, str]) -> None:
         self._image(rest, query, content_type="text/html")
 
@@ -452,6 +464,8 @@ _ROUTES = {
     "redirect-to": _Handler.route_redirect_to,
     "html": _Handler.route_html,
     "optout": _Handler.route_optout,
+    "tdm": _Handler.route_tdm,
+    "agent": _Handler.route_agent,
     "wrongtype": _Handler.route_wrongtype,
     "reset": _Handler.route_reset,
     "truncated": _Handler.route_truncated,
@@ -489,6 +503,11 @@ class ImageServer:
         """When each request to ``host`` arrived (monotonic clock)."""
         with self._server.lock:
             return list(self._server.started.get(host, []))
+
+    def user_agent(self, name: str) -> str | None:
+        """The User-Agent of the last request of /agent/<name>.<ext>, None if there was none."""
+        with self._server.lock:
+            return self._server.user_agents.get(name)
 
     def asked(self, name: str) -> list[float]:
         """When (time.monotonic) each request of /retry-after/.../<name>.<ext> arrived."""
