@@ -34,6 +34,7 @@ from laion5b.fetchpolicy import (
     drain_length,
     failed,
     one_line,
+    pressed,
     redirect_location,
     redirect_target,
     tls_context,
@@ -167,6 +168,7 @@ class AsyncFetcher:
             fetched = self._timed_out(body, resolving)
         except _EXPECTED_ERRORS as exc:
             fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
+        fetched = pressed(fetched, body, self._policy.download_timeout)
         if fetched.data is None and self._budget is not None:
             self._budget.give(body.reserved)
         return fetched
@@ -243,9 +245,9 @@ async def _read_body(response: aiohttp.ClientResponse, body: Body, budget: Async
 
 async def _reserve(budget: AsyncByteBudget, body: Body, size: int) -> None:
     """Reserve ``size`` more bytes of ``body`` in ``budget``; give way (GAVE_WAY) when the budget says so."""
-    body.waiting = True
+    body.waiting, began = True, time.monotonic()
     granted = await budget.take(size, body.reserved)
-    body.waiting = False
+    body.waiting, body.waited = False, body.waited + time.monotonic() - began
     if not granted:
         raise FetchFailure(GAVE_WAY, BUDGET_MESSAGE)
     body.reserved += size

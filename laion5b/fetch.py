@@ -32,6 +32,7 @@ from laion5b.fetchpolicy import (
     drain_length,
     failed,
     one_line,
+    pressed,
     redirect_location,
     redirect_target,
     tls_context,
@@ -95,6 +96,7 @@ class Fetcher:
             fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
         finally:
             DEADLINE.value = None
+        fetched = pressed(fetched, body, self._policy.download_timeout)
         if fetched.data is None and self._budget is not None:
             self._budget.give(body.reserved)
         return fetched
@@ -175,7 +177,10 @@ def _read_body(raw: HTTPResponse, body: Body, budget: ByteBudget | None) -> None
     while data := raw.read1(CHUNK, decode_content=False):
         for chunk in decoder.decode(data):
             if budget is not None:
-                if not budget.take(len(chunk), body.reserved, body.deadline):
+                began = time.monotonic()
+                granted = budget.take(len(chunk), body.reserved, body.deadline)
+                body.waited += time.monotonic() - began
+                if not granted:
                     raise FetchFailure(GAVE_WAY, BUDGET_MESSAGE)  # it gave way, or waited until its deadline
                 body.reserved += len(chunk)
             body.add(chunk)

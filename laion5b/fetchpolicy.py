@@ -159,6 +159,14 @@ def drain_length(headers: Mapping[str, str]) -> int | None:
     return int(length) if length.isdigit() and int(length) <= DRAIN_BYTES else None
 
 
+def pressed(fetched: Fetched, body: Body, download_timeout: float) -> Fetched:
+    """A download that timed out after waiting for byte budget for half its time or more gave way: it lost its time
+    to local pressure, not to the URL."""
+    if fetched.status != "timeout" or body.waited < download_timeout / 2:
+        return fetched
+    return Fetched(None, None, GAVE_WAY, f"{BUDGET_MESSAGE} (waited {body.waited:.1f} s of {download_timeout:g} s)")
+
+
 class Body:
     """A response body as it arrives: capped at ``limit`` bytes, checked for an image signature early."""
 
@@ -167,6 +175,7 @@ class Body:
         self.deadline = deadline
         self.reserved = 0  # bytes of it reserved in the process's byte budget
         self.waiting = False  # waiting for byte budget (a deadline that passes now is local pressure, not a timeout)
+        self.waited = 0.0  # seconds spent waiting for byte budget in all
         self._data = bytearray()
         self._checked = not image
 

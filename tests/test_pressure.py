@@ -29,7 +29,7 @@ from laion5b.tasks import Task, is_transient
 from tests.helpers import ROOT, run_script, wait_until
 from tests.redis_server import RedisServer
 from tests.test_downloader import run_worker
-from tests.test_fetch import MIB, policy
+from tests.test_fetch import MIB, fetcher_with_limits, policy
 from tools.image_server import ImageServer, image_bytes
 
 KEYS = Keys()
@@ -123,6 +123,27 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     assert [item["attempts"] for item in metadata] == [1] * len(tasks)  # each stored at its first counted attempt
     retried = re.search(r"worker_exit .* retried=(\d+)", result.stderr)
     assert retried is not None and int(retried.group(1)) > 0, "no download had to wait: the test proves nothing"
+
+
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_a_download_that_lost_most_of_its_time_to_the_budget_gave_way(image_server: ImageServer, engine: str) -> None:
+    """Another download holds the whole budget for 1.2 s of a 2 s deadline; once granted, the trickling body cannot
+    finish in the time left. That is local pressure (gave_way, no attempt used), not a timeout of the URL."""
+    fetcher, budget = fetcher_with_limits(engine, policy(download_timeout=2.0), budget_bytes=MIB)
+    assert budget is not None
+    hold = budget.take(MIB, 0, time.monotonic() + 5) if engine == "threads" else fetcher._call(budget.take(MIB, 0))
+    assert hold
+    give = budget.give if engine == "threads" else lambda size: fetcher._loop.call_soon_threadsafe(budget.give, size)
+    releaser = threading.Timer(1.2, give, args=(MIB,))
+    releaser.start()
+    try:
+        pressed = fetcher.fetch(image_server.url("/trickle"))
+        plain = fetcher.fetch(image_server.url("/trickle"))
+    finally:
+        releaser.join()
+        fetcher.close()
+    assert (pressed.status, plain.status) == ("gave_way", "timeout"), (pressed.error_msg, plain.error_msg)
+    assert "waited" in pressed.error_msg
 
 
 @pytest.mark.parametrize("engine", ["threads", "async"])
