@@ -412,6 +412,27 @@ def test_a_lease_the_worker_does_not_hold_is_returned_and_done(redis_server, env
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 2)
 
 
+def test_the_async_engine_runs_on_uvloop_or_falls_back_to_asyncio_once(
+    redis_server, script_env, image_server, tmp_path
+):
+    """By default the async engine runs on uvloop (worker_start says loop=uvloop); where uvloop cannot be imported
+    it runs on asyncio's loop, says so in one engine_loop_fallback line, and stores as well."""
+    client = redis_server.client()
+    hidden = tmp_path / "no-uvloop"
+    hidden.mkdir()
+    (hidden / "uvloop.py").write_text('raise ImportError("uvloop is not installed here")\n')
+    env = {**script_env, "LAION_ENGINE": "async", "LAION_ALLOWED_NETWORKS": "127.0.0.0/8"}
+    for name, extra, loop in (("0", {}, "uvloop"), ("1", {"PYTHONPATH": f"{hidden}:{env['PYTHONPATH']}"}, "asyncio")):
+        queue_urls(client, [image_server.url(f"/img/loop{name}.jpg")], part=name)
+        result = run_worker({**env, **extra}, name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"engine=async loop={loop} " in result.stderr
+        fallbacks = [line for line in result.stderr.splitlines() if "engine_loop_fallback" in line]
+        expected = ["wanted=uvloop reason=uvloop is not installed here"] if loop == "asyncio" else []
+        assert [line.partition("engine_loop_fallback ")[2] for line in fallbacks] == expected
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 2)
+
+
 def test_threads_past_the_knee_are_named_at_start(redis_server, script_env):
     result = run_worker({**script_env, "LAION_ENGINE": "threads", "LAION_THREAD_NUM": "200"})
     assert result.returncode == 0, result.stderr[-2000:]
