@@ -1,5 +1,5 @@
 """downloader.py as users run it: real processes, a real Redis, the loopback image server; every test runs once
-per engine (threads, async)."""
+per engine (threads, async on uvloop, async on asyncio's loop)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ from PIL import Image
 from laion5b.disk import publish_used
 from laion5b.keys import Keys
 from laion5b.tasks import Task
-from tests.helpers import run_script, wait_until
+from tests.helpers import ENGINE_IDS, engine_env, run_script, wait_until
 from tools.image_server import ImageServer, image_bytes
 
 KEYS = Keys()
 
 
-@pytest.fixture(params=["threads", "async"])
+@pytest.fixture(params=ENGINE_IDS)
 def env(script_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
     return {
         **script_env,
-        "LAION_ENGINE": request.param,
+        **engine_env(request.param),
         "LAION_CONCURRENCY": "8",
         "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
         "LAION_THREAD_NUM": "8",
@@ -144,7 +144,8 @@ def test_a_429_is_tried_again_after_the_wait_and_counted_once(
     redis_server, env, image_server, retry_after, backoff, wait
 ):
     client = redis_server.client()
-    name = f"wait-{retry_after}-{env['LAION_ENGINE']}"  # the server is the module's: a name per engine
+    engine = f"{env['LAION_ENGINE']}-{env.get('LAION_ENGINE_LOOP')}"
+    name = f"wait-{retry_after}-{engine}"  # the server is the module's: a name per engine
     queue_urls(client, [image_server.url(f"/retry-after/{retry_after}/{name}.jpg")])
     result = run_worker({**env, "LAION_RETRY_BACKOFF": backoff})
     assert result.returncode == 0, result.stderr[-2000:]
