@@ -134,8 +134,6 @@ class AsyncEngine:
             unstarted = []
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(ANSWER_TIMEOUT)
-        if not self._thread.is_alive():
-            self._loop.close()  # uvloop logs an error for a loop left open when it is collected
         self._finishers.stop()
         return unstarted
 

@@ -41,6 +41,11 @@ def env(script_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str,
     }
 
 
+def engine_of(env: dict[str, str]) -> str:
+    """The engine (and loop) that ``env`` runs, for names on the module's image server that differ between engines."""
+    return f"{env['LAION_ENGINE']}-{env.get('LAION_ENGINE_LOOP', '')}"
+
+
 def queue_urls(client, urls: list[str], subset: str = "s", part: str = "p") -> list[Task]:
     """Queue one task per URL the way add_task.py does, counting them in tongji_all."""
     tasks = [Task(id=f"id{row}", url=url, subset=subset, part=part, row=row) for row, url in enumerate(urls)]
@@ -144,8 +149,7 @@ def test_a_429_is_tried_again_after_the_wait_and_counted_once(
     redis_server, env, image_server, retry_after, backoff, wait
 ):
     client = redis_server.client()
-    engine = f"{env['LAION_ENGINE']}-{env.get('LAION_ENGINE_LOOP')}"
-    name = f"wait-{retry_after}-{engine}"  # the server is the module's: a name per engine
+    name = f"wait-{retry_after}-{engine_of(env)}"  # the server is the module's: a name per engine
     queue_urls(client, [image_server.url(f"/retry-after/{retry_after}/{name}.jpg")])
     result = run_worker({**env, "LAION_RETRY_BACKOFF": backoff})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -157,7 +161,7 @@ def test_a_429_is_tried_again_after_the_wait_and_counted_once(
 
 def test_tasks_waiting_for_a_retry_outlive_their_worker(redis_server, env, image_server):
     client = redis_server.client()
-    names = [f"outlive{i}-{env['LAION_ENGINE']}" for i in range(20)]
+    names = [f"outlive{i}-{engine_of(env)}" for i in range(20)]
     total = len(queue_urls(client, [image_server.url(f"/retry-after/2/{name}.jpg") for name in names]))
     worker = start_worker(env, "doomed")
     wait_until(lambda: client.zcard(KEYS.delayed) == total)
@@ -364,7 +368,7 @@ def test_sigterm_returns_held_tasks(redis_server, env, image_server):
     worker = start_worker({**env, "LAION_THREAD_NUM": "2"}, "0")
     wait_until(lambda: client.llen(KEYS.lease("testhost:0")) > 0, timeout=30)
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0
+    assert worker.wait(timeout=30) == 0, worker.stderr.read()[-3000:]
     done = int(client.get(KEYS.tongji_succ) or 0)
     assert client.llen(KEYS.task) + done == total
     assert client.llen(KEYS.lease("testhost:0")) == 0
@@ -427,7 +431,7 @@ def test_the_async_engine_runs_on_uvloop_or_falls_back_to_asyncio_once(
         queue_urls(client, [image_server.url(f"/img/loop{name}.jpg")], part=name)
         result = run_worker({**env, **extra}, name)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert f"engine=async loop={loop} " in result.stderr
+        assert f"engine=async loop={loop} " in result.stderr and " ERROR " not in result.stderr
         fallbacks = [line for line in result.stderr.splitlines() if "engine_loop_fallback" in line]
         expected = ["wanted=uvloop reason=uvloop is not installed here"] if loop == "asyncio" else []
         assert [line.partition("engine_loop_fallback ")[2] for line in fallbacks] == expected
