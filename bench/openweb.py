@@ -6,7 +6,8 @@ Builds a web from the host structure of a LAION sample (bench/webserve.py: one 1
 with a throwaway test CA, log-normal waits, slow / never-answering / resetting / refusing / 404 / HTML / 429 hosts),
 starts its own redis-server, then sweeps each client once over its in-flight counts per process (2 processes each):
   suite-threads  add_task.py + 2 x downloader.py --until-empty, LAION_ENGINE=threads, LAION_THREAD_NUM=k
-  suite-async    the same with LAION_ENGINE=async, LAION_CONCURRENCY=k
+  suite-async    the same with LAION_ENGINE=async, LAION_CONCURRENCY=k (on its default loop, uvloop)
+  suite-async-asyncio  suite-async on asyncio's own event loop (LAION_ENGINE_LOOP=asyncio)
   img2dataset    --processes_count 2 --thread_count k (bench/work/venv), trusting the CA through SSL_CERT_FILE
   bare           bench/bare.py aiohttp, k coroutines per process
 and runs each client 3 more times at its best point (the most steady images/s), the order rotating. Every client
@@ -49,11 +50,19 @@ SWEEP = {
     "img2dataset": [64, 128, 256, 512],
     "suite-threads": [32, 64, 128, 256],
     "suite-async": [256, 512, 1024],
+    "suite-async-asyncio": [512],
     "bare": [512],
 }
-QUICK_SWEEP = {"suite-threads": [64], "suite-async": [256], "img2dataset": [128], "bare": [256]}
-SPEED_CLIENT = {"suite-threads": "suite", "suite-async": "suite", "img2dataset": "img2dataset", "bare": "aiohttp"}
-ROLE = {"suite-threads": "workers", "suite-async": "workers", "img2dataset": "img2dataset", "bare": "aiohttp"}
+QUICK_SWEEP = {
+    "suite-threads": [64],
+    "suite-async": [256],
+    "suite-async-asyncio": [256],
+    "img2dataset": [128],
+    "bare": [256],
+}
+SUITES = ("suite-threads", "suite-async", "suite-async-asyncio")
+SPEED_CLIENT = {**dict.fromkeys(SUITES, "suite"), "img2dataset": "img2dataset", "bare": "aiohttp"}
+ROLE = {**dict.fromkeys(SUITES, "workers"), "img2dataset": "img2dataset", "bare": "aiohttp"}
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 IP = shutil.which("ip") or "/usr/sbin/ip"
 NS_RESOLVER = "127.0.0.53"
@@ -199,13 +208,14 @@ def check_books(setup: Setup, stored_files: int) -> tuple[str, dict[str, int]]:
 def measure(setup: Setup, base_env: dict[str, dict[str, str]], client: str, inflight: int, phase: str, run: int,
             root: Path) -> Point:  # fmt: skip
     """One run of one client at one in-flight count."""
-    setup.threads = DEFAULT_THREAD_NUM if client == "suite-async" else inflight  # LAION_THREAD_NUM of the suite
+    setup.threads = DEFAULT_THREAD_NUM if client.startswith("suite-async") else inflight  # the suite's THREAD_NUM
     setup.client_env = {name: dict(env) for name, env in base_env.items()}
     if client.startswith("suite"):
-        engine = client.split("-", 1)[1]
+        engine, _, loop = client.removeprefix("suite-").partition("-")
         setup.client_env["suite"]["LAION_ENGINE"] = engine
         if engine == "async":
             setup.client_env["suite"]["LAION_CONCURRENCY"] = str(inflight)
+            setup.client_env["suite"]["LAION_ENGINE_LOOP"] = loop or "uvloop"
     store = root / f"{client}-{inflight}-{phase}{run}"
     shutil.rmtree(store, ignore_errors=True)
     label = f"{phase}-{client}-{inflight}"

@@ -50,7 +50,12 @@ TLS_READ_BYTES = 16 * 1024 + 256
 """asyncio's TLS protocol zero-fills a 256 KiB read buffer for every new connection and asks OpenSSL for 256 KiB at
 each read: on traffic where nearly every download opens a TLS connection that was 13 % of a worker's CPU, and 256 KiB
 of memory per open connection (bench/RESULTS.md). A TLS record holds at most 16 KiB: a buffer of one record is
-enough (worker peak RSS at 1,024 in flight 357 -> 232 MB)."""
+enough (worker peak RSS at 1,024 in flight 357 -> 232 MB).
+
+On uvloop (engine_loop) this does not apply and nothing needs to: its TLS protocol is its own (uvloop.sslproto, in
+C), whose 256 KiB read buffer per connection is malloc'ed, not zero-filled: its pages cost memory only as far as
+one socket read fills them (worker peak RSS at 1,024 in flight: 256 MB on uvloop, 185 MB on asyncio's loop,
+bench/RESULTS.md). It is compiled in: setting asyncio's class attribute leaves uvloop alone."""
 asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BYTES
 _URL_ERRORS = (aiohttp.InvalidURL, urllib3.exceptions.LocationParseError, UnicodeError, ValueError)
 _TIMEOUT_ERRORS = (TimeoutError, aiohttp.ServerTimeoutError)

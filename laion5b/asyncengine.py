@@ -1,4 +1,5 @@
-"""The async engine: one asyncio event loop, on a thread of its own, with ``concurrency`` downloads in flight.
+"""The async engine: one event loop (uvloop's or asyncio's, as engine_loop says), on a thread of its own, with
+``concurrency`` downloads in flight.
 
 The worker's main thread keeps talking to Redis while the loop downloads: only two threads share the interpreter,
 so heartbeats stay on time at any concurrency. Finishing a task (hashing, processing pixels, writing to the store)
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
+from laion5b.eventloop import loop_factory
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import AsyncByteBudget, HostSlots
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
@@ -82,6 +84,7 @@ class AsyncEngine:
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
         dns_cache: DnsCache | None,
+        engine_loop: str = "uvloop",
     ) -> None:
         self.pipeline = pipeline
         self.policy = policy
@@ -91,7 +94,8 @@ class AsyncEngine:
         self.max_inflight_bytes = max_inflight_bytes
         self.tls = tls
         self.dns_cache = dns_cache
-        self._loop = asyncio.new_event_loop()
+        self.loop_name, new_loop = loop_factory(engine_loop)
+        self._loop = new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="async-engine", daemon=True)
         self._waiting: deque[str] = deque()
         self._running: set[asyncio.Task[None]] = set()

@@ -19,6 +19,7 @@ ENV_PREFIX = "LAION_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 ENGINES = ("threads", "async")
+ENGINE_LOOPS = ("uvloop", "asyncio")
 OUTPUT_FORMATS = ("files", "webdataset")
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -55,6 +56,7 @@ class Config:
     status_dir: str
     store_dir: str
     engine: str
+    engine_loop: str
     thread_num: int
     concurrency: int
     max_inflight_bytes: int
@@ -173,6 +175,10 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:
         raise ConfigError(f"{_named('engine')} must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    if config.engine_loop not in ENGINE_LOOPS:
+        raise ConfigError(
+            f"{_named('engine_loop')} must be one of {', '.join(ENGINE_LOOPS)}, got {config.engine_loop!r}"
+        )
     if config.output_format not in OUTPUT_FORMATS:
         raise ConfigError(
             f"{_named('output_format')} must be one of {', '.join(OUTPUT_FORMATS)}, got {config.output_format!r}"

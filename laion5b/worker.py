@@ -101,7 +101,15 @@ def make_engine(
     if config.engine == "async":
         policy = fetch_policy(config, resolver)
         return AsyncEngine(
-            pipeline, policy, config.concurrency, done, config.max_per_host, config.max_inflight_bytes, tls, cache
+            pipeline,
+            policy,
+            config.concurrency,
+            done,
+            config.max_per_host,
+            config.max_inflight_bytes,
+            tls,
+            cache,
+            config.engine_loop,
         )
     resolver = BlockingLookups(resolver or system_resolver, config.dns_timeout, config.thread_num + SPARE_THREADS)
     if cache is not None:
@@ -209,8 +217,9 @@ class Worker:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
         returned = self._redis(self.leases.register, "register")
-        log.info("worker_start worker=%s engine=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
-                 self.identity, config.engine, in_flight, open_files, returned)  # fmt: skip
+        loop = self.engine.loop_name if isinstance(self.engine, AsyncEngine) else "-"
+        log.info("worker_start worker=%s engine=%s loop=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
+                 self.identity, config.engine, loop, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
             recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)

@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion5b.eventloop import loop_factory
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "laion_sample_10000.parquet"
+ASYNC_LOOPS = {"async": "uvloop", "async-asyncio": "asyncio"}
+"""Ids of the async engine in tests, and the event loop (engine_loop) each runs on: "async" on its default."""
+ENGINE_IDS = ["threads", *ASYNC_LOOPS]
+"""Every engine a worker test runs on: the threads engine, the async engine on each loop."""
+Result = TypeVar("Result")
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    """The ``LAION_*`` variables that run a worker on ``engine``, one of ENGINE_IDS."""
+    if engine in ASYNC_LOOPS:
+        return {"LAION_ENGINE": "async", "LAION_ENGINE_LOOP": ASYNC_LOOPS[engine]}
+    return {"LAION_ENGINE": engine}
+
+
+def run_on_loop(engine: str, main: Coroutine[Any, Any, Result]) -> Result:
+    """Run ``main`` to its end on a new event loop of ``engine`` (an async id of ENGINE_IDS), as asyncio.run does."""
+    with asyncio.Runner(loop_factory=loop_factory(ASYNC_LOOPS[engine])[1]) as runner:
+        return runner.run(main)
 
 
 def webdataset_env(script_env: dict[str, str], **settings: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 
 from laion5b.keys import Keys
 from laion5b.tasks import Task, decode
-from tests.helpers import run_script, wait_until, write_original, write_wide
+from tests.helpers import ENGINE_IDS, engine_env, run_script, wait_until, write_original, write_wide
 from tests.redis_server import free_port
 
 KEYS = Keys()
@@ -90,7 +90,7 @@ def test_duplicate_ids_inside_and_across_files_are_each_counted_once(redis_serve
     assert files == ["one/00000/d.jpg", "one/00000/e.jpg", "two/00000/d.jpg"]
 
 
-@pytest.mark.parametrize("engine", ["threads", "async"])
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_hostile_urls_never_crash_a_worker_or_escape_the_store(redis_server, env, image_server, engine):
     port = image_server.port
     urls = {
@@ -111,7 +111,7 @@ def test_hostile_urls_never_crash_a_worker_or_escape_the_store(redis_server, env
     tasks = [Task(id=f"u{i}", url=url, subset="s", part="p", row=i) for i, (url, _) in enumerate(urls.values())]
     client.lpush(KEYS.task, *[t.encode() for t in tasks])
     client.incrby(KEYS.tongji_all, len(tasks))
-    result = run("downloader.py", {**env, "LAION_ENGINE": engine}, "0", "--until-empty", "--debug")
+    result = run("downloader.py", {**env, **engine_env(engine)}, "0", "--until-empty", "--debug")
     assert result.returncode == 0, result.stderr[-2000:]
     records = {r["id"]: r for r in map(json.loads, client.lrange(KEYS.error, 0, -1))}
     for task, (name, (url, status)) in zip(tasks, urls.items(), strict=True):

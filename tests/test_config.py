@@ -24,6 +24,7 @@ def test_defaults_come_from_setting_py():
     assert loaded.heartbeat_ttl == 30
     assert loaded.max_attempts == 3
     assert loaded.allowed_networks == []
+    assert (loaded.engine, loaded.engine_loop) == ("threads", "uvloop")
 
 
 def test_redis_key_names_are_pinned():
@@ -65,6 +66,7 @@ def test_redis_key_names_are_pinned():
         ("LAION_DISALLOWED_HEADER_DIRECTIVES", "noai", "disallowed_header_directives", ["noai"]),
         ("LAION_HONOUR_TDM_RESERVATION", "no", "honour_tdm_reservation", False),
         ("LAION_STORE_DIR", "/data/laion", "store_dir", "/data/laion"),
+        ("LAION_ENGINE_LOOP", "asyncio", "engine_loop", "asyncio"),
     ],
 )
 def test_environment_overrides(variable, value, field, expected):
@@ -92,6 +94,7 @@ def test_environment_overrides(variable, value, field, expected):
         ("LAION_SAVE_COLUMNS", "score,score", "save_columns (LAION_SAVE_COLUMNS) names a column twice"),
         ("LAION_USER_AGENT_CONTACT", "ops@x.org\r\nX-Evil: 1", "user_agent_contact (LAION_USER_AGENT_CONTACT) must be"),
         ("LAION_USER_AGENT", "bot/1 ♥", "user_agent (LAION_USER_AGENT) must be printable ASCII on one line"),
+        ("LAION_ENGINE_LOOP", "trio", "engine_loop (LAION_ENGINE_LOOP) must be one of uvloop, asyncio, got 'trio'"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):

@@ -1,5 +1,5 @@
 """downloader.py as users run it: real processes, a real Redis, the loopback image server; every test runs once
-per engine (threads, async)."""
+per engine (threads, async on uvloop, async on asyncio's loop)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ from PIL import Image
 from laion5b.disk import publish_used
 from laion5b.keys import Keys
 from laion5b.tasks import Task
-from tests.helpers import run_script, wait_until
+from tests.helpers import ENGINE_IDS, engine_env, run_script, wait_until
 from tools.image_server import ImageServer, image_bytes
 
 KEYS = Keys()
 
 
-@pytest.fixture(params=["threads", "async"])
+@pytest.fixture(params=ENGINE_IDS)
 def env(script_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
     return {
         **script_env,
-        "LAION_ENGINE": request.param,
+        **engine_env(request.param),
         "LAION_CONCURRENCY": "8",
         "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
         "LAION_THREAD_NUM": "8",
@@ -39,6 +39,11 @@ def env(script_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str,
         "LAION_DOWNLOAD_TIMEOUT": "4",
         "LAION_MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
     }
+
+
+def engine_of(env: dict[str, str]) -> str:
+    """The engine (and loop) that ``env`` runs, for names on the module's image server that differ between engines."""
+    return f"{env['LAION_ENGINE']}-{env.get('LAION_ENGINE_LOOP', '')}"
 
 
 def queue_urls(client, urls: list[str], subset: str = "s", part: str = "p") -> list[Task]:
@@ -144,7 +149,7 @@ def test_a_429_is_tried_again_after_the_wait_and_counted_once(
     redis_server, env, image_server, retry_after, backoff, wait
 ):
     client = redis_server.client()
-    name = f"wait-{retry_after}-{env['LAION_ENGINE']}"  # the server is the module's: a name per engine
+    name = f"wait-{retry_after}-{engine_of(env)}"  # the server is the module's: a name per engine
     queue_urls(client, [image_server.url(f"/retry-after/{retry_after}/{name}.jpg")])
     result = run_worker({**env, "LAION_RETRY_BACKOFF": backoff})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -156,7 +161,7 @@ def test_a_429_is_tried_again_after_the_wait_and_counted_once(
 
 def test_tasks_waiting_for_a_retry_outlive_their_worker(redis_server, env, image_server):
     client = redis_server.client()
-    names = [f"outlive{i}-{env['LAION_ENGINE']}" for i in range(20)]
+    names = [f"outlive{i}-{engine_of(env)}" for i in range(20)]
     total = len(queue_urls(client, [image_server.url(f"/retry-after/2/{name}.jpg") for name in names]))
     worker = start_worker(env, "doomed")
     wait_until(lambda: client.zcard(KEYS.delayed) == total)
@@ -363,7 +368,7 @@ def test_sigterm_returns_held_tasks(redis_server, env, image_server):
     worker = start_worker({**env, "LAION_THREAD_NUM": "2"}, "0")
     wait_until(lambda: client.llen(KEYS.lease("testhost:0")) > 0, timeout=30)
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0
+    assert worker.wait(timeout=30) == 0, worker.stderr.read()[-3000:]
     done = int(client.get(KEYS.tongji_succ) or 0)
     assert client.llen(KEYS.task) + done == total
     assert client.llen(KEYS.lease("testhost:0")) == 0
@@ -409,6 +414,27 @@ def test_a_lease_the_worker_does_not_hold_is_returned_and_done(redis_server, env
     client.incr(KEYS.tongji_all)
     assert worker.wait(timeout=60) == 0
     assert "strays_returned" in worker.stderr.read()
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 2)
+
+
+def test_the_async_engine_runs_on_uvloop_or_falls_back_to_asyncio_once(
+    redis_server, script_env, image_server, tmp_path
+):
+    """By default the async engine runs on uvloop (worker_start says loop=uvloop); where uvloop cannot be imported
+    it runs on asyncio's loop, says so in one engine_loop_fallback line, and stores as well."""
+    client = redis_server.client()
+    hidden = tmp_path / "no-uvloop"
+    hidden.mkdir()
+    (hidden / "uvloop.py").write_text('raise ImportError("uvloop is not installed here")\n')
+    env = {**script_env, "LAION_ENGINE": "async", "LAION_ALLOWED_NETWORKS": "127.0.0.0/8"}
+    for name, extra, loop in (("0", {}, "uvloop"), ("1", {"PYTHONPATH": f"{hidden}:{env['PYTHONPATH']}"}, "asyncio")):
+        queue_urls(client, [image_server.url(f"/img/loop{name}.jpg")], part=name)
+        result = run_worker({**env, **extra}, name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"engine=async loop={loop} " in result.stderr and " ERROR " not in result.stderr
+        fallbacks = [line for line in result.stderr.splitlines() if "engine_loop_fallback" in line]
+        expected = ["wanted=uvloop reason=uvloop is not installed here"] if loop == "asyncio" else []
+        assert [line.partition("engine_loop_fallback ")[2] for line in fallbacks] == expected
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), 2)
 
 

@@ -1,5 +1,5 @@
 """Tests of both engines' fetchers (laion5b.fetch for threads, laion5b.aiofetch for async) against the real
-loopback image server: every test runs once per engine.
+loopback image server: every test runs once per engine, the async one once per event loop (uvloop, asyncio).
 
 While this module runs, an audit hook records every socket connect and makes any connect outside 127.0.0.0/8, and
 any DNS look-up of a name, fail before a packet leaves: a broken address guard fails a test, never reaches a network.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import http.client
 import ipaddress
@@ -37,6 +38,7 @@ import setting
 from laion5b import config
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import CachedResolver, DnsCache
+from laion5b.eventloop import loop_factory
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.guard import system_resolver
@@ -44,7 +46,7 @@ from laion5b.limits import AsyncByteBudget, ByteBudget
 from laion5b.tasks import MAX_URL_CHARS
 from laion5b.worker import fetch_policy
 from tests.certs import make_certificates
-from tests.helpers import ROOT
+from tests.helpers import ASYNC_LOOPS, ROOT
 from tools.image_server import ImageServer, gzip_bomb, image_bytes
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
@@ -128,12 +130,17 @@ def policy(**changes: Any) -> FetchPolicy:
 
 
 class LoopFetcher:
-    """The async engine's fetcher, called from the test's thread: its event loop runs on a thread of its own."""
+    """The async engine's fetcher, called from the test's thread: its event loop (``engine_loop``, as the engine's)
+    runs on a thread of its own."""
 
     def __init__(
-        self, fetch_policy: FetchPolicy, budget: AsyncByteBudget | None = None, cache: DnsCache | None = None
+        self,
+        fetch_policy: FetchPolicy,
+        budget: AsyncByteBudget | None = None,
+        cache: DnsCache | None = None,
+        engine_loop: str = "uvloop",
     ) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = loop_factory(engine_loop)[1]()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.budget = budget
@@ -160,16 +167,19 @@ class LoopFetcher:
 
 
 AnyFetcher = Fetcher | LoopFetcher
-ENGINES: dict[str, Callable[[FetchPolicy], AnyFetcher]] = {"threads": Fetcher, "async": LoopFetcher}
+ENGINES: dict[str, Callable[[FetchPolicy], AnyFetcher]] = {
+    "threads": Fetcher,
+    **{engine: functools.partial(LoopFetcher, engine_loop=loop) for engine, loop in ASYNC_LOOPS.items()},
+}
 
 
 def fetcher_with_limits(
     engine: str, fetch_policy: FetchPolicy, budget_bytes: int | None = None, cache: DnsCache | None = None
 ) -> tuple[AnyFetcher, ByteBudget | AsyncByteBudget | None]:
     """A fetcher of ``engine`` with a byte budget and a DNS cache, wired the way each engine wires them."""
-    if engine == "async":
+    if engine in ASYNC_LOOPS:
         budget = AsyncByteBudget(budget_bytes) if budget_bytes else None
-        return LoopFetcher(fetch_policy, budget, cache), budget
+        return LoopFetcher(fetch_policy, budget, cache, ASYNC_LOOPS[engine]), budget
     if cache is not None:
         fetch_policy = replace(fetch_policy, resolver=CachedResolver(fetch_policy.resolver or system_resolver, cache))
     threads_budget = ByteBudget(budget_bytes) if budget_bytes else None

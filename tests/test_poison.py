@@ -28,7 +28,7 @@ from laion5b.keys import Keys
 from laion5b.leases import RETURN, Leases
 from laion5b.shards import INCARNATION_CHARS, TAR_BLOCK, TAR_END, ShardSink, index_table, shard_field
 from laion5b.tasks import Task, bad_task_record, decode
-from tests.helpers import run_script, webdataset_env
+from tests.helpers import ENGINE_IDS, engine_env, run_script, webdataset_env
 from tools.image_server import image_bytes
 
 KEYS = Keys()
@@ -179,7 +179,7 @@ def test_preparing_a_shard_without_tasks_is_no_error(redis_server) -> None:
 # --- finding 3: queue entries that are no task ---
 
 
-@pytest.mark.parametrize("engine", ["threads", "async"])
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_entries_that_are_no_task_end_as_bad_task(env, redis_server, image_server, tmp_path: Path, engine) -> None:
     """JSON nested too deep to parse, invalid UTF-8, a lone surrogate, a meta that would rename the sample: each is one
     bad_task record keeping the entry; the good task beside them is stored; the worker ends by itself."""
@@ -194,7 +194,7 @@ def test_entries_that_are_no_task_end_as_bad_task(env, redis_server, image_serve
     ]
     push(redis_server, [*junk, good.encode()])
     started = time.monotonic()
-    result = run_worker({**env, "LAION_ENGINE": engine})
+    result = run_worker({**env, **engine_env(engine)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.monotonic() - started < WORKER_SECONDS
     rows, errors = books(redis_server.client(), tmp_path / "images")

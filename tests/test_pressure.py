@@ -4,6 +4,7 @@ real workers on a real Redis where a whole run is the proof."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import resource
@@ -26,7 +27,7 @@ from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.keys import Keys
 from laion5b.tasks import Task, is_transient
-from tests.helpers import ROOT, run_script, wait_until
+from tests.helpers import ASYNC_LOOPS, ENGINE_IDS, ROOT, engine_env, run_on_loop, run_script, wait_until
 from tests.redis_server import RedisServer
 from tests.test_downloader import run_worker
 from tests.test_fetch import MIB, fetcher_with_limits, policy
@@ -35,8 +36,8 @@ from tools.image_server import ImageServer, image_bytes
 KEYS = Keys()
 
 
-def fetch_async(fetch_policy: FetchPolicy, urls: list[str], **options: Any) -> list[Fetched]:
-    """Fetch ``urls`` at once with one AsyncFetcher on an event loop of its own."""
+def fetch_async(fetch_policy: FetchPolicy, urls: list[str], engine: str = "async", **options: Any) -> list[Fetched]:
+    """Fetch ``urls`` at once with one AsyncFetcher on an event loop of its own (``engine``'s loop)."""
 
     async def run() -> list[Fetched]:
         fetcher = AsyncFetcher(fetch_policy, **options)
@@ -45,7 +46,7 @@ def fetch_async(fetch_policy: FetchPolicy, urls: list[str], **options: Any) -> l
         finally:
             await fetcher.close()
 
-    return asyncio.run(run())
+    return run_on_loop(engine, run())
 
 
 def fetch_threads(fetch_policy: FetchPolicy, urls: list[str]) -> list[Fetched]:
@@ -59,7 +60,7 @@ def fetch_threads(fetch_policy: FetchPolicy, urls: list[str]) -> list[Fetched]:
 
 ENGINES: dict[str, Callable[[FetchPolicy, list[str]], list[Fetched]]] = {
     "threads": fetch_threads,
-    "async": fetch_async,
+    **{engine: functools.partial(fetch_async, engine=engine) for engine in ASYNC_LOOPS},
 }
 
 
@@ -94,7 +95,7 @@ def queue_tasks(client, urls: list[str]) -> list[Task]:
     return tasks
 
 
-@pytest.mark.parametrize("engine", ["threads", "async"])
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     redis_server: RedisServer, script_env: dict[str, str], image_server: ImageServer, engine: str
 ) -> None:
@@ -102,7 +103,7 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     task, a wait counted as a failure would lose the image; every one is stored, no ``timeout`` is recorded."""
     env = {
         **script_env,
-        "LAION_ENGINE": engine,
+        **engine_env(engine),
         "LAION_CONCURRENCY": "8",
         "LAION_THREAD_NUM": "8",
         "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
@@ -125,7 +126,7 @@ def test_downloads_that_wait_for_budget_are_stored_without_using_attempts(
     assert retried is not None and int(retried.group(1)) > 0, "no download had to wait: the test proves nothing"
 
 
-@pytest.mark.parametrize("engine", ["threads", "async"])
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_a_download_that_lost_most_of_its_time_to_the_budget_gave_way(image_server: ImageServer, engine: str) -> None:
     """Another download holds the whole budget for 1.2 s of a 2 s deadline; once granted, the trickling body cannot
     finish in the time left. That is local pressure (gave_way, no attempt used), not a timeout of the URL."""
@@ -146,7 +147,7 @@ def test_a_download_that_lost_most_of_its_time_to_the_budget_gave_way(image_serv
     assert "waited" in pressed.error_msg
 
 
-@pytest.mark.parametrize("engine", ["threads", "async"])
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_waiting_for_a_host_slot_does_not_use_the_download_deadline(
     redis_server: RedisServer, script_env: dict[str, str], image_server: ImageServer, engine: str
 ) -> None:
@@ -154,7 +155,7 @@ def test_waiting_for_a_host_slot_does_not_use_the_download_deadline(
     3.6 s for its slot, longer than its deadline, and is still stored (the deadline starts with the download)."""
     env = {
         **script_env,
-        "LAION_ENGINE": engine,
+        **engine_env(engine),
         "LAION_CONCURRENCY": "4",
         "LAION_THREAD_NUM": "4",
         "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
@@ -193,7 +194,8 @@ class HangingResolver:
 
 
 @pytest.mark.timeout(60)
-def test_dead_names_do_not_hold_up_live_ones(image_server: ImageServer) -> None:
+@pytest.mark.parametrize("engine", sorted(ASYNC_LOOPS))
+def test_dead_names_do_not_hold_up_live_ones(image_server: ImageServer, engine: str) -> None:
     """80 names whose look-ups hang (more than the old pool's 64 threads) and 20 live names, all at once: the live
     images arrive at once, the dead names end as ``dns`` after dns_timeout, not as a download ``timeout``; the next
     look-up of a dead name is made again, and once it answers its image arrives."""
@@ -217,7 +219,7 @@ def test_dead_names_do_not_hold_up_live_ones(image_server: ImageServer) -> None:
             resolver.released.set()
             await fetcher.close()
 
-    results, again = asyncio.run(run())
+    results, again = run_on_loop(engine, run())
     dead_results, live_results = results[: len(dead)], results[len(dead) :]
     assert [result.status for result, _ in live_results] == [None] * len(live)
     assert max(seconds for _, seconds in live_results) < 2.0  # held up behind the dead names, they took 4 s
@@ -244,7 +246,8 @@ def test_a_hung_look_up_is_dns_on_the_threads_engine(image_server: ImageServer) 
         fetcher.close()
 
 
-def test_a_download_waiting_for_a_dns_thread_gives_way(image_server: ImageServer) -> None:
+@pytest.mark.parametrize("engine", sorted(ASYNC_LOOPS))
+def test_a_download_waiting_for_a_dns_thread_gives_way(image_server: ImageServer, engine: str) -> None:
     """With every look-up thread taken by a hanging name, a live name waits for a turn: when its download deadline
     passes meanwhile, it gave way to local pressure (no attempt used), it did not time out."""
     resolver = HangingResolver()
@@ -258,7 +261,7 @@ def test_a_download_waiting_for_a_dns_thread_gives_way(image_server: ImageServer
             resolver.released.set()
             await fetcher.close()
 
-    dead, live = asyncio.run(run())
+    dead, live = run_on_loop(engine, run())
     assert dead.status == "timeout"  # its own look-up ran out the download's time
     assert live.status == "gave_way" and "DNS look-up thread" in live.error_msg, live
 
@@ -272,7 +275,8 @@ def _client_sockets(port: int) -> int:
     return sum(1 for c in connections if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
 
 
-def test_idle_connections_are_bounded(image_server: ImageServer) -> None:
+@pytest.mark.parametrize("engine", sorted(ASYNC_LOOPS))
+def test_idle_connections_are_bounded(image_server: ImageServer, engine: str) -> None:
     """Twelve hosts fetched at once leave at most ``max_idle`` connections open once they are idle."""
     fetch_policy = policy(resolver=lambda host, port: ["127.0.0.1"])
     urls = [f"http://host{number}.test:{image_server.port}/img/idle{number}.jpg" for number in range(12)]
@@ -286,7 +290,7 @@ def test_idle_connections_are_bounded(image_server: ImageServer) -> None:
         finally:
             await fetcher.close()
 
-    results, idle, sockets = asyncio.run(run())
+    results, idle, sockets = run_on_loop(engine, run())
     assert [result.status for result in results] == [None] * len(urls)
     assert idle == 4 and sockets <= 4
 
@@ -345,7 +349,7 @@ def peak_of_fetch(engine: str, url: str) -> tuple[Fetched, int]:
         finally:
             await fetcher.close()
 
-    return asyncio.run(run())
+    return run_on_loop(engine, run())
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))

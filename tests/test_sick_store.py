@@ -27,7 +27,7 @@ from laion5b.shards import INCARNATION_CHARS, ShardSink
 from laion5b.store import Store
 from laion5b.storehealth import STORE_FAILING, StoreHealth, StoreProblem
 from laion5b.tasks import Task
-from tests.helpers import run_script, wait_until
+from tests.helpers import ASYNC_LOOPS, engine_env, run_script, wait_until
 from tests.test_speed import speed_json
 from tests.test_webdataset import assert_exact_books, queue
 from tools.image_server import image_bytes
@@ -174,7 +174,12 @@ def stall_first_shard(client, store: Path, worker: subprocess.Popen, suffix: str
 
 @pytest.mark.parametrize(
     ("stop", "engine", "hung"),
-    [("drain", "async", ".tar"), ("sigterm", "async", ".parquet"), ("sigterm", "threads", ".tar")],
+    [
+        ("drain", "async", ".tar"),
+        ("sigterm", "async", ".parquet"),
+        ("sigterm", "threads", ".tar"),
+        ("drain", "async-asyncio", ".parquet"),
+    ],
 )
 def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
     env, redis_server, image_server, tmp_path: Path, stop: str, engine: str, hung: str
@@ -185,14 +190,14 @@ def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
     client = redis_server.client()
     store = tmp_path / "images"
     tasks = queue(client, [image_server.url(f"/slow/2/stall{row}.jpg") for row in range(24)])
-    env = {**env, "LAION_ENGINE": engine, "LAION_OUTPUT_FORMAT": "webdataset", "LAION_STORE_STALL_SECONDS": "1"}
+    env = {**env, **engine_env(engine), "LAION_OUTPUT_FORMAT": "webdataset", "LAION_STORE_STALL_SECONDS": "1"}
     env["LAION_SHARD_SIZE"] = "4"
     log = tmp_path / "worker.log"
     asked = image_server.requests
     worker = start(env, log)
     stall_first_shard(client, store, worker, hung)
     wait_until(lambda: "reason=store_stalled" in log.read_text(), timeout=60)
-    if engine == "async":  # a thread of the threads engine downloads and stores: a hung write holds its slot
+    if engine in ASYNC_LOOPS:  # a thread of the threads engine downloads and stores: a hung write holds its slot
         assert image_server.requests - asked > IN_FLIGHT, "the event loop went on downloading while a write hung"
     wait_until(lambda: host_store(env)[0] == "store_stalled", timeout=30)
     assert f'laion5b_host_store_stalled{{host="{HOST}"}} 1.0' in exposition(redis_server)

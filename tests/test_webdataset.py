@@ -32,7 +32,7 @@ from laion5b.shards import (
     tar_member,
 )
 from laion5b.tasks import Task, decode
-from tests.helpers import run_script, wait_until, webdataset_env
+from tests.helpers import ENGINE_IDS, engine_env, run_script, wait_until, webdataset_env
 from tests.test_downloader import start_worker
 from tools.image_server import image_bytes
 
@@ -95,7 +95,7 @@ def assert_exact_books(client, store: Path, tasks: list[Task]) -> dict[str, dict
     return stored
 
 
-@pytest.mark.parametrize("engine", ["threads", "async"])
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_shards_read_back_with_webdataset(env, redis_server, image_server, tmp_path: Path, engine: str) -> None:
     """Images (some resized), captions and metadata land in shards of shard_size that webdataset reads back."""
     client = redis_server.client()
@@ -103,7 +103,7 @@ def test_shards_read_back_with_webdataset(env, redis_server, image_server, tmp_p
     urls += [image_server.url("/photo/300x200.jpg")] * 4 + [image_server.url("/status/404")] * 4
     urls += [image_server.url("/photo/40x10.jpg")] * 2
     tasks = queue(client, urls)
-    env.update(LAION_ENGINE=engine, LAION_SHARD_SIZE="10", LAION_RESIZE_MODE="center_crop", LAION_IMAGE_SIZE="8")
+    env.update(**engine_env(engine), LAION_SHARD_SIZE="10", LAION_RESIZE_MODE="center_crop", LAION_IMAGE_SIZE="8")
     env["LAION_MAX_ASPECT_RATIO"] = "3"
     result = subprocess.run([*run_script("downloader.py"), "w", "--until-empty"], env=env, capture_output=True,
                             text=True, timeout=120)  # fmt: skip
