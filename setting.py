@@ -32,7 +32,7 @@ addtask_threshold = 5_000_000  # keep the queue at or under this many tasks
 addtask_batch = 10_000  # rows pushed to Redis in one transaction
 done_path = "./done_part.txt"  # URL list files fully queued, one path a line
 
-# --- add_task.py: which files and columns (see "Other URL lists" in docs/output.md) ---
+# --- add_task.py: which files and columns (see "Other URL lists" in docs/input.md) ---
 input_format = "auto"  # "auto" (by extension: .parquet .csv .tsv .jsonl, text ones also .gz), or one of parquet,
 #                        csv, tsv, jsonl, txt (one URL per line: read only when set here, from .txt and .txt.gz)
 url_col = ""  # column of the image URL (empty: "url", any case)
@@ -64,7 +64,7 @@ download_timeout = 30.0  # seconds for a whole download, body included
 max_image_bytes = 32 * 1024 * 1024  # larger bodies are cut off and recorded as too_large
 max_redirects = 5  # redirects followed per image
 user_agent_contact = ""  # URL or e-mail address where site owners reach you, sent in the User-Agent; please set it
-#                          (why: "Politeness and opt-outs" in docs/operations.md)
+#                          (why: "Politeness and opt-outs" in docs/downloader.md)
 user_agent = ""  # HTTP User-Agent sent as is (empty: laion5b-downloader/<version>, plus " (+<user_agent_contact>)"
 #                  when that is set)
 disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
