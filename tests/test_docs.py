@@ -9,7 +9,7 @@ from tools import settings_doc
 
 
 def test_settings_doc_is_up_to_date() -> None:
-    generated = settings_doc.render(settings_doc.SETTING.read_text(encoding="utf-8"))
+    generated = settings_doc.render(settings_doc.SETTING.read_text(encoding="utf-8"), settings_doc.load_setting())
     current = settings_doc.TARGET.read_text(encoding="utf-8")
     assert current == generated, f"docs/settings.md differs from setting.py: run {settings_doc.COMMAND}"
 
@@ -25,4 +25,4 @@ def test_a_setting_without_a_comment_is_refused() -> None:
         'thread_num = 32  # download threads per downloader process (engine "threads")', "thread_num = 32"
     )
     with pytest.raises(settings_doc.UndocumentedSetting, match="thread_num"):
-        settings_doc.render(source)
+        settings_doc.render(source, settings_doc.load_setting())

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import io
 import sys
 import tokenize
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from laion5b import config
@@ -89,14 +91,21 @@ def _table_header() -> list[str]:
     return ["| setting | variable | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
 
 
-def render(source: str) -> str:
-    """docs/settings.md for the text of setting.py."""
+def load_setting() -> ModuleType:
+    """setting.py, imported from its path (the values, as laion5b.config reads them)."""
+    spec = importlib.util.spec_from_file_location("setting", SETTING)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render(source: str, values: ModuleType) -> str:
+    """docs/settings.md for the text of setting.py (its comments) and the imported module (its values)."""
     tree = ast.parse(source)
     comments = _comments(source)
     lines = source.splitlines()
     assigned = _settings(tree)
-    namespace: dict[str, Any] = {}
-    exec(compile(source, str(SETTING), "exec"), namespace)
     kinds = config.setting_types()
     missing = [name for name in kinds if name not in assigned or not _meaning(assigned[name], comments, lines)]
     if missing:
@@ -118,7 +127,7 @@ def render(source: str) -> str:
             current = heading
             title = sections[heading].strip("#- ").strip() if heading else "Other"
             out += ["", f"## {title}", "", *_table_header()]
-        value = config.convert_setting(name, namespace[name], kinds[name])
+        value = config.convert_setting(name, getattr(values, name), kinds[name])
         meaning = _meaning(line, comments, lines).replace("|", "\\|")
         out.append(
             f"| `{name}` | `{config.env_variable(name)}` | {_kind(kinds[name])} | {_default(value)} | {meaning} |"
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/settings.md is not up to date")
     args = parser.parse_args(argv)
-    text = render(SETTING.read_text(encoding="utf-8"))
+    text = render(SETTING.read_text(encoding="utf-8"), load_setting())
     if args.check:
         current = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
         if current != text:
