@@ -3,19 +3,20 @@
 Edit the values here, or override any of them with an environment variable named ``LAION_`` + the setting's name
 upper-cased (``LAION_REDIS_IP``, ``LAION_THREAD_NUM``, ...). Keep secrets such as ``redis_pass`` out of this file:
 set ``LAION_REDIS_PASS`` in the environment instead. Lists are comma-separated, booleans accept 1/0/true/false/yes/no.
+A value that does not convert stops the script before it starts, with one line naming the variable.
 """
 
 # --- Redis, shared by every machine ---
 redis_ip = "127.0.0.1"  # address of the Redis server
 redis_port = 6379  # port of the Redis server
 redis_db = 0  # Redis database number
-redis_pass = ""  # Redis password; set LAION_REDIS_PASS instead of writing it here
+redis_pass = ""  # Redis password, never printed or logged; set LAION_REDIS_PASS instead of writing it here
 redis_tls = False  # connect to Redis over TLS
 redis_tls_ca = ""  # CA bundle that signs the Redis server's certificate (empty: the system's)
 
 
 class RedisKey:
-    """Names of the Redis keys that the original suite used; dashboards read them."""
+    """Names of the Redis keys that the original suite used; dashboards read them. Set here only; a test pins them."""
 
     task_key = "laion5b_task"  # list: the task queue
     tongji_all = "laion5b_tongji_all"  # counter: tasks added (queued or rejected as bad rows)
@@ -31,16 +32,18 @@ addtask_threshold = 5_000_000  # keep the queue at or under this many tasks
 addtask_batch = 10_000  # rows pushed to Redis in one transaction
 done_path = "./done_part.txt"  # URL list files fully queued, one path a line
 
-# --- add_task.py: which files and columns (see "Other URL lists" in the README) ---
+# --- add_task.py: which files and columns (see "Other URL lists" in docs/input.md) ---
 input_format = "auto"  # "auto" (by extension: .parquet .csv .tsv .jsonl, text ones also .gz), or one of parquet,
 #                        csv, tsv, jsonl, txt (one URL per line: read only when set here, from .txt and .txt.gz)
 url_col = ""  # column of the image URL (empty: "url", any case)
 caption_col = ""  # column of the caption (empty: "text" or "caption", any case; none: no caption)
 id_col = ""  # column of the sample id, used as file name (empty: "hash" or "sample_id", any case; none: row number)
 hash_col = ""  # column of each image's content hash (never guessed: LAION's "hash" column is an id)
-verify_hash = ""  # "sha256" or "md5": a body whose hash differs from hash_col's is hash_mismatch (empty: off)
-input_columns = []  # names of the columns of files without a header row, e.g. caption,url for CC3M's TSV
-save_columns = []  # further columns carried with each task into the sample's metadata, e.g. original_width
+verify_hash = ""  # "sha256" or "md5": a body whose hash differs from hash_col's is hash_mismatch (needs hash_col;
+#                   empty: off)
+input_columns = []  # names of the columns of files without a header row (CSV, TSV), e.g. caption,url for CC3M's TSV
+save_columns = []  # further columns carried with each task (its "meta") into the sample's metadata, e.g.
+#                    original_width
 status_dir = "./status"  # report.py writes <status_dir>/<subset>/<part>.parquet here
 
 # --- downloader.py: the workers ---
@@ -63,9 +66,12 @@ download_timeout = 30.0  # seconds for a whole download, body included
 max_image_bytes = 32 * 1024 * 1024  # larger bodies are cut off and recorded as too_large
 max_redirects = 5  # redirects followed per image
 user_agent_contact = ""  # URL or e-mail address where site owners reach you, sent in the User-Agent; please set it
-user_agent = ""  # HTTP User-Agent sent as is (empty: laion5b-downloader/<version>, plus " (+<user_agent_contact>)")
+#                          (why: "Politeness and opt-outs" in docs/downloader.md)
+user_agent = ""  # HTTP User-Agent sent as is (empty: laion5b-downloader/<version>, plus " (+<user_agent_contact>)"
+#                  when that is set)
 disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
 honour_tdm_reservation = True  # an image served with the W3C TDMRep header tdm-reservation: 1 is not stored
+#                                 (disallowed)
 dns_cache_ttl = 300.0  # seconds a DNS answer is reused in a process (failed look-ups: 5 s; 0: no cache)
 dns_timeout = 10.0  # seconds a DNS look-up may take before it counts as failed (dns); the next try looks up again
 tls_ca_file = ""  # CA bundle that image servers' certificates are checked against (empty: the bundle requests ships)
@@ -73,12 +79,13 @@ allowed_networks = []  # CIDRs exempt from the private-address refusal, e.g. 127
 fsync_images = False  # fsync each image before it is renamed into place (slower; survives power loss)
 save_caption = False  # write each image's caption beside it as <id>.txt
 save_metadata = False  # write each image's metadata beside it as <id>.json (url, sizes, sha256, ...)
-output_format = "files"  # "files" (one file per image, as the original) or "webdataset" (tar shards, see README)
+output_format = "files"  # "files" (one file per image, as the original) or "webdataset" (tar shards with caption
+#                          and metadata, see docs/output.md)
 shard_size = 10_000  # webdataset: samples per shard; a shard is also closed when the worker stops or is paused
 shard_max_seconds = 600.0  # webdataset: a shard open this long is closed even when not full
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)
 
-# --- image processing (between download and storage; the names and defaults of img2dataset) ---
+# --- image processing (between download and storage; the names and defaults of img2dataset; see docs/output.md) ---
 resize_mode = "no"  # "no" (the bytes as downloaded), "keep_ratio", "keep_ratio_largest", "center_crop" or "border"
 image_size = 256  # pixels: the smaller side (keep_ratio, center_crop) or larger side (keep_ratio_largest, border)
 resize_only_if_bigger = False  # leave images whose side is not over image_size at their size
@@ -94,7 +101,8 @@ monitor_disk = "."  # path whose disk usage is watched and published
 monitor_interval = 60  # seconds between two disk samples published by monitor_disk.py
 stop_threshold = 5000  # GB used on monitor_disk above which workers stop taking tasks
 min_free_gb = 50  # GB free on monitor_disk under which workers stop taking tasks
-store_stall_seconds = 60.0  # a store write or fsync taking longer stops the worker claiming (store_stalled)
+store_stall_seconds = 60.0  # a store write, fsync or listing taking longer stops the worker claiming (store_stalled)
+#                              until it returns
 
 # --- save_error_task.py and speed.py ---
 store_error_dir = "./error_task/"  # error records are saved here as YYYYMMDD_<hour // 4>.txt

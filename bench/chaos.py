@@ -1398,7 +1398,7 @@ class Stored:
 
 
 def shard_key(part: str, row: int) -> str:
-    """A sample's key in a shard, as the README defines it (laion5b.sidecars.sample_key)."""
+    """A sample's key in a shard, as docs/output.md defines it (laion5b.sidecars.sample_key)."""
     return f"{part.replace('.', '_')}-{row:09d}"
 
 

@@ -253,33 +253,41 @@ def _validate_inputs(config: Config) -> None:
         raise ConfigError(f"{_named('save_columns')} names a column twice: {config.save_columns!r}")
 
 
+def env_variable(setting: str) -> str:
+    """The environment variable that overrides ``setting``: LAION_ + its name upper-cased."""
+    return ENV_PREFIX + setting.upper()
+
+
+def setting_types() -> dict[str, Any]:
+    """Each setting read from setting.py (every field of Config but ``keys``) and the type it is converted to."""
+    hints = get_type_hints(Config)
+    return {item.name: hints[item.name] for item in dataclasses.fields(Config) if item.name != "keys"}
+
+
 def _named(setting: str) -> str:
     """A setting's name with the variable that overrides it, for messages."""
-    return f"{setting} ({ENV_PREFIX}{setting.upper()})"
+    return f"{setting} ({env_variable(setting)})"
 
 
 def load(module: types.ModuleType, environ: Mapping[str, str] | None = None) -> Config:
     """Read every setting from ``module`` (setting.py), apply ``LAION_*`` overrides, convert and validate."""
     environ = os.environ if environ is None else environ
-    hints = get_type_hints(Config)
     values: dict[str, Any] = {}
-    for item in dataclasses.fields(Config):
-        if item.name == "keys":
-            continue
-        variable = ENV_PREFIX + item.name.upper()
+    for name, kind in setting_types().items():
+        variable = env_variable(name)
         if variable in environ:
-            values[item.name] = _convert(variable, environ[variable], hints[item.name])
-        elif hasattr(module, item.name):
-            values[item.name] = _convert(item.name, getattr(module, item.name), hints[item.name])
+            values[name] = convert_setting(variable, environ[variable], kind)
+        elif hasattr(module, name):
+            values[name] = convert_setting(name, getattr(module, name), kind)
         else:
-            raise ConfigError(f"setting {item.name!r} is missing from {module.__name__} and {variable} is not set")
+            raise ConfigError(f"setting {name!r} is missing from {module.__name__} and {variable} is not set")
     values["host_id"] = values["host_id"] or socket.gethostname()
     if hasattr(module, "RedisKey"):
         values["keys"] = Keys.from_redis_key(module.RedisKey)
     return Config(**values)
 
 
-def _convert(source: str, value: Any, kind: Any) -> Any:
+def convert_setting(source: str, value: Any, kind: Any) -> Any:
     """Convert ``value`` (a string from the environment, or a Python value) to ``kind``."""
     if kind is bool:
         if isinstance(value, bool):

@@ -10,7 +10,7 @@ Every step is one Lua script, so it is atomic in Redis and safe to send again af
 - ``reap`` returns the leases of a worker whose heartbeat has expired to the queue, exactly once.
 
 With webdataset output a stored sample's task is *kept* instead (kind KEPT): it leaves the lease list for a list of
-its open shard, and is counted as succeeded only when its shard is finished (README, "Webdataset output"):
+its open shard, and is counted as succeeded only when its shard is finished (docs/output.md, "Webdataset output"):
 - ``prepare_shard`` moves a shard's kept tasks, all of them or none, to the shard's own list once its files are
   written and fsynced, before they are renamed; ``commit_shard`` counts them once the files have their final names;
 - ``release_shard`` returns them to the queue when the shard is discarded;

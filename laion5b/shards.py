@@ -1,7 +1,7 @@
 """Webdataset output: a worker writes its samples into tar shards in its temporary folder, and a shard is finished
 (fsynced, renamed to ``store_dir/<subset>/<host_id>-<NAME>-<seq>-<incarnation>.tar`` beside its ``.parquet``
-index) before its samples count as succeeded. The protocol and its crash windows are in the README ("Webdataset
-output")."""
+index) before its samples count as succeeded. The protocol and its crash windows are in docs/output.md
+("Webdataset output")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Make the README's dashboard screenshots from a real run: python3 -m tools.screenshots [--seconds 45]
+"""Make the dashboard screenshots of docs/operations.md from a real run: python3 -m tools.screenshots [--seconds 45]
 
 Starts a private redis-server and the loopback image server, two hosts of two workers each (host ids dl-01 and
 dl-02, each with its monitor_disk.py), and speed.py --serve; after ``--seconds`` it saves docs/dashboard.png, pauses
