@@ -6,7 +6,7 @@ Builds a web from the host structure of a LAION sample (bench/webserve.py: one 1
 with a throwaway test CA, log-normal waits, slow / never-answering / resetting / refusing / 404 / HTML / 429 hosts),
 starts its own redis-server, then sweeps each client once over its in-flight counts per process (2 processes each):
   suite-threads  add_task.py + 2 x downloader.py --until-empty, LAION_ENGINE=threads, LAION_THREAD_NUM=k
-  suite-async    the same with LAION_ENGINE=async, LAION_CONCURRENCY=k (on its default loop, uvloop)
+  suite-async    the same with LAION_ENGINE=async, LAION_CONCURRENCY=k, on uvloop (LAION_ENGINE_LOOP=uvloop)
   suite-async-asyncio  suite-async on asyncio's own event loop (LAION_ENGINE_LOOP=asyncio)
   img2dataset    --processes_count 2 --thread_count k (bench/work/venv), trusting the CA through SSL_CERT_FILE
   bare           bench/bare.py aiohttp, k coroutines per process

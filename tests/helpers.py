@@ -20,7 +20,7 @@ from laion5b.eventloop import loop_factory
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "laion_sample_10000.parquet"
 ASYNC_LOOPS = {"async": "uvloop", "async-asyncio": "asyncio"}
-"""Ids of the async engine in tests, and the event loop (engine_loop) each runs on: "async" on its default."""
+"""Ids of the async engine in tests, and the event loop (engine_loop) each runs on: "async" on uvloop."""
 ENGINE_IDS = ["threads", *ASYNC_LOOPS]
 """Every engine a worker test runs on: the threads engine, the async engine on each loop."""
 Result = TypeVar("Result")

@@ -24,7 +24,7 @@ def test_defaults_come_from_setting_py():
     assert loaded.heartbeat_ttl == 30
     assert loaded.max_attempts == 3
     assert loaded.allowed_networks == []
-    assert (loaded.engine, loaded.engine_loop) == ("threads", "uvloop")
+    assert (loaded.engine, loaded.engine_loop) == ("threads", "asyncio")
 
 
 def test_redis_key_names_are_pinned():

@@ -420,13 +420,14 @@ def test_a_lease_the_worker_does_not_hold_is_returned_and_done(redis_server, env
 def test_the_async_engine_runs_on_uvloop_or_falls_back_to_asyncio_once(
     redis_server, script_env, image_server, tmp_path
 ):
-    """By default the async engine runs on uvloop (worker_start says loop=uvloop); where uvloop cannot be imported
+    """Asked for uvloop, the async engine runs on it (worker_start says loop=uvloop); where uvloop cannot be imported
     it runs on asyncio's loop, says so in one engine_loop_fallback line, and stores as well."""
     client = redis_server.client()
     hidden = tmp_path / "no-uvloop"
     hidden.mkdir()
     (hidden / "uvloop.py").write_text('raise ImportError("uvloop is not installed here")\n')
-    env = {**script_env, "LAION_ENGINE": "async", "LAION_ALLOWED_NETWORKS": "127.0.0.0/8"}
+    env = {**script_env, "LAION_ENGINE": "async", "LAION_ENGINE_LOOP": "uvloop"}
+    env["LAION_ALLOWED_NETWORKS"] = "127.0.0.0/8"
     for name, extra, loop in (("0", {}, "uvloop"), ("1", {"PYTHONPATH": f"{hidden}:{env['PYTHONPATH']}"}, "asyncio")):
         queue_urls(client, [image_server.url(f"/img/loop{name}.jpg")], part=name)
         result = run_worker({**env, **extra}, name)
