@@ -27,7 +27,7 @@ from laion5b.imaging import Processed
 from laion5b.leases import FENCED, KEPT, RETURN, Leases, Lock, Owner
 from laion5b.sidecars import Sidecars, caption_file, metadata_file
 from laion5b.store import Claimed, file_safe, fresh_temp_folder, worker_temp_folder
-from laion5b.storehealth import StoreHealth
+from laion5b.storehealth import StoreHealth, write_all
 from laion5b.tasks import Task, one_line
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class ShardSink:
         cut back is sealed with the error (discarded once sealed)."""
         with self.health.watch(shard.file.name):
             try:
-                _write_all(shard.file, block)
+                write_all(shard.file, block)
             except OSError:
                 self._cut_back(shard)
                 raise
@@ -350,7 +350,7 @@ class ShardSink:
 def seal(shard: Shard) -> None:
     """End the shard's tar and write its index, both fsynced, under their temporary names."""
     with shard.file as file:
-        _write_all(file, TAR_END)
+        write_all(file, TAR_END)
         os.fsync(file.fileno())
     paths = shard.paths()
     with open(paths["temp_index"], "wb") as file:
@@ -558,14 +558,6 @@ def drop_leftovers(paths: dict[str, str], state: str) -> None:
         _remove(path)
     if state == LOST and not os.path.exists(paths["tar"]):
         _remove(paths["index"])
-
-
-def _write_all(file: Any, data: bytes) -> None:
-    """Write all of ``data`` to an unbuffered file: a short write (the disk filling up) is followed by the write
-    that raises."""
-    view = memoryview(data)
-    while view:
-        view = view[file.write(view) :]
 
 
 def _remove(path: str) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,20 @@ class StoreProblem:
         return {"store": self.state, "errno": self.errno, "path": self.path}
 
 
+def write_all(file: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file: a short write (the disk filling up) is followed by the write
+    that raises."""
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view) :]
+
+
 def probe_write(folder: Path, size: int) -> None:
     """Write ``size`` bytes to a file in ``folder``, fsync it and remove it; raise OSError when any step fails."""
     path = folder / PROBE_NAME
     try:
         with open(path, "wb", buffering=0) as file:
-            view = memoryview(bytes(size))
-            while view:
-                view = view[file.write(view) :]
+            write_all(file, bytes(size))
             os.fsync(file.fileno())
     except OSError:
         with contextlib.suppress(OSError):
