@@ -331,7 +331,7 @@ class ShardSink:
         with contextlib.suppress(OSError):  # else the file goes with the temporary folder
             shard.file.close()
             os.unlink(shard.paths()["temp_tar"])
-        self.unfinished -= 1
+        self._forget()
         log.info("shard_empty_dropped shard=%s", shard.id)
 
     def _seal_loop(self) -> None:
