@@ -439,7 +439,7 @@ class Worker:
         """Take a shard from the sealer: to be finished, or kept aside when the store refused to seal it."""
         error = shard.error
         refused = isinstance(error, OSError) and self.sink.health.failed(error, shard.paths()["temp_tar"])
-        if refused and isinstance(error, OSError) and error.errno in WRITTEN_STANDS:
+        if refused and error.errno in WRITTEN_STANDS:
             log.warning("shard_seal_deferred shard=%s samples=%d error=%s", shard.id, shard.samples, error)
             self.unsealed.append(shard)
         else:
@@ -542,7 +542,7 @@ class Worker:
     def _check_store(self, now: float) -> None:
         """Stop claiming while the store fails or stalls, returning the tasks not started; resume once it is healthy
         again (a probe write succeeded, or the write that hung returned), sealing the shards it refused."""
-        problem = self.sink.health.check(now, self.config.store_stall_seconds, self.sink.temp_dir)
+        problem = self._store_health(now)
         before, self.store_problem = self.store_problem, problem
         if problem is not None and (before is None or before.state != problem.state):
             log.warning("store_pause worker=%s reason=%s held=%d", self.identity, problem, self.held_count)
@@ -557,9 +557,11 @@ class Worker:
 
     def _store_check_stalled(self) -> bool:
         """At exit: whether a write hangs now (the engine is stopped: nothing is returned to it)."""
-        self.store_problem = self.sink.health.check(time.monotonic(), self.config.store_stall_seconds,
-                                                    self.sink.temp_dir)  # fmt: skip
+        self.store_problem = self._store_health(time.monotonic())
         return self._store_stalled()
+
+    def _store_health(self, now: float) -> StoreProblem | None:
+        return self.sink.health.check(now, self.config.store_stall_seconds, self.sink.temp_dir)
 
     def _close_sink(self, seconds: float) -> None:
         """Close the sink (stop the sealer, remove the temporary folder) for at most ``seconds``: on a store that
