@@ -84,7 +84,7 @@ class AsyncEngine:
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
         dns_cache: DnsCache | None,
-        engine_loop: str = "uvloop",
+        engine_loop: str = "asyncio",
     ) -> None:
         self.pipeline = pipeline
         self.policy = policy
