@@ -58,6 +58,12 @@ def run_script(name: str) -> list[str]:
     return [sys.executable, str(ROOT / name)]
 
 
+def start_logged_worker(env: dict[str, str], log: Path, name: str = "w", *args: str) -> subprocess.Popen:
+    """``downloader.py name *args`` whose log goes to the file ``log`` (read while it runs)."""
+    with log.open("a") as stderr:
+        return subprocess.Popen([*run_script("downloader.py"), name, *args], env=env, stderr=stderr)
+
+
 def write_original(path: Path, urls: list, texts: list | None = None, sample_ids: list | None = None, **kw) -> Path:
     """A parquet file with the original LAION columns (URL, TEXT, SAMPLE_ID, WIDTH, HEIGHT, ...)."""
     n = len(urls)

@@ -22,7 +22,7 @@ from laion5b.keys import Keys
 from laion5b.leases import KEPT, NAMESPACE, STORED, IdentityInUse, IdentityLost, Leases, Owner
 from laion5b.shards import ShardSink, recover, shard_field, shard_record
 from laion5b.tasks import Task, decode
-from tests.helpers import run_script, wait_until, webdataset_env
+from tests.helpers import run_script, start_logged_worker, wait_until, webdataset_env
 from tests.test_webdataset import assert_exact_books, finished_shards, queue, read_shard
 from tools.image_server import image_bytes
 
@@ -163,11 +163,6 @@ def env(script_env: dict[str, str]) -> dict[str, str]:
     return webdataset_env(script_env, LAION_THREAD_NUM="6", LAION_HEARTBEAT_TTL=str(TTL), LAION_SHARD_SIZE="15")
 
 
-def start(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "ab") as file:
-        return subprocess.Popen([*run_script("downloader.py"), "w", *args], env=env, stderr=file)
-
-
 def test_a_paused_worker_coming_back_after_its_replacement_writes_nothing(
     env, redis_server, image_server, tmp_path: Path
 ) -> None:
@@ -178,7 +173,7 @@ def test_a_paused_worker_coming_back_after_its_replacement_writes_nothing(
     urls = [image_server.url(f"/slow/0.3/p{row}.jpg") for row in range(150)]
     tasks = queue(client, urls + [image_server.url("/status/404")] * 10)
     store, old_log, new_log = tmp_path / "images", tmp_path / "old.log", tmp_path / "new.log"
-    old = start(env, old_log)
+    old = start_logged_worker(env, old_log)
     wait_until(lambda: counted(client) >= 15 and int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0) > 0)
     old_owner = Owner.parse(client.get(KEYS.heartbeat(f"{HOST}:w")))
     assert old_owner is not None
@@ -187,7 +182,7 @@ def test_a_paused_worker_coming_back_after_its_replacement_writes_nothing(
     finished_before = {tar.name for tar in finished_shards(store)}
     try:
         wait_until(lambda: not client.exists(KEYS.heartbeat(f"{HOST}:w")), TTL + 5)
-        new = start(env, new_log, "--until-empty")
+        new = start_logged_worker(env, new_log, "w", "--until-empty")
         wait_until(lambda: client.get(KEYS.heartbeat(f"{HOST}:w")) not in (None, old_owner.token()), 30)
         wait_until(lambda: client.llen(KEYS.lease(f"{HOST}:w")) > 0, 30)
     finally:

@@ -27,7 +27,7 @@ from laion5b.shards import INCARNATION_CHARS, ShardSink
 from laion5b.store import Store
 from laion5b.storehealth import STORE_FAILING, StoreHealth, StoreProblem
 from laion5b.tasks import Task
-from tests.helpers import ASYNC_LOOPS, engine_env, run_script, wait_until
+from tests.helpers import ASYNC_LOOPS, engine_env, run_script, start_logged_worker, wait_until
 from tests.test_speed import speed_json
 from tests.test_webdataset import assert_exact_books, queue
 from tools.image_server import image_bytes
@@ -72,12 +72,6 @@ def remount(folder: Path, options: str, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-def start(env: dict[str, str], log: Path, name: str = "w", *args: str) -> subprocess.Popen:
-    """A worker whose log goes to ``log`` (read while it runs)."""
-    with log.open("a") as stderr:
-        return subprocess.Popen([*run_script("downloader.py"), name, *args], env=env, stderr=stderr)
-
-
 def host_store(env: dict[str, str]) -> tuple[str, str | None]:
     """The host's state and store errno as speed.py --json shows them."""
     host = next((host for host in speed_json(env)["hosts"] if host["host"] == HOST), None)
@@ -111,7 +105,7 @@ def test_a_full_store_the_guard_does_not_see_pauses_and_resumes(
     tasks = queue(client, [image_server.url(f"/img/full-{output}-{row}.jpg") for row in range(rows)])
     log = tmp_path / "worker.log"
     asked = image_server.requests
-    worker = start({**env, "LAION_OUTPUT_FORMAT": output, "LAION_STORE_DIR": str(tiny_store)}, log, "w",
+    worker = start_logged_worker({**env, "LAION_OUTPUT_FORMAT": output, "LAION_STORE_DIR": str(tiny_store)}, log, "w",
                    "--until-empty")  # fmt: skip
     wait_until(lambda: "store_pause" in log.read_text(), timeout=60)
     assert "reason=store_failing errno=ENOSPC" in log.read_text()
@@ -146,7 +140,7 @@ def test_a_read_only_store_pauses_and_resumes_once_writable(
     client = redis_server.client()
     tasks = queue(client, [image_server.url(f"/slow/0.1/ro{row}.jpg") for row in range(150)])
     log = tmp_path / "worker.log"
-    worker = start({**env, "LAION_STORE_DIR": str(tiny_store)}, log, "w", "--until-empty")
+    worker = start_logged_worker({**env, "LAION_STORE_DIR": str(tiny_store)}, log, "w", "--until-empty")
     wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) >= 10, timeout=60)
     remount(tiny_store, "ro")
     wait_until(lambda: "store_pause" in log.read_text(), timeout=30)
@@ -194,7 +188,7 @@ def test_a_store_that_does_not_answer_is_shown_and_shutdown_is_bounded(
     env["LAION_SHARD_SIZE"] = "4"
     log = tmp_path / "worker.log"
     asked = image_server.requests
-    worker = start(env, log)
+    worker = start_logged_worker(env, log)
     stall_first_shard(client, store, worker, hung)
     wait_until(lambda: "reason=store_stalled" in log.read_text(), timeout=60)
     if engine in ASYNC_LOOPS:  # a thread of the threads engine downloads and stores: a hung write holds its slot
