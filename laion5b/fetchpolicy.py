@@ -4,7 +4,7 @@ rules, the body cap and magic-number check, redirect targets, and the one-line m
 A fetch returns a ``Fetched`` for every per-URL problem; its ``status`` is None on success, the HTTP code for a
 final status >= 300, or one of the words timeout, connection, dns, ssl, not_image, too_large, truncated, disallowed
 (an X-Robots-Tag or TDMRep opt-out), blocked_address, redirects and bad_url; or GAVE_WAY when the download yielded to
-local pressure (not the URL's fault).
+local pressure, or POSTPONED when its host asked the fleet to wait (neither is the URL's fault).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ DRAIN_SECONDS = 1.0  # ... but for no longer than this
 GAVE_WAY = "gave_way"
 """The status of a download that yielded to this process's own limits (byte budget, DNS look-up threads): it is tried
 again soon without counting an attempt, and never recorded as the URL's failure."""
+POSTPONED = "postponed"
+"""The status of a download not started because its host asked the whole fleet to wait (a Retry-After pause, a
+Crawl-delay): it is tried again after ``retry_after`` seconds without counting an attempt."""
 TRUNCATED = "truncated"
 BUDGET_MESSAGE = "gave way: the bodies in memory reached max_inflight_bytes"
 TOOL_NAME = "laion5b-downloader"

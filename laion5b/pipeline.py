@@ -9,7 +9,7 @@ import queue
 import threading
 from urllib.parse import urlsplit
 
-from laion5b.fetchpolicy import GAVE_WAY, Fetched
+from laion5b.fetchpolicy import GAVE_WAY, POSTPONED, Fetched
 from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
 from laion5b.limits import HostSlots
@@ -132,6 +132,8 @@ class Pipeline:
         """Process (when asked) and store a fetched image, or record why there is none."""
         if fetched.status == GAVE_WAY:
             return self.gave_way(task, raw, fetched.error_msg)
+        if fetched.status == POSTPONED:
+            return self.postpone(task, raw, fetched.retry_after or GAVE_WAY_DELAY, fetched.error_msg)
         if fetched.status is not None or fetched.data is None or fetched.extension is None:
             return self.failure(task, raw, fetched.status or INTERNAL_ERROR, fetched.error_msg, fetched.retry_after)
         mismatch = hash_mismatch(task, fetched.data)
@@ -189,6 +191,11 @@ class Pipeline:
         """Local pressure (byte budget, DNS look-up threads) is not the URL's failure: retried soon, no attempt used."""
         log.debug("task_gave_way worker=%s id=%s reason=%s", self.identity, task.id, reason)
         return retry_outcome(raw, task.encode(), GAVE_WAY_DELAY)
+
+    def postpone(self, task: Task, raw: str, delay: float, reason: str) -> Outcome:
+        """A host that asked the fleet to wait is not the URL's failure: retried after ``delay`` s, no attempt used."""
+        log.debug("task_postponed worker=%s id=%s delay=%.1f reason=%s", self.identity, task.id, delay, reason)
+        return retry_outcome(raw, task.encode(), delay)
 
     def _store_error(self, task: Task, raw: str, error: OSError, size: int = 0) -> Outcome:
         """A store failure (full, read-only, broken) returns the task and pauses the worker; any other (a name too
