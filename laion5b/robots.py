@@ -47,6 +47,7 @@ FETCH_WAIT = 2.0
 CRAWL_WAIT = 2.0
 """Longest a task waits in place for its Crawl-delay turn; a turn further away postpones it until then."""
 POLL = 0.05
+"""First pause between two looks at a robots.txt another worker is fetching (doubled at each look)."""
 REDIS_DELAY = 5.0
 """Seconds a task is postponed when Redis did not answer its robots.txt question."""
 LOCAL_ENTRIES = 4096
@@ -384,6 +385,13 @@ class _Gate:
         self.local.put(origin, rules, seconds)
         return rules
 
+    def _known(self, origin: str) -> SiteRules:
+        """The rules another download of this process just learned, else postponed (it is still asking)."""
+        rules = self.local.get(origin)
+        if rules is None:
+            raise _fetched_elsewhere(origin)
+        return rules
+
     def _store_args(self, rules: SiteRules) -> list[Any]:
         seconds = self.settings.failure_ttl if rules.failure else self.settings.ttl
         delay = rules.delay if rules.delay and rules.delay <= self.settings.max_crawl_delay else 0
@@ -403,6 +411,19 @@ def _later(granted: int, wait_ms: int, delay: float) -> float:
     return wait_ms / 1000 if granted == -1 else delay
 
 
+def _pauses() -> list[float]:
+    """Pauses between looks at a robots.txt another worker is fetching: doubling, FETCH_WAIT in all."""
+    pauses, pause = [], POLL
+    while sum(pauses) + pause < FETCH_WAIT:
+        pauses.append(pause)
+        pause *= 2
+    return [*pauses, FETCH_WAIT - sum(pauses)]
+
+
+def _fetched_elsewhere(origin: str) -> FetchFailure:
+    return _postponed(f"robots.txt of {origin} is being fetched by another worker", FETCH_WAIT)
+
+
 def _postponed(message: str, seconds: float) -> FetchFailure:
     return FetchFailure(POSTPONED, message, seconds)
 
@@ -412,6 +433,8 @@ class RobotsGate(_Gate):
 
     def __init__(self, settings: RobotsSettings, client: redis.Redis, keys: Keys) -> None:
         super().__init__(settings, keys)
+        self._asking: dict[str, threading.Event] = {}
+        self._asking_lock = threading.Lock()
         self._lookup = client.register_script(_LOOKUP)
         self._store = client.register_script(_STORE)
         self._unlock = client.register_script(_UNLOCK)
@@ -437,20 +460,34 @@ class RobotsGate(_Gate):
                 self._crawl_leave(keys=[turn.key], args=[turn.token, turn.delay_ms])
 
     def _rules(self, origin: str, fetch: Callable[[str], Fetched]) -> SiteRules:
+        """The site's rules: from this process's memory, else from Redis, else fetched. Only one thread of the
+        process asks Redis about a site at a time; the others wait for its answer."""
         rules = self.local.get(origin)
         if rules is not None:
             return rules
+        with self._asking_lock:
+            asked = self._asking.get(origin)
+            if asked is None:
+                self._asking[origin] = threading.Event()
+        if asked is not None:
+            asked.wait(FETCH_WAIT)
+            return self._known(origin)
+        try:
+            return self._ask(origin, fetch)
+        finally:
+            with self._asking_lock:
+                self._asking.pop(origin).set()
+
+    def _ask(self, origin: str, fetch: Callable[[str], Fetched]) -> SiteRules:
         keys = self._keys(origin)
-        given_up = time.monotonic() + FETCH_WAIT
-        while True:
+        for pause in _pauses():
             found, value = self._lookup(keys=keys[:2], args=[int(self.settings.lock_seconds * 1000), self.token])
             if found == 1:
                 return self._learn(origin, decode(value))
             if found == 2:
                 return self._fetch(origin, keys, fetch)
-            if time.monotonic() >= given_up:
-                raise _postponed(f"robots.txt of {origin} is being fetched by another worker", FETCH_WAIT)
-            time.sleep(POLL)
+            time.sleep(pause)
+        raise _fetched_elsewhere(origin)
 
     def _fetch(self, origin: str, keys: list[str], fetch: Callable[[str], Fetched]) -> SiteRules:
         fetched = fetch(f"{origin}/robots.txt")
@@ -480,6 +517,7 @@ class AsyncRobotsGate(_Gate):
 
     def __init__(self, settings: RobotsSettings, client: redis.asyncio.Redis, keys: Keys) -> None:
         super().__init__(settings, keys)
+        self._asking: dict[str, asyncio.Event] = {}
         self.client = client
         self._lookup = client.register_script(_LOOKUP)
         self._store = client.register_script(_STORE)
@@ -507,20 +545,31 @@ class AsyncRobotsGate(_Gate):
         await self.client.aclose()
 
     async def _rules(self, origin: str, fetch: Callable[[str], Awaitable[Fetched]]) -> SiteRules:
+        """As ``RobotsGate._rules``: one download of the process asks about a site, the others wait for it."""
         rules = self.local.get(origin)
         if rules is not None:
             return rules
+        asked = self._asking.get(origin)
+        if asked is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asked.wait(), FETCH_WAIT)
+            return self._known(origin)
+        self._asking[origin] = asyncio.Event()
+        try:
+            return await self._ask(origin, fetch)
+        finally:
+            self._asking.pop(origin).set()
+
+    async def _ask(self, origin: str, fetch: Callable[[str], Awaitable[Fetched]]) -> SiteRules:
         keys = self._keys(origin)
-        given_up = time.monotonic() + FETCH_WAIT
-        while True:
+        for pause in _pauses():
             found, value = await self._lookup(keys=keys[:2], args=[int(self.settings.lock_seconds * 1000), self.token])
             if found == 1:
                 return self._learn(origin, decode(value))
             if found == 2:
                 return await self._fetch(origin, keys, fetch)
-            if time.monotonic() >= given_up:
-                raise _postponed(f"robots.txt of {origin} is being fetched by another worker", FETCH_WAIT)
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(pause)
+        raise _fetched_elsewhere(origin)
 
     async def _fetch(self, origin: str, keys: list[str], fetch: Callable[[str], Awaitable[Fetched]]) -> SiteRules:
         fetched = await fetch(f"{origin}/robots.txt")
