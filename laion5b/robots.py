@@ -62,12 +62,32 @@ UNREACHABLE = frozenset({"timeout", "connection", "dns", "ssl", "truncated", "bl
 _COMPRESSED = b"\x00"
 _COMPRESS_OVER = 16
 _ZDICT = (
-    b"-/wp-admin/\n+/wp-admin/admin-ajax.php\n-/wp-includes/\n-/wp-content/plugins/\n-/cgi-bin/\n-/search\n-/cart\n"
-    b"-/checkout\n-/account\n-/orders\n-/admin\n-/collections/*sort_by*\n-/*/collections/*sort_by*\n-/blogs/*+*\n"
-    b"-/*?*\n-/*.php$\n-/tmp/\n-/private/\n-/login\n-/user/\n-/node/\n-/core/\n-/profiles/\n-/api/\n-/feed/\n"
+    b"-/administrator/\n-/api/\n-/bin/\n-/cache/\n-/cli/\n-/components/\n-/includes/\n-/installation/\n-/language/\n"
+    b"-/layouts/\n-/libraries/\n-/logs/\n-/modules/\n-/plugins/\n-/tmp/\n"
+    b"+/core/*.css$\n+/core/*.css?\n+/core/*.js$\n+/core/*.js?\n+/core/*.gif\n+/core/*.jpg\n+/core/*.jpeg\n"
+    b"+/core/*.png\n+/core/*.svg\n+/profiles/*.css$\n+/profiles/*.css?\n+/profiles/*.js$\n+/profiles/*.js?\n"
+    b"+/profiles/*.gif\n+/profiles/*.jpg\n+/profiles/*.jpeg\n+/profiles/*.png\n+/profiles/*.svg\n-/core/\n"
+    b"-/profiles/\n-/README.md\n-/web.config\n-/admin/\n-/comment/reply/\n-/filter/tips\n-/node/add/\n-/search/\n"
+    b"-/user/register\n-/user/password\n-/user/login\n-/user/logout\n-/media/oembed\n-/*/media/oembed\n"
+    b"-/index.php/admin/\n-/index.php/comment/reply/\n-/index.php/user/login\n"
+    b"-/config\n-/search\n-/account$\n-/account/\n-/commerce/digital-download/\n-/api/\n+/api/ui-extensions/\n"
+    b"-/static/\n-/*?author=*\n-/*&author=*\n-/*?tag=*\n-/*&tag=*\n-/*?month=*\n-/*&month=*\n-/*?view=*\n"
+    b"-/*&view=*\n-/*?format=json\n-/*&format=json\n-/*?format=page-context\n-/*&format=page-context\n"
+    b"-/*?format=main-content\n-/*&format=main-content\n-/*?format=json-pretty\n-/*&format=json-pretty\n"
+    b"-/*?format=ical\n-/*&format=ical\n-/*?reversePaginate=*\n-/*&reversePaginate=*\n"
+    b"-/a/downloads/-/*\n-/admin\n-/cart\n-/orders\n-/checkouts/\n-/checkout\n-/carts\n-/account\n"
+    b"-/collections/*sort_by*\n-/*/collections/*sort_by*\n-/collections/*+*\n-/collections/*%2B*\n"
+    b"-/collections/*%2b*\n-/*/collections/*+*\n-/*/collections/*%2B*\n-/*/collections/*%2b*\n"
+    b"-*/collections/*filter*&*filter*\n-/blogs/*+*\n-/blogs/*%2B*\n-/blogs/*%2b*\n-/*/blogs/*+*\n-/*/blogs/*%2B*\n"
+    b"-/*/blogs/*%2b*\n-/*?*oseid=*\n-/*preview_theme_id*\n-/*preview_script_id*\n-/policies/\n-/*/policies/\n"
+    b"-/*/*?*ls=*&ls=*\n-/*/*?*ls%3D*%3Fls%3D*\n-/*/*?*ls%3d*%3fls%3d*\n-/search\n-/apple-app-site-association\n"
+    b"-/.well-known/shopify/monorail\n-/cdn/wpm/*.js\n-/recommendations/products\n-/*/recommendations/products\n"
+    b"-/cgi-bin/\n-/wp-login.php\n-/wp-content/plugins/\n-/wp-includes/\n-/feed/\n-/trackback/\n-/?s=\n-/*?\n"
+    b"-*?lightbox=\n+/\n-/search\n+/\n-/\n|\n-/wp-admin/\n+/wp-admin/admin-ajax.php"
 )
-"""Preset dictionary of the compact form's deflate stream: common rules compress to a few bytes. Never change it:
-values cached with it would no longer decode (use a new prefix byte for a new one)."""
+"""Preset dictionary of the compact form's deflate stream: the default rules of common site software (Joomla, Drupal,
+Squarespace, Shopify, WordPress, Blogger, Wix), which then take a few bytes. Never change it: values cached with it
+would no longer decode (use a new prefix byte for a new one)."""
 _TOKEN = re.compile(r"[A-Za-z0-9_*-]+")
 
 
