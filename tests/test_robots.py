@@ -140,6 +140,16 @@ def test_disallowed_urls_and_redirect_hops_are_never_requested(engine, redis_ser
 
 
 @pytest.mark.parametrize("engine", ENGINE_IDS)
+def test_a_busy_site_costs_no_redis_call_per_image(engine, redis_server, sites):
+    site = sites[0]
+    site.serve_robots(200, "User-agent: *\nDisallow: /private\n")
+    assert statuses(fetch_all(engine, redis_server.port, [site.url(f"/img/{n}.jpg") for n in range(20)])) == [None] * 20
+    stats = redis_server.client().info("commandstats")
+    scripts = sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+    assert scripts <= 4  # look up (and lock), store, each sent twice the first time (NOSCRIPT): then memory answers
+
+
+@pytest.mark.parametrize("engine", ENGINE_IDS)
 def test_robots_failures_follow_rfc9309_and_an_unavailable_site_is_asked_again_later(engine, redis_server, sites):
     missing, failing, _ = sites
     failing.serve_robots(500, "down")
