@@ -345,8 +345,9 @@ return 0
 # KEYS: crawl (hash: next = earliest next start, until = end of the lease of the request in flight, holder = its
 # token, tail = the turn given to the last postponed task; all Redis-clock ms). ARGV: delay ms, in-place wait ms,
 # lease ms, token. Returns {1, wait}: the turn is the caller's, to start after ``wait`` ms; {0, wait}: a request is
-# in flight, ask again after ``wait``; {-1, wait}: postponed, come back after ``wait`` (each postponed task is given a
-# turn of its own, one delay after the previous one, so that they do not all come back at once).
+# in flight, ask again after ``wait`` (half the delay, at least 100 ms); {-1, wait}: postponed, come back after
+# ``wait`` (each postponed task is given a turn of its own, one delay after the previous one, so that they do not all
+# come back at once).
 _CRAWL_ENTER = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -361,7 +362,7 @@ if start - now > limit then
   redis.call('HSET', KEYS[1], 'tail', turn + delay)
   result = {-1, turn - now}
 elseif busy then
-  result = {0, math.min(start - now, 100)}
+  result = {0, math.max(100, math.floor(delay / 2))}
 else
   redis.call('HSET', KEYS[1], 'next', start + delay, 'until', start + lease, 'holder', ARGV[4])
   result = {1, start - now}
@@ -433,11 +434,13 @@ def _later(granted: int, wait_ms: int, delay: float) -> float:
 
 def _pauses() -> list[float]:
     """Pauses between looks at a robots.txt another worker is fetching: doubling, FETCH_WAIT in all."""
-    pauses, pause = [], POLL
-    while sum(pauses) + pause < FETCH_WAIT:
+    pauses: list[float] = []
+    pause, total = POLL, 0.0
+    while total + pause < FETCH_WAIT:
         pauses.append(pause)
+        total += pause
         pause *= 2
-    return [*pauses, FETCH_WAIT - sum(pauses)]
+    return [*pauses, FETCH_WAIT - total]
 
 
 def _fetched_elsewhere(origin: str) -> FetchFailure:
@@ -500,14 +503,17 @@ class RobotsGate(_Gate):
 
     def _ask(self, origin: str, fetch: Callable[[str], Fetched]) -> SiteRules:
         keys = self._keys(origin)
-        for pause in _pauses():
+        pauses = iter(_pauses())
+        while True:
             found, value = self._lookup(keys=keys[:2], args=[int(self.settings.lock_seconds * 1000), self.token])
             if found == 1:
                 return self._learn(origin, decode(value))
             if found == 2:
                 return self._fetch(origin, keys, fetch)
+            pause = next(pauses, None)
+            if pause is None:
+                raise _fetched_elsewhere(origin)
             time.sleep(pause)
-        raise _fetched_elsewhere(origin)
 
     def _fetch(self, origin: str, keys: list[str], fetch: Callable[[str], Fetched]) -> SiteRules:
         fetched = fetch(f"{origin}/robots.txt")
@@ -582,14 +588,17 @@ class AsyncRobotsGate(_Gate):
 
     async def _ask(self, origin: str, fetch: Callable[[str], Awaitable[Fetched]]) -> SiteRules:
         keys = self._keys(origin)
-        for pause in _pauses():
+        pauses = iter(_pauses())
+        while True:
             found, value = await self._lookup(keys=keys[:2], args=[int(self.settings.lock_seconds * 1000), self.token])
             if found == 1:
                 return self._learn(origin, decode(value))
             if found == 2:
                 return await self._fetch(origin, keys, fetch)
+            pause = next(pauses, None)
+            if pause is None:
+                raise _fetched_elsewhere(origin)
             await asyncio.sleep(pause)
-        raise _fetched_elsewhere(origin)
 
     async def _fetch(self, origin: str, keys: list[str], fetch: Callable[[str], Awaitable[Fetched]]) -> SiteRules:
         fetched = await fetch(f"{origin}/robots.txt")
