@@ -143,7 +143,7 @@ def _groups(text: str) -> list[_Group]:
     """The groups of a robots.txt: user-agent lines followed by rules (RFC 9309, 2.1); other records are ignored."""
     groups: list[_Group] = []
     naming = False  # the last record was a user-agent line: the next one joins the same group
-    for line in text.splitlines():
+    for line in text.removeprefix("\ufeff").splitlines():
         field, colon, value = line.split("#", 1)[0].partition(":")
         field, value = field.strip().lower(), value.strip()
         if not colon:

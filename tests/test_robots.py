@@ -60,6 +60,7 @@ POLICY = FetchPolicy(download_timeout=5, allowed_networks=(ipaddress.ip_network(
             "/x",
             True,
         ),
+        ("\ufeffUser-agent: *\nDisallow: /\n", "/x", False),  # a byte order mark
         ("Disallow: /\n", "/x", True),  # a rule outside any group
         ("User-agent: otherbot\nDisallow: /\n", "/x", True),  # no group for us, no * group
     ],
