@@ -29,7 +29,7 @@ from laion5b.robots import (
     site_rules,
 )
 from laion5b.tasks import Task, is_transient
-from tests.helpers import ENGINE_IDS, engine_env, run_on_loop, run_script
+from tests.helpers import ENGINE_IDS, engine_env, run_on_loop, run_script, wait_until
 from tools.image_server import ImageServer
 
 KEYS = Keys()
@@ -236,3 +236,19 @@ def test_two_workers_share_robots_txt_and_keep_crawl_delay_as_one_fleet(engine, 
     assert sorted(record["status"] for record in records) == ["robots_disallowed"] * 7
     assert client.hgetall(KEYS.failures) == {"robots_disallowed": "7"}
     assert int(client.get(KEYS.tongji_succ)) == 8
+
+
+@pytest.mark.parametrize("engine", ENGINE_IDS)
+def test_an_unavailable_robots_txt_is_retried_like_any_transient_failure(engine, script_env, redis_server, sites):
+    site = sites[0]
+    site.serve_robots(503, "busy")
+    client = redis_server.client()
+    queue_urls(client, [site.url("/img/later.jpg")])
+    env = {**script_env, **engine_env(engine), "LAION_ALLOWED_NETWORKS": "127.0.0.0/8", "LAION_THREAD_NUM": "2"}
+    env.update(LAION_CONCURRENCY="2", LAION_RETRY_BACKOFF="0.5", LAION_MAX_ATTEMPTS="5", LAION_DOWNLOAD_TIMEOUT="4")
+    worker = subprocess.Popen([*run_script("downloader.py"), "w", "--until-empty"], env=env, stderr=subprocess.PIPE)
+    wait_until(lambda: "/robots.txt" in site.paths)
+    site.serve_robots(404, "")  # it recovers (and has no robots.txt)
+    assert worker.wait(60) == 0, worker.stderr.read()[-2000:]
+    assert client.llen(KEYS.error) == 0 and int(client.get(KEYS.tongji_succ)) == 1
+    assert site.paths == ["/robots.txt", "/robots.txt", "/img/later.jpg"]  # asked again once its failure expired
