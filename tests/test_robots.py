@@ -30,6 +30,7 @@ from laion5b.robots import (
 )
 from laion5b.tasks import Task, is_transient
 from tests.helpers import ENGINE_IDS, engine_env, run_on_loop, run_script, wait_until
+from tests.redis_server import free_port
 from tools.image_server import ImageServer
 
 KEYS = Keys()
@@ -154,13 +155,15 @@ def test_a_busy_site_costs_no_redis_call_per_image(engine, redis_server, sites):
 def test_robots_failures_follow_rfc9309_and_an_unavailable_site_is_asked_again_later(engine, redis_server, sites):
     missing, failing, _ = sites
     failing.serve_robots(500, "down")
-    urls = [missing.url("/img/a.jpg"), failing.url("/img/b.jpg")]
-    assert statuses(fetch_all(engine, redis_server.port, urls)) == [None, "robots_unavailable"]
+    urls = [missing.url("/img/a.jpg"), failing.url("/img/b.jpg"), f"http://127.0.0.5:{free_port()}/img/c.jpg"]
+    fetched = fetch_all(engine, redis_server.port, urls)
+    assert statuses(fetched) == [None, "robots_unavailable", "connection"]  # no answer: the network's own word
+    assert fetched[2].error_msg.startswith("robots.txt: ")
     assert failing.paths == ["/robots.txt"]  # the image itself is not asked for
     failing.serve_robots(200, "User-agent: *\nAllow: /\n")
-    assert statuses(fetch_all(engine, redis_server.port, urls[1:])) == ["robots_unavailable"]  # remembered a while
+    assert statuses(fetch_all(engine, redis_server.port, urls[1:2])) == ["robots_unavailable"]  # remembered a while
     time.sleep(SETTINGS.failure_ttl)
-    assert statuses(fetch_all(engine, redis_server.port, urls[1:])) == [None]
+    assert statuses(fetch_all(engine, redis_server.port, urls[1:2])) == [None]
     assert failing.paths == ["/robots.txt", "/robots.txt", "/img/b.jpg"]
     assert missing.paths == ["/robots.txt", "/img/a.jpg"]
 
