@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 import threading
@@ -38,6 +39,8 @@ from laion5b.config import Config
 from laion5b.fetchpolicy import GAVE_WAY, POSTPONED, Fetched, FetchFailure
 from laion5b.keys import Keys
 from laion5b.redisconn import client_options
+
+log = logging.getLogger(__name__)
 
 ROBOTS_BYTES = 500 * 1024
 """Bytes of a robots.txt that are parsed (RFC 9309's minimum); the rest is not read."""
@@ -426,6 +429,12 @@ class _Gate:
         return [self.keys.robots(origin), self.keys.robots_lock(origin), self.keys.crawl(origin)]
 
 
+def _log_fetched(origin: str, fetched: Fetched, rules: SiteRules) -> None:
+    outcome = rules.failure[0] if rules.failure else "ok"
+    log.debug("robots_fetched site=%s status=%s outcome=%s bytes=%d groups=%d crawl_delay=%s", origin,
+              fetched.status or 200, outcome, len(fetched.data or b""), len(rules.groups), rules.delay)  # fmt: skip
+
+
 def _later(granted: int, wait_ms: int, delay: float) -> float:
     """Seconds a task waits for its Crawl-delay turn: the turn it was given, else (a request still in flight after
     the in-place wait) one delay."""
@@ -522,6 +531,7 @@ class RobotsGate(_Gate):
             raise FetchFailure(str(fetched.status), fetched.error_msg, fetched.retry_after)
         rules = answer_rules(fetched, self.settings.agents)
         self._store(keys=keys, args=self._store_args(rules))
+        _log_fetched(origin, fetched, rules)
         return self._learn(origin, rules)
 
     def _turn(self, origin: str, delay: float) -> Turn:
@@ -607,6 +617,7 @@ class AsyncRobotsGate(_Gate):
             raise FetchFailure(str(fetched.status), fetched.error_msg, fetched.retry_after)
         rules = answer_rules(fetched, self.settings.agents)
         await self._store(keys=keys, args=self._store_args(rules))
+        _log_fetched(origin, fetched, rules)
         return self._learn(origin, rules)
 
     async def _turn(self, origin: str, delay: float) -> Turn:
