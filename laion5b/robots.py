@@ -55,6 +55,9 @@ REDIS_DELAY = 5.0
 """Seconds a task is postponed when Redis did not answer its robots.txt question."""
 LOCAL_ENTRIES = 4096
 """Sites whose rules a process keeps in memory (least recently used dropped first)."""
+LOCAL_RULES = 32_768
+"""Allow and Disallow lines those sites may hold in all: parsed, a line takes about 650 bytes (Protego's patterns and
+our copy), so the cache stays under about 25 MB per process whatever the sites' files."""
 LOCAL_SECONDS = 600.0
 """Seconds a process trusts its copy of a site's rules before asking Redis again (at most robots_ttl)."""
 DISALLOWED = "robots_disallowed"
@@ -192,6 +195,11 @@ class SiteRules:
     def _parsers(self) -> tuple[Protego, ...]:
         return tuple(Protego.parse(_as_robots_txt(rules)) for rules in self.groups)
 
+    @property
+    def size(self) -> int:
+        """Allow and Disallow lines kept."""
+        return sum(len(rules) for rules in self.groups)
+
     def allows(self, url: str) -> bool:
         return all(parser.can_fetch(url, "*") for parser in self._parsers)
 
@@ -287,31 +295,41 @@ def judge(rules: SiteRules, url: str, origin: str, settings: RobotsSettings) -> 
 
 
 class LocalRules:
-    """The rules of recently used sites in this process (at most LOCAL_ENTRIES, each trusted ``seconds`` at most).
-    Thread-safe."""
+    """The rules of recently used sites in this process: at most ``entries`` sites holding at most ``rules`` Allow and
+    Disallow lines in all (the least recently used go first), each trusted ``seconds`` at most. Thread-safe."""
 
-    def __init__(self, entries: int = LOCAL_ENTRIES) -> None:
+    def __init__(self, entries: int = LOCAL_ENTRIES, rules: int = LOCAL_RULES) -> None:
         self.entries = entries
-        self._rules: OrderedDict[str, tuple[float, SiteRules]] = OrderedDict()
+        self.rules = rules
+        self.held = 0  # rules held in all
+        self._sites: OrderedDict[str, tuple[float, SiteRules]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, origin: str) -> SiteRules | None:
         with self._lock:
-            entry = self._rules.get(origin)
+            entry = self._sites.get(origin)
             if entry is None:
                 return None
             if entry[0] <= time.monotonic():
-                del self._rules[origin]
+                self._drop(origin)
                 return None
-            self._rules.move_to_end(origin)
+            self._sites.move_to_end(origin)
             return entry[1]
 
     def put(self, origin: str, rules: SiteRules, seconds: float) -> None:
         with self._lock:
-            self._rules[origin] = (time.monotonic() + seconds, rules)
-            self._rules.move_to_end(origin)
-            while len(self._rules) > self.entries:
-                self._rules.popitem(last=False)
+            if origin in self._sites:
+                self._drop(origin)
+            self._sites[origin] = (time.monotonic() + seconds, rules)
+            self.held += rules.size
+            while len(self._sites) > self.entries or self.held > self.rules:
+                self._drop(next(iter(self._sites)))
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def _drop(self, origin: str) -> None:
+        self.held -= self._sites.pop(origin)[1].size
 
 
 # KEYS: rules, lock. ARGV: lock ms, lock token. Returns {1, rules} when cached, else {2, ''} when this caller took the

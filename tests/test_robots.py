@@ -21,6 +21,7 @@ from laion5b.robots import (
     ALLOW_ALL,
     ROBOTS_BYTES,
     AsyncRobotsGate,
+    LocalRules,
     RobotsGate,
     RobotsSettings,
     SiteRules,
@@ -83,6 +84,21 @@ def test_compact_form_keeps_only_our_groups_and_a_site_without_rules_costs_nothi
     assert len(encode(rules)) < len(big) / 5
     failed = SiteRules(failure=("robots_unavailable", "robots.txt answered HTTP 503"))
     assert decode(encode(failed)) == failed
+
+
+def test_the_cache_in_memory_is_bounded_by_sites_and_by_rules_and_expires():
+    cache = LocalRules(entries=3, rules=10)
+    four = SiteRules(groups=(((False, "/a"), (False, "/b"), (True, "/c"), (False, "/d")),))
+    for site in "abc":
+        cache.put(site, four if site == "a" else ALLOW_ALL, 60)
+    cache.get("a")  # used last: kept
+    cache.put("d", ALLOW_ALL, 60)
+    assert cache.get("b") is None and cache.get("a") is four and len(cache) == 3
+    cache.put("e", four, 60)
+    cache.put("f", four, 60)  # 12 rules > 10: the least recently used rules go
+    assert cache.get("a") is None and cache.get("f") is four and cache.held == 8
+    cache.put("g", ALLOW_ALL, 0)
+    assert cache.get("g") is None
 
 
 def test_the_new_statuses_are_transient_or_permanent_as_documented():
