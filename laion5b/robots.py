@@ -235,7 +235,7 @@ def answer_rules(fetched: Fetched, agents: tuple[str, ...]) -> SiteRules:
     if isinstance(status, int) and (status == 429 or status >= 500):
         return SiteRules(failure=(UNAVAILABLE, f"robots.txt answered HTTP {status}"))
     if status in UNREACHABLE:
-        return SiteRules(failure=(str(status), f"robots.txt: {fetched.error_msg}"))
+        return SiteRules(failure=(str(status), f"{fetched.error_msg} (robots.txt)"))
     return ALLOW_ALL
 
 

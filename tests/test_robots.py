@@ -174,7 +174,7 @@ def test_robots_failures_follow_rfc9309_and_an_unavailable_site_is_asked_again_l
     urls = [missing.url("/img/a.jpg"), failing.url("/img/b.jpg"), f"http://127.0.0.5:{free_port()}/img/c.jpg"]
     fetched = fetch_all(engine, redis_server.port, urls)
     assert statuses(fetched) == [None, "robots_unavailable", "connection"]  # no answer: the network's own word
-    assert fetched[2].error_msg.startswith("robots.txt: ")
+    assert fetched[2].error_msg.endswith(" (robots.txt)")
     assert failing.paths == ["/robots.txt"]  # the image itself is not asked for
     failing.serve_robots(200, "User-agent: *\nAllow: /\n")
     assert statuses(fetch_all(engine, redis_server.port, urls[1:2])) == ["robots_unavailable"]  # remembered a while
