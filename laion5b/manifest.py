@@ -19,8 +19,8 @@ SHARDS_FILE = "shards.txt"
 SIZES_FILE = "sizes.json"
 FORMS = ("braces", "list")
 """How the shard list is printed: one brace pattern, or open_clip's ``::``-joined list."""
-_NUMBERED = re.compile(r"(.*-)(\d+)(-[0-9a-f]+)?")
-"""A shard's name: ``<host_id>-<NAME>-`` (file-safe), its sequence number, its incarnation."""
+_NUMBERED = re.compile(r"(.*?-)(\d{6,})(-[0-9a-f]{8})?")
+"""A shard's name: ``<host_id>-<NAME>-`` (file-safe), its sequence number, its incarnation (shards.py names them)."""
 _BRACE_SPECIAL = re.compile(r"([{},\\])")
 
 

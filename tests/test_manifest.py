@@ -154,6 +154,12 @@ def test_the_brace_pattern_expands_to_the_shards(tmp_path: Path, names: list[str
     assert manifest.joined(found).split("::") == found.paths()
 
 
+def test_consecutive_shards_of_one_process_make_one_range() -> None:
+    names = [f"dl-01-7-{seq:06d}-{incarnation}.tar" for incarnation in ("3f9c01ab", "12345678") for seq in range(3)]
+    pattern = manifest.braces(manifest.Manifest("/s", dict.fromkeys(names, 1)))
+    assert pattern == "/s/{dl-01-7-{000000..000002}-3f9c01ab,dl-01-7-{000000..000002}-12345678}.tar"
+
+
 def test_only_finished_shards_with_a_readable_index_are_listed(tmp_path: Path) -> None:
     for name, rows in (("a", 3), ("b", 5), ("c", 1)):
         (tmp_path / f"{name}.tar").write_bytes(b"")
