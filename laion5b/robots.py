@@ -34,6 +34,9 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio
 from protego import Protego
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from laion5b.config import Config
 from laion5b.fetchpolicy import GAVE_WAY, POSTPONED, Fetched, FetchFailure
@@ -652,10 +655,11 @@ class AsyncRobotsGate(_Gate):
 
 
 def robots_gate(config: Config) -> RobotsGate | None:
-    """The threads engine's gate when ``robots`` is on, with a Redis client of its own (values are bytes)."""
+    """The threads engine's gate when ``robots`` is on, with a Redis client of its own (values are bytes; no retries
+    inside the client: a task whose question Redis does not answer is postponed at once)."""
     if not config.robots:
         return None
-    client = redis.Redis(**client_options(config, 5.0), decode_responses=False)
+    client = redis.Redis(**client_options(config, 5.0), decode_responses=False, retry=Retry(NoBackoff(), 0))
     return RobotsGate(RobotsSettings.of(config), client, config.keys)
 
 
@@ -663,7 +667,9 @@ def async_robots_gate(config: Config) -> AsyncRobotsGate | None:
     """The async engine's gate when ``robots`` is on; its client connects on first use, from the engine's loop."""
     if not config.robots:
         return None
-    client = redis.asyncio.Redis(**client_options(config, 5.0), decode_responses=False)
+    client = redis.asyncio.Redis(
+        **client_options(config, 5.0), decode_responses=False, retry=AsyncRetry(NoBackoff(), 0)
+    )
     return AsyncRobotsGate(RobotsSettings.of(config), client, config.keys)
 
 

@@ -12,6 +12,9 @@ import time
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from laion5b.aiofetch import AsyncFetcher
 from laion5b.fetch import Fetcher
@@ -110,14 +113,16 @@ def fetch_all(engine: str, port: int, urls: list[str], settings: RobotsSettings 
     """Fetch ``urls`` one after the other through a fresh gate of ``engine`` (a new process, as far as the cache in
     memory goes) on the Redis at ``port``."""
     if engine == "threads":
-        fetcher = Fetcher(POLICY, robots=RobotsGate(settings, redis.Redis(port=port), KEYS))
+        fetcher = Fetcher(
+            POLICY, robots=RobotsGate(settings, redis.Redis(port=port, retry=Retry(NoBackoff(), 0)), KEYS)
+        )
         try:
             return [fetcher.fetch(url) for url in urls]
         finally:
             fetcher.close()
 
     async def main() -> list[Fetched]:
-        gate = AsyncRobotsGate(settings, redis.asyncio.Redis(port=port), KEYS)
+        gate = AsyncRobotsGate(settings, redis.asyncio.Redis(port=port, retry=AsyncRetry(NoBackoff(), 0)), KEYS)
         fetcher = AsyncFetcher(POLICY, robots=gate)
         try:
             return [await fetcher.fetch(url) for url in urls]
@@ -271,3 +276,10 @@ def test_an_unavailable_robots_txt_is_retried_like_any_transient_failure(engine,
     assert worker.wait(60) == 0, worker.stderr.read()[-2000:]
     assert client.llen(KEYS.error) == 0 and int(client.get(KEYS.tongji_succ)) == 1
     assert site.paths == ["/robots.txt", "/robots.txt", "/img/later.jpg"]  # asked again once its failure expired
+
+
+@pytest.mark.parametrize("engine", ENGINE_IDS)
+def test_a_task_is_postponed_while_redis_does_not_answer(engine, sites):
+    fetched = fetch_all(engine, free_port(), [sites[0].url("/img/a.jpg")])
+    assert statuses(fetched) == [POSTPONED] and fetched[0].retry_after == 5 and "Redis" in fetched[0].error_msg
+    assert sites[0].paths == []
