@@ -16,7 +16,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import setting
 from laion5b.aiofetch import AsyncFetcher
+from laion5b.config import load
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import POSTPONED, Fetched, FetchPolicy
 from laion5b.keys import Keys
@@ -28,8 +30,10 @@ from laion5b.robots import (
     RobotsGate,
     RobotsSettings,
     SiteRules,
+    async_robots_gate,
     decode,
     encode,
+    robots_gate,
     site_rules,
 )
 from laion5b.tasks import Task, is_transient
@@ -102,6 +106,13 @@ def test_the_cache_in_memory_is_bounded_by_sites_and_by_rules_and_expires():
     assert cache.get("a") is None and cache.get("f") is four and cache.held == 8
     cache.put("g", ALLOW_ALL, 0)
     assert cache.get("g") is None
+
+
+def test_robots_off_makes_no_gate_and_on_one_for_each_engine():
+    assert robots_gate(load(setting, {"LAION_ROBOTS": "0"})) is None
+    assert async_robots_gate(load(setting, {"LAION_ROBOTS": "0"})) is None
+    gate = robots_gate(load(setting, {"LAION_ROBOTS_AGENTS": "MyBot,img2dataset"}))
+    assert gate is not None and gate.settings.agents == ("mybot", "img2dataset")
 
 
 def test_the_new_statuses_are_transient_or_permanent_as_documented():
