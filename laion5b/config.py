@@ -61,6 +61,7 @@ class Config:
     concurrency: int
     max_inflight_bytes: int
     max_per_host: int
+    host_start_concurrency: int
     host_id: str
     heartbeat_ttl: int
     max_attempts: int
@@ -123,6 +124,7 @@ _AT_LEAST_ONE = (
     "image_size",
     "history_days",
     "shard_size",
+    "host_start_concurrency",
 )
 _POSITIVE = (
     "connect_timeout",

@@ -9,7 +9,8 @@ import time
 
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
-from laion5b.limits import ByteBudget, HostSlots
+from laion5b.fleetslots import FleetSlots
+from laion5b.limits import ByteBudget
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
 
@@ -23,7 +24,7 @@ class ThreadEngine:
         policy: FetchPolicy,
         threads: int,
         done: queue.SimpleQueue[Outcome],
-        max_per_host: int,
+        slots: FleetSlots[Parked],
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
     ) -> None:
@@ -31,10 +32,12 @@ class ThreadEngine:
         self.policy = policy
         self.capacity = threads
         self.done = done
-        self.slots: HostSlots[Parked] = HostSlots(max_per_host)
+        self.slots = slots
+        slots.start = self._granted
         self.budget = ByteBudget(max_inflight_bytes)
         self.tls = tls
-        self._todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue[str | tuple[str, Parked] | None] = queue.SimpleQueue()
+        """Tasks submitted, parked tasks granted a slot of their host (host, task), and the threads' stop marks."""
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -47,16 +50,23 @@ class ThreadEngine:
         for raw in raws:
             self._todo.put(raw)
 
+    def _granted(self, granted: list[tuple[str, Parked]]) -> None:
+        for entry in granted:
+            self._todo.put(entry)
+
     def drain_unstarted(self) -> list[str]:
         """Take back every submitted task not started yet (waiting for a thread, or parked behind its host)."""
         unstarted = []
         while True:
             try:
-                raw = self._todo.get_nowait()
+                entry = self._todo.get_nowait()
             except queue.Empty:
                 break
-            if raw is not None:
-                unstarted.append(raw)
+            if isinstance(entry, tuple):
+                self.slots.give_back(entry[0])
+                unstarted.append(entry[1][0])
+            elif entry is not None:
+                unstarted.append(entry)
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
         return unstarted
 
@@ -73,8 +83,11 @@ class ThreadEngine:
     def _download_loop(self) -> None:
         fetcher = Fetcher(self.policy, self.tls, self.budget)
         try:
-            while (raw := self._todo.get()) is not None:
-                self._run(raw, fetcher)
+            while (entry := self._todo.get()) is not None:
+                if isinstance(entry, tuple):
+                    self._turns(*entry, fetcher)
+                else:
+                    self._run(entry, fetcher)
         finally:
             fetcher.close()
 
@@ -82,25 +95,27 @@ class ThreadEngine:
         """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
         ends as exactly one outcome, whatever raises."""
         admitted = admit(self.pipeline, self.slots, self.done, raw)
-        if admitted is None:
-            return
-        host, first = admitted
-        turn: Parked | None = first
+        if admitted is not None:
+            self._turns(*admitted, fetcher)
+
+    def _turns(self, host: str, turn: Parked | None, fetcher: Fetcher) -> None:
+        """Download ``turn``, holding a slot of ``host``, then each task parked behind it that the slot passes to."""
         while turn is not None:
+            fetched: Fetched | None = None
             try:
-                outcome = self._download(*turn, fetcher)
+                outcome, fetched = self._download(*turn, fetcher)
             except Exception as error:  # one task's exception is its outcome
                 outcome = self.pipeline.crashed(turn[1], turn[0], error)
             self.done.put(outcome)
-            turn = next_turn(self.slots, host, self.done)
+            turn = next_turn(self.slots, host, self.done, fetched)
 
-    def _download(self, raw: str, task: Task, fetcher: Fetcher) -> Outcome:
+    def _download(self, raw: str, task: Task, fetcher: Fetcher) -> tuple[Outcome, Fetched | None]:
         fetched: Fetched | None = None
         try:
             fetched = fetcher.fetch(task.url)
-            return self.pipeline.finish(task, raw, fetched)
+            return self.pipeline.finish(task, raw, fetched), fetched
         except Exception as error:
-            return self.pipeline.crashed(task, raw, error)
+            return self.pipeline.crashed(task, raw, error), fetched
         finally:
             if fetched is not None:
                 fetcher.release(fetched)
