@@ -116,7 +116,8 @@ class FleetSlots(Generic[Item]):
             if status in THROTTLE_STATUSES:
                 state.throttles += 1
                 state.retry_after = max(state.retry_after, retry_after or 0.0)
-                self._urgent += 1
+                state.keep = state.granted // 2  # halve at once here; the fleet's answer comes with the next sync
+                self._urgent += SYNC_BATCH
             elif status == TIMEOUT_STATUS:
                 state.timeouts += 1
             elif state.waiting:  # a good answer while tasks wait: the host may take more

@@ -10,14 +10,17 @@ Per-host keys (one hash with a TTL each) would cost two to four commands per hos
 spread of hosts (37 % of LAION's URLs are on hosts seen once).
 
 Redis holds, per host and only while it holds a slot or has left its start state, one field of ``web_hosts``:
-``count|holders|limit|good|timeouts|throttles|pause|cut|denied|denier``; per worker, ``web_holds(worker)``: host ->
-its slots, so that a dead worker's slots are dropped (``reap``, once per heartbeat_ttl / 3 by one worker of the
-fleet, for workers whose heartbeat expired). A host's state is forgotten STATE_SECONDS after it last changed (the
-sorted set ``web_expiry``): nothing grows with the number of hosts ever seen.
+``count|holders|limit|good|timeouts|throttles|since|pause|cut|denied|denier``; per worker, ``web_holds(worker)``:
+host -> its slots, so that a dead worker's slots are dropped (``reap``, once per heartbeat_ttl / 6 by one worker of
+the fleet, for workers whose heartbeat expired: within 7/6 heartbeat_ttl of its last heartbeat). A host's state is
+forgotten STATE_SECONDS after it last changed (the sorted set ``web_expiry``): nothing grows with the number of hosts
+ever seen.
 
-AIMD: a host starts at ``host_start_concurrency``; a window of good answers as large as its limit adds one (up to
-``max_per_host``); a 429 or 503, or TIMEOUT_BURST timeouts in a row, halves it (at most once per CUT_SECONDS for the
-whole fleet: one overload is one signal, however many workers saw it); a Retry-After pauses it for the fleet.
+AIMD: a host starts at ``host_start_concurrency``; GOOD_ROUNDS rounds of good answers at its limit (good answers
+while tasks wait for it) add one (up to ``max_per_host``); a 429 or 503, or TIMEOUT_BURST timeouts in a row, halves
+it (at most once per CUT_SECONDS for the whole fleet: one overload is one signal, however many workers saw it, unless
+more signals came since the last cut than the host has slots, which one burst cannot give); a Retry-After pauses it
+for the fleet.
 
 Fair share: a worker keeps its slots while it has tasks for the host and hands them on locally. When another
 worker was refused a slot of the host (``denied`` within CONTENTION_SECONDS), each worker may keep only
@@ -34,6 +37,8 @@ from laion5b.keys import Keys
 
 CUT_SECONDS = 1.0
 """A host's limit is halved at most once per this many seconds (for the whole fleet)."""
+GOOD_ROUNDS = 2
+"""A host's limit grows by one after this many rounds of good answers at its current limit (limit x rounds)."""
 TIMEOUT_BURST = 3
 """Timeouts in a row (no good answer between them, fleet-wide) that halve a host's limit."""
 CONTENTION_SECONDS = 1.0
@@ -60,22 +65,22 @@ local function chunked(command, key, list, step)
   end
   return out
 end
-local PATTERN = '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|([%d.]+)|([%d.]+)|([%d.]+)|(.*)$'
+local PATTERN = '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|([%d.]+)|([%d.]+)|([%d.]+)|(.*)$'
 local function decode(raw, start)
   if raw then
-    local c, h, l, g, t, r, p, u, d, w = string.match(raw, PATTERN)
+    local c, h, l, g, t, r, s, p, u, d, w = string.match(raw, PATTERN)
     if c then
       return {count = tonumber(c), holders = tonumber(h), limit = tonumber(l), good = tonumber(g),
-        timeouts = tonumber(t), throttles = tonumber(r), pause = tonumber(p), cut = tonumber(u), denied = tonumber(d),
-        denier = w}
+        timeouts = tonumber(t), throttles = tonumber(r), since = tonumber(s), pause = tonumber(p), cut = tonumber(u),
+        denied = tonumber(d), denier = w}
     end
   end
-  return {count = 0, holders = 0, limit = start, good = 0, timeouts = 0, throttles = 0, pause = 0, cut = 0,
+  return {count = 0, holders = 0, limit = start, good = 0, timeouts = 0, throttles = 0, since = 0, pause = 0, cut = 0,
     denied = 0, denier = ''}
 end
 local function encode(e)
-  return string.format('%d|%d|%d|%d|%d|%d|%.3f|%.3f|%.3f|%s', e.count, e.holders, e.limit, e.good, e.timeouts,
-    e.throttles, e.pause, e.cut, e.denied, e.denier)
+  return string.format('%d|%d|%d|%d|%d|%d|%d|%.3f|%.3f|%.3f|%s', e.count, e.holders, e.limit, e.good, e.timeouts,
+    e.throttles, e.since, e.pause, e.cut, e.denied, e.denier)
 end
 local function at_start(e, start, now)
   return e.count == 0 and e.limit == start and e.good == 0 and e.timeouts == 0 and e.throttles == 0
@@ -117,11 +122,13 @@ for i = FIRST, #ARGV, FIELDS do hosts[#hosts + 1] = ARGV[i] end
 local entries = chunked('HMGET', KEYS[1], hosts, 1000)
 local mines = chunked('HMGET', KEYS[2], hosts, 1000)
 local hosts_set, hosts_del, holds_set, holds_del, expiry, throttled, reply = {{}}, {{}}, {{}}, {{}}, {{}}, {{}}, {{}}
-local function cut(e)
-  if now - e.cut >= {CUT_SECONDS} then
+local function cut(e, signals)
+  e.since = e.since + signals
+  if now - e.cut >= {CUT_SECONDS} or e.since > e.limit then
     e.limit = math.max(1, math.floor(e.limit / 2))
     e.cut = now
     e.good = 0
+    e.since = 0
   end
 end
 for n = 1, #hosts do
@@ -142,7 +149,7 @@ for n = 1, #hosts do
   local changed = false
   if throttles > 0 then
     e.throttles = e.throttles + throttles
-    cut(e)
+    cut(e, throttles)
     changed = true
     throttled[#throttled + 1] = e.throttles
     throttled[#throttled + 1] = host
@@ -150,7 +157,7 @@ for n = 1, #hosts do
   if timeouts > 0 then
     e.timeouts = e.timeouts + timeouts
     if e.timeouts >= {TIMEOUT_BURST} then
-      cut(e)
+      cut(e, 1)
       e.timeouts = 0
       e.throttles = e.throttles + 1
       throttled[#throttled + 1] = e.throttles
@@ -161,7 +168,7 @@ for n = 1, #hosts do
   if good > 0 then
     e.timeouts = 0
     e.good = e.good + good
-    if e.good >= e.limit then
+    if e.good >= e.limit * {GOOD_ROUNDS} then
       e.limit = math.min(max, e.limit + 1)
       e.good = 0
     end
@@ -182,13 +189,13 @@ for n = 1, #hosts do
   local granted = 0
   if want > 0 and e.pause <= now then
     granted = math.max(0, math.min(want, e.limit - e.count, fair - mine))
-    if granted < want then
-      e.denied = now
-      e.denier = worker
-    end
     if granted > 0 and mine == 0 then e.holders = e.holders + 1 end
     mine = mine + granted
     e.count = e.count + granted
+    if granted < want and mine < fair then -- refused below its fair share: the holders must make room
+      e.denied = now
+      e.denier = worker
+    end
   end
   local keep = -1
   if e.count > e.limit then
@@ -331,7 +338,7 @@ class HostLedger:
         self.worker = worker
         self.start = min(start, limit)
         self.limit = limit
-        self.reap_seconds = max(1, ttl // 3)
+        self.reap_seconds = max(1, ttl // 6)
         self._registered = False
         self._sync = client.register_script(_SYNC)
         self._reap = client.register_script(_REAP)
@@ -391,9 +398,9 @@ def read_throttled(client: redis.Redis, keys: Keys, count: int = 20) -> list[Thr
     throttled = []
     for host, (_, score), raw in zip(hosts, ranked, entries, strict=True):
         fields = _text(raw).split("|") if raw else []
-        if len(fields) < 9:
+        if len(fields) < 11:
             continue  # forgotten since: the host is back to its start state
-        held, limit, pause = int(fields[0]), int(fields[2]), float(fields[6])
+        held, limit, pause = int(fields[0]), int(fields[2]), float(fields[7])
         throttled.append(ThrottledHost(host, int(score), limit, held, max(0.0, pause - now)))
     return throttled
 

@@ -406,7 +406,7 @@ class Worker:
         if self._due("heartbeat", now, ttl / 3):
             self._redis(self.leases.heartbeat, "heartbeat")
             self._heartbeat_sent(time.monotonic())
-        if self.config.max_per_host and self._due("host_reap", now, ttl / 3):
+        if self.config.max_per_host and self._due("host_reap", now, ttl / 6):
             dropped, _ = self._redis(self.ledger.reap, "host_reap")
             if dropped > 0:
                 log.info("host_slots_recovered worker=%s slots=%d", self.identity, dropped)
