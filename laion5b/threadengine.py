@@ -6,6 +6,7 @@ import queue
 import ssl
 import threading
 import time
+from collections import deque
 
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
@@ -13,6 +14,9 @@ from laion5b.fleetslots import FleetSlots
 from laion5b.limits import ByteBudget
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
+
+WAKE = "\0wake"
+"""A mark on the task queue that wakes a thread to run the parked tasks just granted a slot."""
 
 
 class ThreadEngine:
@@ -36,8 +40,10 @@ class ThreadEngine:
         slots.start = self._granted
         self.budget = ByteBudget(max_inflight_bytes)
         self.tls = tls
-        self._todo: queue.SimpleQueue[str | tuple[str, Parked] | None] = queue.SimpleQueue()
-        """Tasks submitted, parked tasks granted a slot of their host (host, task), and the threads' stop marks."""
+        self._todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        """Tasks submitted, WAKE marks and the threads' stop marks (None)."""
+        self._ready: deque[tuple[str, Parked]] = deque()
+        """Parked tasks granted a slot of their host: run before any task submitted (the slot is held meanwhile)."""
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -51,8 +57,9 @@ class ThreadEngine:
             self._todo.put(raw)
 
     def _granted(self, granted: list[tuple[str, Parked]]) -> None:
-        for entry in granted:
-            self._todo.put(entry)
+        self._ready.extend(granted)
+        for _ in granted:
+            self._todo.put(WAKE)
 
     def drain_unstarted(self) -> list[str]:
         """Take back every submitted task not started yet (waiting for a thread, or parked behind its host)."""
@@ -62,11 +69,15 @@ class ThreadEngine:
                 entry = self._todo.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(entry, tuple):
-                self.slots.give_back(entry[0])
-                unstarted.append(entry[1][0])
-            elif entry is not None:
+            if entry is not None and entry is not WAKE:
                 unstarted.append(entry)
+        while True:
+            try:
+                host, (raw, _) = self._ready.popleft()
+            except IndexError:
+                break
+            self.slots.give_back(host)
+            unstarted.append(raw)
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
         return unstarted
 
@@ -84,12 +95,19 @@ class ThreadEngine:
         fetcher = Fetcher(self.policy, self.tls, self.budget)
         try:
             while (entry := self._todo.get()) is not None:
-                if isinstance(entry, tuple):
-                    self._turns(*entry, fetcher)
-                else:
+                self._run_ready(fetcher)
+                if entry is not WAKE:
                     self._run(entry, fetcher)
         finally:
             fetcher.close()
+
+    def _run_ready(self, fetcher: Fetcher) -> None:
+        while True:
+            try:
+                host, turn = self._ready.popleft()
+            except IndexError:
+                return
+            self._turns(host, turn, fetcher)
 
     def _run(self, raw: str, fetcher: Fetcher) -> None:
         """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
