@@ -27,14 +27,16 @@ from laion5b.hostledger import HostGrant, HostReport
 
 Item = TypeVar("Item")
 
-SYNC_EVERY = 0.1
-"""Seconds between two syncs that carry only slots given back, good answers or re-asks."""
+SYNC_EVERY = 0.25
+"""Seconds between two syncs (unless SYNC_BATCH hosts newly wait, or a host throttled): a sync costs about six Redis
+commands whatever it carries, so at a few hundred tasks per second it costs a few hundredths of a command per task."""
 SYNC_BATCH = 64
 """Hosts newly waiting for a slot that make a sync due at once."""
 REASK_SECONDS = 0.2
 """A host whose tasks still wait is asked for again after this long."""
 PARK_SECONDS = 5.0
-"""A task parked this long behind its host is postponed (PARK_DELAY s later, plus jitter) instead."""
+"""A task parked this long behind its host is postponed (PARK_DELAY s later, plus jitter) when the parked tasks are
+as many as the engine's downloads in flight (``crowd``): they would keep the worker's buffer from other hosts' tasks."""
 PARK_DELAY = 2.0
 THROTTLE_STATUSES = frozenset({429, 503})
 TIMEOUT_STATUS = "timeout"
@@ -68,9 +70,10 @@ class _Host(Generic[Item]):
 class FleetSlots(Generic[Item]):
     """At most the fleet's share of ``limit`` downloads per host (0: no limit). Thread-safe."""
 
-    def __init__(self, limit: int, postpone: Callable[[Item, float, str], None]) -> None:
+    def __init__(self, limit: int, postpone: Callable[[Item, float, str], None], crowd: int = 1) -> None:
         self.limit = limit
         self.postpone = postpone
+        self.crowd = crowd
         self.start: Callable[[list[tuple[str, Item]]], None] = lambda granted: None
         """Where granted parked items go (set by the engine): each now holds a slot of its host."""
         self._hosts: dict[str, _Host[Item]] = {}
@@ -221,8 +224,9 @@ class FleetSlots(Generic[Item]):
                 if state.granted > state.busy and not state.waiting:
                     state.granted = state.busy  # granted for items gone meanwhile: given back next sync
                     state.dirty = self._news = True
+            crowded = sum(len(state.waiting) for state in self._hosts.values()) >= self.crowd
             for host, state in list(self._hosts.items()):
-                while state.waiting and now - state.waiting[0][0] >= PARK_SECONDS:
+                while crowded and state.waiting and now - state.waiting[0][0] >= PARK_SECONDS:
                     postponed.append((state.waiting.popleft()[1], jitter(PARK_DELAY), f"host {host} busy"))
                 if state.idle(now):
                     del self._hosts[host]

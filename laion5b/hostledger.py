@@ -29,6 +29,7 @@ ceil(limit / workers that want it), gives the rest back as its downloads end, an
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import redis
@@ -42,7 +43,8 @@ GOOD_ROUNDS = 2
 TIMEOUT_BURST = 3
 """Timeouts in a row (no good answer between them, fleet-wide) that halve a host's limit."""
 CONTENTION_SECONDS = 1.0
-"""A refusal of a slot this recent makes the host's holders keep only their fair share."""
+"""A refusal of a slot this recent makes the host's holders keep only their fair share. Ages of signals (refusals,
+cuts) are told on the workers' clocks, which a skew of a few hundred ms leaves good enough; pauses on Redis' own."""
 STATE_SECONDS = 600
 """Seconds after its last change (or its pause's end) that a host's throttled state is forgotten."""
 THROTTLED_KEEP = 100
@@ -72,19 +74,19 @@ local function decode(raw, start)
     if c then
       return {count = tonumber(c), holders = tonumber(h), limit = tonumber(l), good = tonumber(g),
         timeouts = tonumber(t), throttles = tonumber(r), since = tonumber(s), pause = tonumber(p), cut = tonumber(u),
-        denied = tonumber(d), denier = w}
+        denied = tonumber(d), denier_holds = string.sub(w, 1, 1) == '1', denier = string.sub(w, 2)}
     end
   end
   return {count = 0, holders = 0, limit = start, good = 0, timeouts = 0, throttles = 0, since = 0, pause = 0, cut = 0,
-    denied = 0, denier = ''}
+    denied = 0, denier_holds = false, denier = ''}
 end
 local function encode(e)
   return string.format('%d|%d|%d|%d|%d|%d|%d|%.3f|%.3f|%.3f|%s', e.count, e.holders, e.limit, e.good, e.timeouts,
-    e.throttles, e.since, e.pause, e.cut, e.denied, e.denier)
+    e.throttles, e.since, e.pause, e.cut, e.denied, (e.denier_holds and '1' or '0') .. e.denier)
 end
+-- Nothing held, not throttled, not paused: nothing worth keeping (good answers and timeouts count only while busy).
 local function at_start(e, start, now)
-  return e.count == 0 and e.limit == start and e.good == 0 and e.timeouts == 0 and e.throttles == 0
-    and e.pause <= now
+  return e.count == 0 and e.limit == start and e.throttles == 0 and e.pause <= now
 end
 -- Gives back every slot the holds hash records, in the hosts hash; deletes it. Returns the slots dropped.
 local function drop(hosts, holds, start, now)
@@ -107,16 +109,20 @@ local function drop(hosts, holds, start, now)
 end
 """
 
-# KEYS: web hosts, this worker's holds, expiry, throttled, holders. ARGV: worker, start, max, holds key prefix,
-# register (1: add the worker to the holders set), then FIELDS per host: host, held (slots the worker holds by its
-# own count), want (slots it asks for), good answers, throttles (429/503), timeouts, Retry-After seconds (0: none).
-# Returns 4 integers per host, in order: granted, keep (-1: all), limit, pause left in ms.
+# KEYS: web hosts, this worker's holds, expiry, throttled, holders. ARGV: worker, start, max, register (1: add the
+# worker to the holders set), the worker's clock (Unix seconds), then FIELDS per host: host, held (slots the worker
+# holds by its own count), want (slots it asks for), good answers, throttles (429/503), timeouts, Retry-After seconds
+# (0: none). Returns 4 integers per host, in order: granted, keep (-1: all), limit, pause left in ms.
 _SYNC = (
     _COMMON
     + f"""
 local FIELDS, FIRST = {FIELDS}, 6
-local worker, start, max, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local now = clock()
+local worker, start, max, wall = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+local time_now
+local function now() -- Redis' TIME for pauses only; the worker's clock (wall) is enough to compare ages of signals
+  if not time_now then time_now = clock() end
+  return time_now
+end
 local hosts = {{}}
 for i = FIRST, #ARGV, FIELDS do hosts[#hosts + 1] = ARGV[i] end
 local entries = chunked('HMGET', KEYS[1], hosts, 1000)
@@ -124,9 +130,9 @@ local mines = chunked('HMGET', KEYS[2], hosts, 1000)
 local hosts_set, hosts_del, holds_set, holds_del, expiry, throttled, reply = {{}}, {{}}, {{}}, {{}}, {{}}, {{}}, {{}}
 local function cut(e, signals)
   e.since = e.since + signals
-  if now - e.cut >= {CUT_SECONDS} or e.since > e.limit then
+  if wall - e.cut >= {CUT_SECONDS} or e.since > e.limit then
     e.limit = math.max(1, math.floor(e.limit / 2))
-    e.cut = now
+    e.cut = wall
     e.good = 0
     e.since = 0
   end
@@ -146,7 +152,7 @@ for n = 1, #hosts do
     e.holders = math.max(0, e.holders - 1)
   end
   mine = held
-  local changed = false
+  local changed = false -- in a way that must expire
   if throttles > 0 then
     e.throttles = e.throttles + throttles
     cut(e, throttles)
@@ -171,30 +177,32 @@ for n = 1, #hosts do
     if e.good >= e.limit * {GOOD_ROUNDS} then
       e.limit = math.min(max, e.limit + 1)
       e.good = 0
+      changed = true
     end
-    changed = true
   end
   if retry_after > 0 then
-    e.pause = math.max(e.pause, now + retry_after)
+    e.pause = math.max(e.pause, now() + retry_after)
     changed = true
   end
-  local contended = e.denier ~= worker and e.denied > now - {CONTENTION_SECONDS}
+  local paused = e.pause > 0 and e.pause > now()
+  local contended = e.denier ~= worker and e.denied > wall - {CONTENTION_SECONDS}
   local fair = e.limit
   if contended then
     local parties = e.holders
-    if redis.call('HEXISTS', prefix .. e.denier, host) == 0 then parties = parties + 1 end
+    if not e.denier_holds then parties = parties + 1 end
     if mine == 0 then parties = parties + 1 end
     fair = math.ceil(e.limit / math.max(1, parties))
   end
   local granted = 0
-  if want > 0 and e.pause <= now then
+  if want > 0 and not paused then
     granted = math.max(0, math.min(want, e.limit - e.count, fair - mine))
     if granted > 0 and mine == 0 then e.holders = e.holders + 1 end
     mine = mine + granted
     e.count = e.count + granted
     if granted < want and mine < fair then -- refused below its fair share: the holders must make room
-      e.denied = now
+      e.denied = wall
       e.denier = worker
+      e.denier_holds = mine > 0
     end
   end
   local keep = -1
@@ -203,13 +211,13 @@ for n = 1, #hosts do
   elseif contended then
     keep = fair
   end
-  if at_start(e, start, now) then
+  if at_start(e, start, paused and now() or 0) then
     hosts_del[#hosts_del + 1] = host
   else
     hosts_set[#hosts_set + 1] = host
     hosts_set[#hosts_set + 1] = encode(e)
     if changed then
-      expiry[#expiry + 1] = string.format('%.3f', math.max(now + {STATE_SECONDS}, e.pause))
+      expiry[#expiry + 1] = string.format('%.3f', math.max(now() + {STATE_SECONDS}, e.pause))
       expiry[#expiry + 1] = host
     end
   end
@@ -219,7 +227,7 @@ for n = 1, #hosts do
   elseif mines[n] then
     holds_del[#holds_del + 1] = host
   end
-  local pause = math.max(0, math.floor((e.pause - now) * 1000))
+  local pause = paused and math.floor((e.pause - now()) * 1000) or 0
   reply[#reply + 1] = granted
   reply[#reply + 1] = keep
   reply[#reply + 1] = e.limit
@@ -234,7 +242,7 @@ if #throttled > 0 then
   chunked('ZADD', KEYS[4], throttled, 1000)
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -{THROTTLED_KEEP + 1})
 end
-if ARGV[5] == '1' then redis.call('SADD', KEYS[5], worker) end
+if ARGV[4] == '1' then redis.call('SADD', KEYS[5], worker) end
 return reply
 """
 )
@@ -353,8 +361,8 @@ class HostLedger:
             self.worker,
             self.start,
             self.limit,
-            keys.web_holds(""),
             0 if self._registered else 1,
+            f"{time.time():.3f}",
         ]
         for r in reports:
             argv += [r.host, r.held, r.want, r.good, r.throttles, r.timeouts, f"{r.retry_after:.3f}"]

@@ -197,7 +197,8 @@ class Worker:
             process_policy(config),
         )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.slots: FleetSlots[Parked] = FleetSlots(config.max_per_host, postponer(self.pipeline, self.done))
+        in_flight = config.concurrency if config.engine == "async" else config.thread_num
+        self.slots: FleetSlots[Parked] = FleetSlots(config.max_per_host, postponer(self.pipeline, self.done), in_flight)
         self.ledger = HostLedger(
             client, config.keys, self.identity, config.host_start_concurrency, config.max_per_host, config.heartbeat_ttl
         )
