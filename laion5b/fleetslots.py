@@ -52,6 +52,7 @@ def jitter(seconds: float) -> float:
 @dataclass
 class _Host(Generic[Item]):
     granted: int = 0  # fleet slots this worker holds
+    known: int = 0  # ... as the ledger counted them at the last reply
     busy: int = 0  # of which in use by a download
     waiting: deque[tuple[float, Item]] = field(default_factory=deque)  # (parked at, item)
     keep: int = -1  # slots it may keep (-1: all)
@@ -191,11 +192,10 @@ class FleetSlots(Generic[Item]):
                 if not (state.dirty or reask):
                     continue
                 want = max(0, wants) if state.paused_until <= now else 0
-                reports.append(
-                    HostReport(
-                        host, state.granted, want, state.good, state.throttles, state.timeouts, state.retry_after
-                    )
-                )
+                report = HostReport(host, state.granted, want, known=state.known)
+                report.good, report.throttles, report.timeouts = state.good, state.throttles, state.timeouts
+                report.retry_after = state.retry_after
+                reports.append(report)
                 state.asked_at = now if want else -1.0
                 state.dirty = False
                 state.good = state.throttles = state.timeouts = 0
@@ -212,6 +212,7 @@ class FleetSlots(Generic[Item]):
                 if state is None:
                     continue
                 state.granted += grant.granted
+                state.known = report.held + grant.granted
                 state.keep = grant.keep
                 if grant.pause > 0:
                     state.paused_until = now + grant.pause

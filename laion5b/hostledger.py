@@ -51,8 +51,8 @@ THROTTLED_KEEP = 100
 """Hosts kept in the sorted set of the most throttled (``web_throttled``)."""
 EXPIRE_BATCH = 1000
 """Expired host states forgotten per reap at most."""
-FIELDS = 7
-"""ARGV fields per host in ``sync``: host, held, want, good, throttles, timeouts, retry_after."""
+FIELDS = 8
+"""ARGV fields per host in ``sync``: host, known, held, want, good, throttles, timeouts, retry_after."""
 
 _COMMON = """
 local function clock()
@@ -110,13 +110,15 @@ end
 """
 
 # KEYS: web hosts, this worker's holds, expiry, throttled, holders. ARGV: worker, start, max, register (1: add the
-# worker to the holders set), the worker's clock (Unix seconds), then FIELDS per host: host, held (slots the worker
-# holds by its own count), want (slots it asks for), good answers, throttles (429/503), timeouts, Retry-After seconds
-# (0: none). Returns 4 integers per host, in order: granted, keep (-1: all), limit, pause left in ms.
+# worker to the holders set), the worker's clock (Unix seconds), check (1: read the holds hash, the last reply may
+# have been lost), then FIELDS per host: host, known (its slots as the ledger counted them at the last reply), held
+# (slots the worker holds by its own count), want (slots it asks for), good answers, throttles (429/503), timeouts,
+# Retry-After seconds (0: none). Returns 4 integers per host, in order: granted, keep (-1: all), limit, pause left in
+# ms.
 _SYNC = (
     _COMMON
     + f"""
-local FIELDS, FIRST = {FIELDS}, 6
+local FIELDS, FIRST = {FIELDS}, 7
 local worker, start, max, wall = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local time_now
 local function now() -- Redis' TIME for pauses only; the worker's clock (wall) is enough to compare ages of signals
@@ -126,7 +128,7 @@ end
 local hosts = {{}}
 for i = FIRST, #ARGV, FIELDS do hosts[#hosts + 1] = ARGV[i] end
 local entries = chunked('HMGET', KEYS[1], hosts, 1000)
-local mines = chunked('HMGET', KEYS[2], hosts, 1000)
+local mines = ARGV[6] == '1' and chunked('HMGET', KEYS[2], hosts, 1000) or nil
 local hosts_set, hosts_del, holds_set, holds_del, expiry, throttled, reply = {{}}, {{}}, {{}}, {{}}, {{}}, {{}}, {{}}
 local function cut(e, signals)
   e.since = e.since + signals
@@ -141,10 +143,12 @@ for n = 1, #hosts do
   local i = FIRST + (n - 1) * FIELDS
   local host = hosts[n]
   local e = decode(entries[n], start)
-  local mine = tonumber(mines[n]) or 0
-  local held, want = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local good, throttles, timeouts = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local retry_after = tonumber(ARGV[i + 6])
+  local mine = tonumber(ARGV[i + 1])
+  if mines then mine = tonumber(mines[n]) or 0 end
+  local recorded = mine
+  local held, want = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local good, throttles, timeouts = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+  local retry_after = tonumber(ARGV[i + 7])
   e.limit = math.min(e.limit, max)
   -- the worker's own count is the truth (a reply lost on the way is settled here)
   e.count = math.max(0, e.count + held - mine)
@@ -224,7 +228,7 @@ for n = 1, #hosts do
   if mine > 0 then
     holds_set[#holds_set + 1] = host
     holds_set[#holds_set + 1] = mine
-  elseif mines[n] then
+  elseif recorded > 0 then
     holds_del[#holds_del + 1] = host
   end
   local pause = paused and math.floor((e.pause - now()) * 1000) or 0
@@ -300,6 +304,8 @@ class HostReport:
     host: str
     held: int = 0
     want: int = 0
+    known: int = 0
+    """Its slots as the ledger counted them at the last reply (held then, plus what that reply granted)."""
     good: int = 0
     throttles: int = 0
     timeouts: int = 0
@@ -348,12 +354,14 @@ class HostLedger:
         self.limit = limit
         self.reap_seconds = max(1, ttl // 6)
         self._registered = False
+        self._uncertain = True  # until a first reply: read what a predecessor may have left
         self._sync = client.register_script(_SYNC)
         self._reap = client.register_script(_REAP)
         self._drop = client.register_script(_DROP)
 
     def sync(self, reports: list[HostReport]) -> list[HostGrant]:
-        """Send the reports, one round trip; return the answers in the same order."""
+        """Send the reports, one round trip; return the answers in the same order. The ledger trusts each report's
+        ``known`` unless the last call failed (its reply may have been lost): then it reads the worker's holds."""
         if not reports:
             return []
         keys = self.keys
@@ -363,11 +371,14 @@ class HostLedger:
             self.limit,
             0 if self._registered else 1,
             f"{time.time():.3f}",
+            1 if self._uncertain else 0,
         ]
         for r in reports:
-            argv += [r.host, r.held, r.want, r.good, r.throttles, r.timeouts, f"{r.retry_after:.3f}"]
+            argv += [r.host, r.known, r.held, r.want, r.good, r.throttles, r.timeouts, f"{r.retry_after:.3f}"]
         names = [keys.web_hosts, keys.web_holds(self.worker), keys.web_expiry, keys.web_throttled, keys.web_holders]
+        self._uncertain = True
         reply = self._sync(keys=names, args=argv)
+        self._uncertain = False
         self._registered = True
         values = [int(value) for value in reply]
         return [
