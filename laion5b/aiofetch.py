@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import urllib3.exceptions
@@ -41,6 +41,9 @@ from laion5b.fetchpolicy import (
 )
 from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
 from laion5b.limits import AsyncByteBudget
+
+if TYPE_CHECKING:
+    from laion5b.hops import AsyncHops
 
 IDLE_CONNECTION_SECONDS = 15.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 MAX_IDLE_CONNECTIONS = 256
@@ -126,9 +129,11 @@ class AsyncFetcher:
         dns_cache: DnsCache | None = None,
         max_idle: int = MAX_IDLE_CONNECTIONS,
         dns_threads: int = DNS_THREADS,
+        hops: AsyncHops | None = None,
     ) -> None:
         self._policy = policy
         self._budget = budget
+        self._hops = hops
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout, dns_threads)
         lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
@@ -198,6 +203,8 @@ class AsyncFetcher:
                     return await self._image(response, body, url)
                 await self._drain(response, deadline)
             url = redirect_target(url, location, seen, self._policy.max_redirects)
+            if self._hops is not None:  # the target's host counts too
+                await self._hops.enter(url, deadline)
 
     async def _image(self, response: aiohttp.ClientResponse, body: Body, url: str) -> Fetched:
         try:

@@ -25,6 +25,7 @@ from laion5b.dnscache import DnsCache
 from laion5b.eventloop import loop_factory
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.fleetslots import FleetSlots
+from laion5b.hops import AsyncHops
 from laion5b.limits import AsyncByteBudget
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
@@ -93,6 +94,7 @@ class AsyncEngine:
         self.done = done
         self.slots = slots
         slots.start = self._granted_elsewhere
+        self.hops = AsyncHops(slots)
         self.max_inflight_bytes = max_inflight_bytes
         self.tls = tls
         self.dns_cache = dns_cache
@@ -143,7 +145,7 @@ class AsyncEngine:
 
     async def _open(self) -> None:
         budget = AsyncByteBudget(self.max_inflight_bytes)
-        self._fetcher = AsyncFetcher(self.policy, self.tls, budget, self.dns_cache)
+        self._fetcher = AsyncFetcher(self.policy, self.tls, budget, self.dns_cache, hops=self.hops)
 
     def _accept(self, raws: list[str]) -> None:
         self._waiting.extend(raws)
@@ -187,20 +189,24 @@ class AsyncEngine:
         while turn is not None:
             fetched = None
             try:
-                fetched = await self._download(*turn)
+                fetched = await self._download(host, *turn)
             except Exception as error:  # one task's exception is its outcome
                 self.done.put(self.pipeline.crashed(turn[1], turn[0], error))
             turn = next_turn(self.slots, host, self.done, fetched)
 
-    async def _download(self, raw: str, task: Task) -> Fetched | None:
+    async def _download(self, host: str, raw: str, task: Task) -> Fetched | None:
         """Fetch on the loop, then hand the task to the pool, which puts its outcome on ``done``: the download slot
         is free at once, so a store that does not answer holds the pool's threads, not the downloads."""
         assert self._fetcher is not None
+        fetched = None
+        self.hops.begin(host)
         try:
             fetched = await self._fetcher.fetch(task.url)
         except Exception as error:
             self.done.put(self.pipeline.crashed(task, raw, error))
             return None
+        finally:
+            self.hops.end(fetched)
         finished = self._loop.create_future()
         self._finishing.add(finished)
         self._finishers.submit(functools.partial(self._finish, raw, task, fetched, finished))

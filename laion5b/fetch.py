@@ -10,6 +10,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import requests
 import urllib3.exceptions
@@ -40,6 +41,9 @@ from laion5b.fetchpolicy import (
 from laion5b.guard import DEADLINE, AddressGuard, BlockedAddress, GuardedAdapter, system_resolver
 from laion5b.limits import ByteBudget
 
+if TYPE_CHECKING:
+    from laion5b.hops import ThreadHops
+
 _TIMEOUT_ERRORS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
 _SSL_ERRORS = (requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError, ssl.CertificateError)
 _URL_ERRORS = (
@@ -66,10 +70,15 @@ class Fetcher:
     process's, shared by its threads."""
 
     def __init__(
-        self, policy: FetchPolicy, tls: ssl.SSLContext | None = None, budget: ByteBudget | None = None
+        self,
+        policy: FetchPolicy,
+        tls: ssl.SSLContext | None = None,
+        budget: ByteBudget | None = None,
+        hops: ThreadHops | None = None,
     ) -> None:
         self._policy = policy
         self._budget = budget
+        self._hops = hops
         guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         adapter = GuardedAdapter(guard, tls or tls_context(policy.tls_ca_file))
         self._session = requests.Session()
@@ -118,6 +127,8 @@ class Fetcher:
             finally:
                 response.close()
             url = redirect_target(url, location, seen, self._policy.max_redirects)
+            if self._hops is not None:  # the target's host counts too
+                self._hops.enter(url, deadline)
 
     def _send(self, url: str, deadline: float) -> requests.Response:
         """Send one GET without following redirects; the response body is left unread."""

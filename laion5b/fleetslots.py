@@ -44,6 +44,22 @@ UNJUDGED = frozenset({"gave_way", "postponed", "dns", "blocked_address", "bad_ur
 """Statuses that say nothing about the host's load (local pressure, a refusal before sending, a network problem)."""
 
 
+class Hop:
+    """A download redirected to another host, waiting (parked like a task) for a slot of that host; woken once with
+    whether it got one (else how long its task should wait). laion5b/hops.py makes them."""
+
+    granted: bool | None = None
+    delay: float = 0.0
+
+    def wake(self, granted: bool, delay: float) -> None:
+        self.granted, self.delay = granted, delay
+        self.woken()
+
+    def woken(self) -> None:
+        """Tell the waiting download (its engine's way)."""
+        raise NotImplementedError
+
+
 def jitter(seconds: float) -> float:
     """``seconds`` plus up to a tenth more (at least up to half a second), so postponed tasks do not return at once."""
     return seconds + random.uniform(0, max(0.5, seconds / 10))
@@ -54,7 +70,7 @@ class _Host(Generic[Item]):
     granted: int = 0  # fleet slots this worker holds
     known: int = 0  # ... as the ledger counted them at the last reply
     busy: int = 0  # of which in use by a download
-    waiting: deque[tuple[float, Item]] = field(default_factory=deque)  # (parked at, item)
+    waiting: deque[tuple[float, Item | Hop]] = field(default_factory=deque)  # (parked at, item)
     keep: int = -1  # slots it may keep (-1: all)
     paused_until: float = 0.0
     asked_at: float = -1.0  # when its want was last sent (-1: nothing asked)
@@ -85,7 +101,7 @@ class FleetSlots(Generic[Item]):
 
     # --- engine side ---
 
-    def acquire(self, host: str, item: Item) -> bool:
+    def acquire(self, host: str, item: Item | Hop) -> bool:
         """Take a slot of ``host`` for ``item`` (True), or park it until one is granted, or postpone it when the host
         is paused (False: the item is taken care of)."""
         if not self.limit:
@@ -106,7 +122,7 @@ class FleetSlots(Generic[Item]):
                 state.waiting.append((now, item))
                 state.dirty = self._news = True
                 return False
-        self.postpone(item, jitter(delay), f"host {host} paused")
+        self._postpone([(item, jitter(delay), f"host {host} paused")])
         return False
 
     def report(self, host: str, status: int | str | None, retry_after: float | None) -> None:
@@ -131,22 +147,38 @@ class FleetSlots(Generic[Item]):
             state.dirty = self._news = True
 
     def release(self, host: str) -> Item | None:
-        """Give the slot of ``host`` back; return the next item parked for it, which now holds the slot."""
+        """Give the slot of ``host`` back; return the next item parked for it, which now holds the slot (a redirected
+        download waiting for it is woken instead)."""
         if not self.limit:
             return None
         now = time.monotonic()
         with self._lock:
             state = self._hosts[host]
             state.busy -= 1
-            if state.waiting and state.paused_until <= now and (state.keep < 0 or state.granted <= state.keep):
-                state.busy += 1
-                return state.waiting.popleft()[1]
-            state.granted -= 1
-            state.dirty = self._news = True
+            if not (state.waiting and state.paused_until <= now and (state.keep < 0 or state.granted <= state.keep)):
+                state.granted -= 1
+                state.dirty = self._news = True
+                return None
+            state.busy += 1
+            item = state.waiting.popleft()[1]
+        if isinstance(item, Hop):
+            item.wake(True, 0.0)
             return None
+        return item
+
+    def withdraw(self, host: str, hop: Hop) -> bool:
+        """Take a redirected download that gave up waiting off ``host``'s queue; False when it was woken first."""
+        with self._lock:
+            state = self._hosts.get(host)
+            for entry in state.waiting if state is not None else ():
+                if entry[1] is hop:
+                    state.waiting.remove(entry)
+                    return True
+            return False
 
     def take_waiting(self) -> list[Item]:
-        """Remove and return every parked item (when the worker stops or pauses: they were never started)."""
+        """Remove and return every parked item (when the worker stops or pauses: they were never started); redirected
+        downloads waiting are woken without a slot."""
         with self._lock:
             items = []
             for state in self._hosts.values():
@@ -155,7 +187,9 @@ class FleetSlots(Generic[Item]):
                 if state.granted > state.busy:
                     state.granted = state.busy
                     state.dirty = self._news = True
-            return items
+        for hop in [item for item in items if isinstance(item, Hop)]:
+            hop.wake(False, PARK_DELAY)
+        return [item for item in items if not isinstance(item, Hop)]
 
     def give_back(self, host: str) -> None:
         """A granted item that will not run (the engine stopped before starting it) gives its slot back."""
@@ -231,7 +265,16 @@ class FleetSlots(Generic[Item]):
                     postponed.append((state.waiting.popleft()[1], jitter(PARK_DELAY), f"host {host} busy"))
                 if state.idle(now):
                     del self._hosts[host]
-        if started:
-            self.start(started)
+        for _, hop in [entry for entry in started if isinstance(entry[1], Hop)]:
+            hop.wake(True, 0.0)
+        tasks = [entry for entry in started if not isinstance(entry[1], Hop)]
+        if tasks:
+            self.start(tasks)
+        self._postpone(postponed)
+
+    def _postpone(self, postponed: list[tuple[Item, float, str]]) -> None:
         for item, delay, reason in postponed:
-            self.postpone(item, delay, reason)
+            if isinstance(item, Hop):
+                item.wake(False, delay)
+            else:
+                self.postpone(item, delay, reason)

@@ -11,6 +11,7 @@ from collections import deque
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.fleetslots import FleetSlots
+from laion5b.hops import ThreadHops
 from laion5b.limits import ByteBudget
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.tasks import Task
@@ -38,6 +39,7 @@ class ThreadEngine:
         self.done = done
         self.slots = slots
         slots.start = self._granted
+        self.hops = ThreadHops(slots)
         self.budget = ByteBudget(max_inflight_bytes)
         self.tls = tls
         self._todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -92,7 +94,7 @@ class ThreadEngine:
         return unstarted
 
     def _download_loop(self) -> None:
-        fetcher = Fetcher(self.policy, self.tls, self.budget)
+        fetcher = Fetcher(self.policy, self.tls, self.budget, self.hops)
         try:
             while (entry := self._todo.get()) is not None:
                 self._run_ready(fetcher)
@@ -121,16 +123,20 @@ class ThreadEngine:
         while turn is not None:
             fetched: Fetched | None = None
             try:
-                outcome, fetched = self._download(*turn, fetcher)
+                outcome, fetched = self._download(host, *turn, fetcher)
             except Exception as error:  # one task's exception is its outcome
                 outcome = self.pipeline.crashed(turn[1], turn[0], error)
             self.done.put(outcome)
             turn = next_turn(self.slots, host, self.done, fetched)
 
-    def _download(self, raw: str, task: Task, fetcher: Fetcher) -> tuple[Outcome, Fetched | None]:
+    def _download(self, host: str, raw: str, task: Task, fetcher: Fetcher) -> tuple[Outcome, Fetched | None]:
         fetched: Fetched | None = None
         try:
-            fetched = fetcher.fetch(task.url)
+            self.hops.begin(host)
+            try:
+                fetched = fetcher.fetch(task.url)
+            finally:
+                self.hops.end(fetched)
             return self.pipeline.finish(task, raw, fetched), fetched
         except Exception as error:
             return self.pipeline.crashed(task, raw, error), fetched

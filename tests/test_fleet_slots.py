@@ -119,3 +119,25 @@ def test_a_killed_workers_slots_come_back_within_heartbeat_ttl(redis_server, env
         waiter.communicate(timeout=60)
     first = min(t for t in web_host.started("127.0.0.8") if t > killed_at) - killed_at
     assert first < 3 * 7 / 6 + 1, f"first request {first:.1f} s after the kill"
+
+
+def test_redirect_targets_count_against_their_own_host(redis_server, env):
+    servers = [ImageServer(host=f"127.0.0.{n}") for n in (11, 12, 13, 14)]
+    for server in servers:
+        server.start()
+    try:
+        *origins, target = servers
+        client = redis_server.client()
+        urls = [
+            origin.url(f"/redirect-to?url={target.url(f'/slow/0.3/r{n}-{i}.jpg')}")
+            for n, origin in enumerate(origins)
+            for i in range(6)
+        ]
+        total = len(queue_urls(client, urls))
+        more = {"LAION_MAX_PER_HOST": "2", "LAION_HOST_START_CONCURRENCY": "2", "LAION_DOWNLOAD_TIMEOUT": "10"}
+        finish(workers({**env, **more}, ("0", "1"), "--until-empty"))
+        assert int(client.get(KEYS.tongji_succ)) == total
+        assert target.most_in_progress("127.0.0.14") == 2  # not 2 per host it was redirected from
+    finally:
+        for server in servers:
+            server.stop()
