@@ -1,15 +1,17 @@
 """Download slots per web host, shared by the whole fleet: the engines' side (laion5b/hostledger.py is Redis's).
 
 An engine asks for a slot of a task's host (``acquire``): it gets one at once when this worker holds a free slot of
-that host, else the task is parked. The worker's main thread calls ``sync`` once per tick at most: it sends, for every
-host whose state changed, the slots held and wanted and what the host answered, in one Lua call, and hands the
-slots granted to parked tasks (``start``, the engine's: call_soon_threadsafe on the async loop, a queue for the
-threads). A slot freed while tasks of its host wait passes to the next of them here, with no Redis call; it goes
-back to the fleet when none waits, or when the ledger asked the worker to keep fewer (another worker wants the host,
-or its limit was cut). The engines never wait for Redis.
+that host, else the task is parked. The worker's main thread syncs every SYNC_EVERY s at most (sooner once SYNC_BATCH
+hosts newly wait or a host throttled), and only when something changed: ``reports`` takes, for every host whose
+state changed, the slots held and wanted and what the host answered, the ledger answers them in one Lua call, and
+``apply`` hands the slots granted to parked tasks (``start``, the engine's: call_soon_threadsafe on the async loop, a
+ready queue for the threads). A slot freed while tasks of its host wait passes to the next of them here, with no
+Redis call; it goes back to the fleet when none waits, or when the ledger asked the worker to keep fewer (another
+worker wants the host, or its limit was cut). The engines never wait for Redis.
 
 A paused host's tasks (a Retry-After) are postponed, without using an attempt, until the pause ends (plus a little
-jitter); so are tasks parked longer than PARK_SECONDS, which would otherwise fill the worker's buffer.
+jitter); so are tasks parked longer than PARK_SECONDS while parked tasks crowd the worker's buffer. A download
+redirected to another host waits here too (a ``Hop``, laion5b/hops.py).
 ``limit`` 0 switches it all off: ``acquire`` always grants, nothing is sent to Redis.
 """
 
