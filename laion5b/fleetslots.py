@@ -89,10 +89,18 @@ class _Host(Generic[Item]):
 class FleetSlots(Generic[Item]):
     """At most the fleet's share of ``limit`` downloads per host (0: no limit). Thread-safe."""
 
-    def __init__(self, limit: int, postpone: Callable[[Item, float, str], None], crowd: int = 1) -> None:
+    def __init__(
+        self,
+        limit: int,
+        postpone: Callable[[Item, float, str], None],
+        crowd: int = 1,
+        max_pause: float = 3600.0,
+    ) -> None:
         self.limit = limit
         self.postpone = postpone
         self.crowd = crowd
+        self.max_pause = max_pause
+        """The longest Retry-After that pauses a host for the fleet (max_retry_after)."""
         self.start: Callable[[list[tuple[str, Item]]], None] = lambda granted: None
         """Where granted parked items go (set by the engine): each now holds a slot of its host."""
         self._hosts: dict[str, _Host[Item]] = {}
@@ -137,7 +145,7 @@ class FleetSlots(Generic[Item]):
                 return
             if status in THROTTLE_STATUSES:
                 state.throttles += 1
-                state.retry_after = max(state.retry_after, retry_after or 0.0)
+                state.retry_after = max(state.retry_after, min(retry_after or 0.0, self.max_pause))
                 state.keep = state.granted // 2  # halve at once here; the fleet's answer comes with the next sync
                 self._urgent += SYNC_BATCH
             elif status == TIMEOUT_STATUS:

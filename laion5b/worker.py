@@ -198,7 +198,8 @@ class Worker:
         )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         in_flight = config.concurrency if config.engine == "async" else config.thread_num
-        self.slots: FleetSlots[Parked] = FleetSlots(config.max_per_host, postponer(self.pipeline, self.done), in_flight)
+        postpone = postponer(self.pipeline, self.done)
+        self.slots: FleetSlots[Parked] = FleetSlots(config.max_per_host, postpone, in_flight, config.max_retry_after)
         self.ledger = HostLedger(
             client, config.keys, self.identity, config.host_start_concurrency, config.max_per_host, config.heartbeat_ttl
         )

@@ -47,6 +47,12 @@ def test_fleet_slots_postpone_a_paused_hosts_tasks_and_zero_means_no_limit() -> 
     assert not slots.acquire("p.test", "p2")
     assert [item for item, _, _ in postponed] == ["p1", "p2"]
     assert all(3.0 <= delay <= 4.0 for _, delay, _ in postponed)
+    capped: FleetSlots[str] = FleetSlots(4, lambda item, delay, reason: None, max_pause=60.0)
+    capped.acquire("c.test", "c1")
+    now = time.monotonic()
+    capped.apply(capped.reports(now), [HostGrant(granted=1, keep=-1, limit=4, pause=0.0)], now)
+    capped.report("c.test", 429, 86400.0)  # a day asked: the fleet pauses max_retry_after at most
+    assert capped.reports(now)[0].retry_after == 60.0
     unlimited: FleetSlots[int] = FleetSlots(0, lambda item, delay, reason: None)
     assert all(unlimited.acquire("a.test", number) for number in range(1000))
     assert unlimited.release("a.test") is None and not unlimited.due(now + 10)
