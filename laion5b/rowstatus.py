@@ -22,7 +22,7 @@ from laion5b import errorfiles, inputs
 from laion5b.imageformat import EXTENSIONS
 from laion5b.inputs import SourceFile, Spec
 from laion5b.requeue import matches
-from laion5b.store import image_folder
+from laion5b.store import FILES_PER_FOLDER, image_folder
 from laion5b.tasks import Task, safe_id
 
 SUCCESS = "success"
@@ -61,6 +61,14 @@ class Locator(Protocol):
 
     def locate(self, task: Task) -> Location | None: ...
 
+    def locate_all(self, task: Task) -> list[Location]:
+        """Every stored copy of the row's sample, the one ``locate`` finds first."""
+        ...
+
+    def highest_row(self, subset: str, part: str) -> int:
+        """A row at or past the part's highest stored row (-1: none stored)."""
+        ...
+
 
 class FileLocator:
     """Stored files under ``store_dir``, found by listing each image folder once (rows come in order)."""
@@ -72,6 +80,11 @@ class FileLocator:
         self._names: set[str] = set()
 
     def locate(self, task: Task) -> Location | None:
+        found = self.locate_all(task)
+        return found[0] if found else None
+
+    def locate_all(self, task: Task) -> list[Location]:
+        """The row's image files: one per image extension found under its id (more than one is a duplicate)."""
         folder = image_folder(self.store_dir, task)
         if folder != self._folder:
             self._folder = folder
@@ -79,11 +92,15 @@ class FileLocator:
                 self._names = set(os.listdir(folder))
             except (FileNotFoundError, NotADirectoryError):
                 self._names = set()
-        for extension in EXTENSIONS:
-            name = f"{task.id}.{extension}"
-            if name in self._names:
-                return Location(path=f"{folder}/{name}")
-        return None
+        return [Location(path=f"{folder}/{task.id}.{ext}") for ext in EXTENSIONS if f"{task.id}.{ext}" in self._names]
+
+    def highest_row(self, subset: str, part: str) -> int:
+        """The last row of the part's highest image folder that exists (file names are ids, not rows)."""
+        try:
+            folders = [int(name) for name in os.listdir(f"{self.store_dir}/{subset}/{part}") if name.isdigit()]
+        except (FileNotFoundError, NotADirectoryError):
+            return -1
+        return (max(folders) + 1) * FILES_PER_FOLDER - 1 if folders else -1
 
 
 class Outcome(NamedTuple):

@@ -57,16 +57,33 @@ class ShardLocator:
         self._repeated: set[int] = set()
 
     def locate(self, task: Task) -> Location | None:
+        found = self.locate_all(task)
+        if len(found) > 1:
+            self.duplicates += 1
+        return found[0] if found else None
+
+    def locate_all(self, task: Task) -> list[Location]:
+        """Every sample of the row, in shard name order (more than one is a duplicate)."""
         if self._loaded != (task.subset, task.part):
             self._load(task.subset, task.part)
         i = bisect_left(self._rows, task.row)
         if i == len(self._rows) or self._rows[i] != task.row:
-            return None
-        if task.row in self._repeated:
-            self.duplicates += 1
+            return []
         survey = self._surveys[task.subset]
-        name = survey.names[self._shards[i].as_py()]
-        return Location(shard=f"{survey.folder}/{name}.tar", member=self._keys[i].as_py())
+        found = []
+        while i < len(self._rows) and self._rows[i] == task.row:
+            name = survey.names[self._shards[i].as_py()]
+            found.append(Location(shard=f"{survey.folder}/{name}.tar", member=self._keys[i].as_py()))
+            if task.row not in self._repeated:
+                break
+            i += 1
+        return found
+
+    def highest_row(self, subset: str, part: str) -> int:
+        """The part's highest stored row (-1: none)."""
+        if self._loaded != (subset, part):
+            self._load(subset, part)
+        return self._rows[-1] if self._rows else -1
 
     def _load(self, subset: str, part: str) -> None:
         """Read the samples of one part from the shards that hold some; keep them sorted by row, then shard."""

@@ -34,7 +34,8 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /gzip/<name>.<ext>[?cut=1]     200, Content-Encoding: gzip: the image gzipped; with cut=1 cut in the middle of
                                  its stream (no end, no trailer), with a Content-Length that matches the cut body
   /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
-Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
+Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen, ``.fetches()``
+the requests by path.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ class _Server(ThreadingHTTPServer):
         self.most_in_progress: Counter[str] = Counter()
         self.started: dict[str, list[float]] = {}
         self.user_agents: dict[str, str] = {}
+        self.paths: Counter[str] = Counter()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -261,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         host = (self.headers.get("Host") or "").rpartition(":")[0]
         with self.server.lock:
             self.server.requests += 1
+            self.server.paths[urlsplit(self.path).path] += 1
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
             self.server.started.setdefault(host, []).append(time.monotonic())
@@ -493,6 +496,11 @@ class ImageServer:
     def connections(self) -> int:
         """Connections accepted so far."""
         return self._server.connections
+
+    def fetches(self) -> Counter[str]:
+        """Requests received so far, by URL path."""
+        with self._server.lock:
+            return Counter(self._server.paths)
 
     def most_in_progress(self, host: str) -> int:
         """The most requests to ``host`` (the Host header's name) that were ever in progress at once."""
