@@ -93,7 +93,8 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
         for row in rows:
             state, status = _row_state(books, row, locator, by_row.pop(row.row, ()), part.errors.get(row.row))
             if state == UNQUEUED and row.row < books.settled_position:
-                books.problem(LOST if row.row < (part.position or 0) else STATELESS, row.row, "no sample, record or task")
+                kind = LOST if row.row < (part.position or 0) else STATELESS
+                books.problem(kind, row.row, "no sample, record or task")
                 again.append(row)
             elif state != UNQUEUED and row.row >= start:
                 books.problem(AHEAD, row.row, f"{state}, but the producer is at row {start}")

@@ -118,4 +118,3 @@ def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, r
     lost = {"files": {"/img/r1.jpg"}, "webdataset": set()}[output]
     assert set(fetched) <= lost | {"/img/p0.jpg", "/status/404"}, fetched
     assert int(client.get("laion5b_tongji_succ")) == 9 and int(client.get("laion5b_tongji_error")) == 2
-
