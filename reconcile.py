@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 import setting
-from laion5b import cli, inputs, mend, redisconn, redisrows, rowstatus
+from laion5b import cli, errorfiles, inputs, mend, redisconn, redisrows, rowstatus
 from laion5b.books import PROBLEMS, STATES, STORED, UNQUEUED, PartBooks, PartInput, audit
 from laion5b.config import Config
 from laion5b.inputs import SourceFile, Spec
@@ -96,12 +96,13 @@ def main() -> int:
 
 
 def alive(client: redis.Redis, config: Config) -> list[str]:
-    """The workers whose heartbeat lives, and the producer if it runs."""
+    """The workers whose heartbeat lives, the producer if it runs, and the error savers."""
     keys = config.keys
     workers = sorted(client.smembers(keys.workers))
     beats = client.mget([keys.heartbeat(worker) for worker in workers]) if workers else []
     found = [worker for worker, beat in zip(workers, beats, strict=True) if beat]
-    return found + (["add_task.py"] if client.exists(keys.producer) else [])
+    savers = sorted(client.scan_iter(match=f"{keys.error_saver('')}*", count=1000))
+    return found + (["add_task.py"] if client.exists(keys.producer) else []) + savers
 
 
 def part_inputs(client: redis.Redis, config: Config, spec: Spec, sources: list[SourceFile]):
@@ -122,6 +123,7 @@ def repair(client: redis.Redis, config: Config, spec: Spec, sources: list[Source
     locator = LOCATORS[config.output_format](config.store_dir)
     requeue = mend.Requeue(client, config.keys, spec)
     copies, positions, dropped = [], {}, 0
+    sizes = {path: path.stat().st_size for path in errorfiles.error_files(Path(config.store_error_dir))}
     for part in part_inputs(client, config, spec, sources):
         try:
             books = audit(part, locator, requeue, transient_too=rebuild)
@@ -134,6 +136,8 @@ def repair(client: redis.Redis, config: Config, spec: Spec, sources: list[Source
         if books.settled_position != books.position:
             positions[part.source.key] = books.settled_position
     mend.set_positions(client, config.keys, positions)
+    if rebuild:
+        mend.mark_requeued(sizes)
     rewritten = mend.drop_copies(copies)
     mend.forget_empty_shards(client, config.keys)
     log.info("repaired copies_dropped=%d shards_rewritten=%d entries_dropped=%d queued=%d recorded=%d positions=%d",

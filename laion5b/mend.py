@@ -19,11 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
+from laion5b import errorfiles
 from laion5b.imageformat import EXTENSIONS
 from laion5b.inputs import SourceFile, Spec
 from laion5b.keys import Keys
 from laion5b.producer import Batch
 from laion5b.redisrows import DELAYED, Entry
+from laion5b.requeue import TRANSIENT, merge
 from laion5b.rows import Row
 from laion5b.rowstatus import Location
 from laion5b.store import TEMP_FOLDER
@@ -119,6 +121,14 @@ class Requeue:
                 self.client.lpush(key, *values[first : first + PUSH_CHUNK])
         self.queued += len(batch.tasks)
         self.recorded += len(batch.errors)
+
+
+def mark_requeued(sizes: dict[Path, int]) -> None:
+    """Mark every transient record of the error files, up to the size each had when read, as queued again (the
+    ``transient`` mark that ``save_error_task.py --requeue`` writes): ``report.py`` and ``check`` then count those rows
+    as pending, not failed, and ``--requeue`` does not queue them a second time."""
+    for path, size in sizes.items():
+        errorfiles.write_marks(path, merge(errorfiles.read_marks(path), {TRANSIENT: size}))
 
 
 def set_positions(client: redis.Redis, keys: Keys, positions: dict[str, int]) -> None:

@@ -4,6 +4,7 @@ planted problems, repair makes the books exact, rebuild restores a wiped Redis w
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tarfile
 from collections import Counter
@@ -15,9 +16,20 @@ import pytest
 
 from laion5b import errorfiles
 from laion5b.tasks import Task
-from tests.helpers import run_script, write_wide
+from tests.helpers import run_script, start_logged_worker, wait_until, write_wide
 
 FORMATS = ["files", "webdataset"]
+WIPE = """
+local held = 0
+for _, pattern in ipairs({'laion5b_task:lease:*', 'laion5b_task:kept:*:*'}) do
+  for _, key in ipairs(redis.call('KEYS', pattern)) do
+    if redis.call('TYPE', key).ok == 'list' then held = held + redis.call('LLEN', key) end
+  end
+end
+redis.call('FLUSHALL')
+return held
+"""
+"""Wipes Redis; returns the tasks the workers held (in flight, or in open shards) at that moment."""
 
 
 def run(name: str, env: dict[str, str], *args: str, code: int = 0) -> subprocess.CompletedProcess:
@@ -118,3 +130,43 @@ def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, r
     lost = {"files": {"/img/r1.jpg"}, "webdataset": set()}[output]
     assert set(fetched) <= lost | {"/img/p0.jpg", "/status/404"}, fetched
     assert int(client.get("laion5b_tongji_succ")) == 9 and int(client.get("laion5b_tongji_error")) == 2
+
+
+@pytest.mark.parametrize("output", FORMATS)
+def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, redis_server, script_env, tmp_path,
+                                                                       image_server):  # fmt: skip
+    env = {**settings(script_env, output), "LAION_THREAD_NUM": "2", "LAION_CONCURRENCY": "2"}
+    paths = ["/status/404", "/status/500"] + [f"/slow/0.2/{output}{i}.jpg" for i in range(24)]  # the server is shared
+    write_wide(Path(env["LAION_PARQUET_DIR"]) / "s" / "r.parquet", [image_server.url(path) for path in paths])
+    run("add_task.py", env)
+    client = redis_server.client()
+    worker = start_logged_worker(env, tmp_path / "worker.log", "0", "--until-empty")
+    wait_until(lambda: int(client.get("laion5b_tongji_error") or 0) == 2)  # a 404, and a 500 tried three times
+    run("save_error_task.py", env, "--until-empty")
+    wait_until(lambda: int(client.get("laion5b_tongji_succ") or 0) >= 3)
+    held = client.eval(WIPE, 0)  # Redis loses everything, and restarts without its AOF
+    redis_server.stop(signal.SIGKILL)
+    shutil.rmtree(redis_server.folder / "appendonlydir")
+    redis_server.start()
+    assert worker.wait(timeout=60) == 0
+    at_wipe = {paths[row] for part, row in books(env) if row >= 2}  # stored before the wipe or in flight then
+    fetched_before = image_server.fetches()
+    assert {record["status"] for record in saved_records(Path(env["LAION_STORE_ERROR_DIR"]))} == {404, 500}
+
+    result = run("reconcile.py", env, "rebuild")
+    assert "books exact" in result.stdout, result.stdout
+    assert "rows_to_queue=0" in run("add_task.py", env).stderr  # the producer's positions are back
+    download(env)
+    assert "books exact" in run("reconcile.py", env).stdout
+    assert set(books(env)) == {("r", row) for row in range(len(paths))} and set(books(env).values()) == {1}
+    fetched = image_server.fetches() - fetched_before
+    assert not set(fetched) & at_wipe, "a stored image was fetched again"
+    assert fetched["/status/404"] == 0 and fetched["/status/500"] == 3  # the transient failure is tried again
+    again = {path for path in fetched if path.startswith("/slow/") and fetched_before[path]}
+    print(f"{output}: held by the worker at the wipe {held}, fetched again {len(again)}, stored {len(at_wipe)}")
+    assert len(again) <= held
+
+
+def saved_records(folder: Path) -> list[dict]:
+    return [errorfiles.parse(line) for path in errorfiles.error_files(folder) for _, _, line in
+            errorfiles.lines_from(path)]  # fmt: skip
