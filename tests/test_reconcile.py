@@ -3,22 +3,33 @@ planted problems, repair makes the books exact, rebuild restores a wiped Redis w
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from laion5b import errorfiles
+import setting
+from laion5b import errorfiles, inputs
+from laion5b.config import load
+from laion5b.inputs import Spec
+from laion5b.reconciler import read_books, reconcile
 from laion5b.tasks import Task
 from tests.helpers import run_script, start_logged_worker, wait_until, write_wide
+from tests.redis_server import RedisServer
 
 FORMATS = ["files", "webdataset"]
+CHECK_AOF = shutil.which("redis-check-aof") or "/usr/bin/redis-check-aof"
 WIPE = """
 local held = 0
 for _, pattern in ipairs({'laion5b_task:lease:*', 'laion5b_task:kept:*:*'}) do
@@ -38,7 +49,7 @@ def run(name: str, env: dict[str, str], *args: str, code: int = 0) -> subprocess
     return result
 
 
-def settings(script_env: dict[str, str], output: str) -> dict[str, str]:
+def environment(script_env: dict[str, str], output: str) -> dict[str, str]:
     return {**script_env, "LAION_ALLOWED_NETWORKS": "127.0.0.0/8", "LAION_OUTPUT_FORMAT": output,
             "LAION_SHARD_SIZE": "3", "LAION_THREAD_NUM": "4", "LAION_CONCURRENCY": "4"}  # fmt: skip
 
@@ -88,7 +99,7 @@ def copy_first_sample(shard: Path, copy: Path) -> str:
 @pytest.mark.parametrize("output", FORMATS)
 def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, redis_server, script_env,
                                                                         image_server):  # fmt: skip
-    env = settings(script_env, output)
+    env = environment(script_env, output)
     inputs = Path(env["LAION_PARQUET_DIR"]) / "s"
     write_wide(inputs / "r.parquet", [image_server.url(f"/img/r{i}.jpg") for i in range(8)]
                + [image_server.url("/status/404")] * 2)  # fmt: skip
@@ -135,7 +146,7 @@ def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, r
 @pytest.mark.parametrize("output", FORMATS)
 def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, redis_server, script_env, tmp_path,
                                                                        image_server):  # fmt: skip
-    env = {**settings(script_env, output), "LAION_THREAD_NUM": "2", "LAION_CONCURRENCY": "2"}
+    env = {**environment(script_env, output), "LAION_THREAD_NUM": "2", "LAION_CONCURRENCY": "2"}
     paths = ["/status/404", "/status/500"] + [f"/slow/0.2/{output}{i}.jpg" for i in range(24)]  # the server is shared
     write_wide(Path(env["LAION_PARQUET_DIR"]) / "s" / "r.parquet", [image_server.url(path) for path in paths])
     run("add_task.py", env)
@@ -170,3 +181,43 @@ def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, r
 def saved_records(folder: Path) -> list[dict]:
     return [errorfiles.parse(line) for path in errorfiles.error_files(folder) for _, _, line in
             errorfiles.lines_from(path)]  # fmt: skip
+
+
+def test_repair_after_a_failover_at_any_point_of_the_run_makes_exact_books(redis_server, script_env, tmp_path,
+                                                                           image_server):  # fmt: skip
+    """A failover to a replica that missed the last writes is Redis at a prefix of its write history: the AOF
+    (appendfsync always) of a whole run, cut anywhere and fixed with redis-check-aof, then repair."""
+    env = {**environment(script_env, "webdataset"), "LAION_THREAD_NUM": "2", "LAION_CONCURRENCY": "2"}
+    paths = ["/status/404", "/status/500"] + [f"/img/prefix{i}.jpg" for i in range(10)]
+    write_wide(Path(env["LAION_PARQUET_DIR"]) / "s" / "r.parquet", [image_server.url(path) for path in paths])
+    run("add_task.py", env)
+    download(env)
+    redis_server.stop()
+    history = redis_server.folder / "appendonlydir"
+    writes = next(history.glob("*.incr.aof"))
+    config = load(setting, env)
+    sources = inputs.find_files(Path(config.parquet_dir))
+
+    @settings(max_examples=12, deadline=None)
+    @given(cut=st.integers(0, writes.stat().st_size))
+    def failover_at(cut: int) -> None:
+        folder = Path(tempfile.mkdtemp(dir=tmp_path))
+        shutil.copytree(history, folder / "appendonlydir")
+        replica_writes = folder / "appendonlydir" / writes.name
+        os.truncate(replica_writes, cut)
+        subprocess.run([CHECK_AOF, "--fix", str(replica_writes)], input="y\n", capture_output=True, text=True,
+                       check=True)  # fmt: skip
+        replica = RedisServer(folder)
+        replica.start()
+        try:
+            here = replace(config, redis_port=replica.port)
+            client = replica.client()
+            code, text = reconcile(client, here, "repair", sources, whole_run=True)
+            assert code == 0, text
+            states = read_books(client, here, Spec.of(here), sources).total("states")
+            assert states == Counter(stored=10, failed=2), text
+            assert client.llen("laion5b_task") == client.zcard("laion5b_task:delayed") == 0
+        finally:
+            replica.stop()
+
+    failover_at()
