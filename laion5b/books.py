@@ -75,9 +75,10 @@ class PartInput:
 
 def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, transient_too: bool = False,
           batch_size: int = 65_536) -> PartBooks:  # fmt: skip
-    """Read the part's rows once, in order, and keep its books. ``requeue`` is given the rows that have no state
-    but should (before the settled position), batch by batch; with ``transient_too``, also the failed rows whose
-    status is transient."""
+    """Read the part's rows once, in order, and keep its books. ``requeue`` (repair) is given the rows that have no
+    state but should (before the settled position), batch by batch; with ``transient_too``, also the failed rows
+    whose status is transient. With ``requeue``, the tasks of a shard being finished whose samples are stored are
+    redundant too (its worker is gone: repair settles it)."""
     source = part.source
     books = PartBooks(source, position=part.position)
     by_row: dict[int, list[Entry]] = defaultdict(list)
@@ -91,7 +92,8 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
     for rows in inputs.read_rows(source, part.spec, picked, 0, batch_size):
         again = []
         for row in rows:
-            state, status = _row_state(books, row, locator, by_row.pop(row.row, ()), part.errors.get(row.row))
+            entries = by_row.pop(row.row, [])
+            state, status = _row_state(books, row, locator, entries, part.errors.get(row.row), requeue is not None)
             if state == UNQUEUED and row.row < books.settled_position:
                 kind = LOST if row.row < (part.position or 0) else STATELESS
                 books.problem(kind, row.row, "no sample, record or task")
@@ -112,7 +114,7 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
 
 
 def _row_state(
-    books: PartBooks, row: Row, locator: Locator, entries: list[Entry], saved: Outcome | None
+    books: PartBooks, row: Row, locator: Locator, entries: list[Entry], saved: Outcome | None, settle: bool
 ) -> tuple[str, str]:
     """The row's state (and its status when failed); its problems noted in ``books``."""
     sample_id = safe_id(row.row if row.sample_id is None or row.problem else row.sample_id)
@@ -123,7 +125,8 @@ def _row_state(
     tasks = [entry for entry in entries if entry.place != ERROR]
     fresh, stale = _split_records([entry for entry in entries if entry.place == ERROR], saved)
     if found:
-        state = OPEN if tasks and all(entry.place == FINISHING for entry in tasks) else STORED
+        finishing = tasks and all(entry.place == FINISHING for entry in tasks)
+        state = OPEN if finishing and not settle else STORED
         _redundant(books, row.row, (tasks if state == STORED else []) + fresh + stale, "stored")
         return state, ""
     if fresh or (saved is not None and saved.status != PENDING):

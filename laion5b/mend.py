@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -101,6 +101,22 @@ def forget_empty_shards(client: redis.Redis, keys: Keys) -> None:
             for shard in client.hkeys(key):
                 if not client.exists(f"{key}:{shard}"):
                     client.hdel(key, shard)
+
+
+def set_open_counts(client: redis.Redis, keys: Keys) -> None:
+    """Set each host's ``<host>:open`` to the tasks of its open shards and of its shards being finished."""
+    counts: Counter[str] = Counter()
+    for field in client.hkeys(keys.shards):
+        counts[field.partition("|")[0]] += client.llen(keys.shard_tasks(field))
+    for key in client.scan_iter(match=f"{keys.task}:kept:*", count=1000):
+        if client.type(key) == "hash":
+            for shard, host in client.hgetall(key).items():
+                counts[host] += client.llen(f"{key}:{shard}")
+    for name in client.hkeys(keys.host_counters):
+        if name.endswith(":open"):
+            counts.setdefault(name.removesuffix(":open"), 0)
+    if counts:
+        client.hset(keys.host_counters, mapping={f"{host}:open": count for host, count in counts.items()})
 
 
 class Requeue:

@@ -112,6 +112,7 @@ def repair(client: redis.Redis, config: Config, spec: Spec, sources: list[Source
         mend.mark_requeued(sizes)
     rewritten = mend.drop_copies(copies)
     mend.forget_empty_shards(client, config.keys)
+    mend.set_open_counts(client, config.keys)
     log.info("repaired copies_dropped=%d shards_rewritten=%d entries_dropped=%d queued=%d recorded=%d positions=%d",
              len(copies), rewritten, dropped, requeue.queued, requeue.recorded, len(positions))  # fmt: skip
 
