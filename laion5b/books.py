@@ -76,30 +76,37 @@ class PartInput:
 def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, transient_too: bool = False,
           batch_size: int = 65_536) -> PartBooks:  # fmt: skip
     """Read the part's rows once, in order, and keep its books. ``requeue`` (repair) is given the rows that have no
-    state but should (before the settled position), batch by batch; with ``transient_too``, also the failed rows
-    whose status is transient. With ``requeue``, the tasks of a shard being finished whose samples are stored are
-    redundant too (its worker is gone: repair settles it)."""
+    state but should, batch by batch; with ``transient_too``, also the failed rows whose status is transient. With
+    ``requeue``, the tasks of a shard being finished whose samples are stored are redundant too (its worker is gone:
+    repair settles it).
+
+    A row without a state is ``lost`` before the producer's position, ``no_state`` past it when a later row has a
+    state (or the file is marked done): the producer would not queue it, or would queue the later rows again."""
     source = part.source
     books = PartBooks(source, position=part.position)
     by_row: dict[int, list[Entry]] = defaultdict(list)
     for entry in part.entries:
         by_row[entry.row].append(entry)
     total = inputs.count_rows(source, part.spec)
-    highest = max([locator.highest_row(source.subset, source.part), *by_row, *part.errors], default=-1)
-    start = total if part.done and part.position is None else part.position or 0
-    books.settled_position = total if part.done else min(total, max(part.position or 0, highest + 1))
+    counted = part.position or 0
+    start = total if part.done and part.position is None else counted
+    gap, last = None, -1
     picked = inputs.columns_of(source, part.spec)
     for rows in inputs.read_rows(source, part.spec, picked, 0, batch_size):
         again = []
         for row in rows:
             entries = by_row.pop(row.row, [])
             state, status = _row_state(books, row, locator, entries, part.errors.get(row.row), requeue is not None)
-            if state == UNQUEUED and row.row < books.settled_position:
-                kind = LOST if row.row < (part.position or 0) else STATELESS
-                books.problem(kind, row.row, "no sample, record or task")
+            if state == UNQUEUED and row.row < counted:
+                books.problem(LOST, row.row, "no sample, record or task")
                 again.append(row)
-            elif state != UNQUEUED and row.row >= start:
-                books.problem(AHEAD, row.row, f"{state}, but the producer is at row {start}")
+            elif state == UNQUEUED:
+                gap = row.row if gap is None else gap
+            else:
+                _close_gap(books, part, requeue, gap, row.row)
+                gap, last = None, row.row
+                if row.row >= start:
+                    books.problem(AHEAD, row.row, f"{state}, but the producer is at row {start}")
             if transient_too and state == FAILED and _transient(status):
                 again.append(row)
                 state = QUEUED
@@ -109,8 +116,27 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
         books.rows += len(rows)
         if requeue is not None and again:
             requeue(source, again)
-    books.redundant.extend(entry for entries in by_row.values() for entry in entries)  # rows the input lacks
+    if part.done:
+        _close_gap(books, part, requeue, gap, total)
+    books.settled_position = total if part.done else max(counted, last + 1)
+    for row, entries in by_row.items():  # rows the input lacks
+        _redundant(books, row, entries, "not in the input")
     return books
+
+
+def _close_gap(books: PartBooks, part: PartInput, requeue: Requeue | None, gap: int | None, end: int) -> None:
+    """Rows ``gap`` to ``end`` have no state and will not be queued: note them, and queue them when repairing."""
+    if gap is None or gap >= end:
+        return
+    books.problem(STATELESS, gap, f"rows {gap} to {end - 1}: no sample, record or task", end - gap)
+    if requeue is not None:
+        picked = inputs.columns_of(part.source, part.spec)
+        for rows in inputs.read_rows(part.source, part.spec, picked, gap, 65_536):
+            wanted = [row for row in rows if row.row < end]
+            if wanted:
+                requeue(part.source, wanted)
+            if len(wanted) < len(rows):
+                break
 
 
 def _row_state(

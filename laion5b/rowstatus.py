@@ -22,7 +22,7 @@ from laion5b import errorfiles, inputs
 from laion5b.imageformat import EXTENSIONS
 from laion5b.inputs import SourceFile, Spec
 from laion5b.requeue import matches
-from laion5b.store import FILES_PER_FOLDER, image_folder
+from laion5b.store import image_folder
 from laion5b.tasks import Task, safe_id
 
 SUCCESS = "success"
@@ -65,10 +65,6 @@ class Locator(Protocol):
         """Every stored copy of the row's sample, the one ``locate`` finds first."""
         ...
 
-    def highest_row(self, subset: str, part: str) -> int:
-        """A row at or past the part's highest stored row (-1: none stored)."""
-        ...
-
 
 class FileLocator:
     """Stored files under ``store_dir``, found by listing each image folder once (rows come in order)."""
@@ -93,14 +89,6 @@ class FileLocator:
             except (FileNotFoundError, NotADirectoryError):
                 self._names = set()
         return [Location(path=f"{folder}/{task.id}.{ext}") for ext in EXTENSIONS if f"{task.id}.{ext}" in self._names]
-
-    def highest_row(self, subset: str, part: str) -> int:
-        """The last row of the part's highest image folder that exists (file names are ids, not rows)."""
-        try:
-            folders = [int(name) for name in os.listdir(f"{self.store_dir}/{subset}/{part}") if name.isdigit()]
-        except (FileNotFoundError, NotADirectoryError):
-            return -1
-        return (max(folders) + 1) * FILES_PER_FOLDER - 1 if folders else -1
 
 
 class Outcome(NamedTuple):

@@ -79,12 +79,6 @@ class ShardLocator:
             i += 1
         return found
 
-    def highest_row(self, subset: str, part: str) -> int:
-        """The part's highest stored row (-1: none)."""
-        if self._loaded != (subset, part):
-            self._load(subset, part)
-        return self._rows[-1] if self._rows else -1
-
     def _load(self, subset: str, part: str) -> None:
         """Read the samples of one part from the shards that hold some; keep them sorted by row, then shard."""
         # the last part's arrays are let go before the next part is read
