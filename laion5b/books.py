@@ -32,6 +32,7 @@ PROBLEMS = {
     AHEAD: "rows done or in Redis that the producer would queue again (its position is behind)",
 }
 EXAMPLES = 5
+GAP_ROWS = 65_536
 """Problems of each kind described per part, beside their count."""
 Requeue = Callable[[SourceFile, list[Row]], None]
 
@@ -90,7 +91,7 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
     total = inputs.count_rows(source, part.spec)
     counted = part.position or 0
     start = total if part.done and part.position is None else counted
-    gap, last = None, -1
+    gap, last = Gap(), -1
     picked = inputs.columns_of(source, part.spec)
     for rows in inputs.read_rows(source, part.spec, picked, 0, batch_size):
         again = []
@@ -101,10 +102,10 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
                 books.problem(LOST, row.row, "no sample, record or task")
                 again.append(row)
             elif state == UNQUEUED:
-                gap = row.row if gap is None else gap
+                gap.add(row, keep=requeue is not None)
             else:
-                _close_gap(books, part, requeue, gap, row.row)
-                gap, last = None, row.row
+                gap.close(books, part, requeue, row.row)
+                last = row.row
                 if row.row >= start:
                     books.problem(AHEAD, row.row, f"{state}, but the producer is at row {start}")
             if transient_too and state == FAILED and _transient(status):
@@ -117,21 +118,43 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
         if requeue is not None and again:
             requeue(source, again)
     if part.done:
-        _close_gap(books, part, requeue, gap, total)
+        gap.close(books, part, requeue, total)
     books.settled_position = total if part.done else max(counted, last + 1)
     for row, entries in by_row.items():  # rows the input lacks
         _redundant(books, row, entries, "not in the input")
     return books
 
 
-def _close_gap(books: PartBooks, part: PartInput, requeue: Requeue | None, gap: int | None, end: int) -> None:
-    """Rows ``gap`` to ``end`` have no state and will not be queued: note them, and queue them when repairing."""
-    if gap is None or gap >= end:
-        return
-    books.problem(STATELESS, gap, f"rows {gap} to {end - 1}: no sample, record or task", end - gap)
-    if requeue is not None:
+@dataclass
+class Gap:
+    """A run of rows without a state past the producer's position: ``no_state`` once a later row has one. Its rows
+    are kept for repair to queue, up to GAP_ROWS (a longer run is read again if it has to be queued)."""
+
+    start: int | None = None
+    rows: list[Row] | None = None
+
+    def add(self, row: Row, keep: bool) -> None:
+        if self.start is None:
+            self.start, self.rows = row.row, ([] if keep else None)
+        if self.rows is not None:
+            self.rows.append(row)
+            if len(self.rows) > GAP_ROWS:
+                self.rows = None
+
+    def close(self, books: PartBooks, part: PartInput, requeue: Requeue | None, end: int) -> None:
+        """The run ends before row ``end``: note it, and queue its rows when repairing."""
+        start, kept = self.start, self.rows
+        self.start, self.rows = None, None
+        if start is None or start >= end:
+            return
+        books.problem(STATELESS, start, f"rows {start} to {end - 1}: no sample, record or task", end - start)
+        if requeue is None:
+            return
+        if kept is not None:
+            requeue(part.source, kept)
+            return
         picked = inputs.columns_of(part.source, part.spec)
-        for rows in inputs.read_rows(part.source, part.spec, picked, gap, 65_536):
+        for rows in inputs.read_rows(part.source, part.spec, picked, start, GAP_ROWS):
             wanted = [row for row in rows if row.row < end]
             if wanted:
                 requeue(part.source, wanted)
@@ -143,11 +166,17 @@ def _row_state(
     books: PartBooks, row: Row, locator: Locator, entries: list[Entry], saved: Outcome | None, settle: bool
 ) -> tuple[str, str]:
     """The row's state (and its status when failed); its problems noted in ``books``."""
-    sample_id = safe_id(row.row if row.sample_id is None or row.problem else row.sample_id)
-    found = locator.locate_all(Task(sample_id, "", books.source.subset, books.source.part, row.row))
-    if len(found) > 1:
-        books.extra_copies.extend(found[1:])
-        books.problem(DUPLICATE, row.row, "; ".join(_where(location) for location in found))
+    sample_id = safe_id(row.row if row.sample_id is None or row.problem else row.sample_id) if locator.by_id else ""
+    task = Task(sample_id, "", books.source.subset, books.source.part, row.row)
+    found = locator.copies(task)
+    if found > 1:
+        copies = locator.locate_all(task)
+        books.extra_copies.extend(copies[1:])
+        books.problem(DUPLICATE, row.row, "; ".join(_where(location) for location in copies))
+    if not entries:  # the common case, decided without the checks below
+        if found:
+            return STORED, ""
+        return (FAILED, saved.status) if saved is not None and saved.status != PENDING else (UNQUEUED, "")
     tasks = [entry for entry in entries if entry.place != ERROR]
     fresh, stale = _split_records([entry for entry in entries if entry.place == ERROR], saved)
     if found:

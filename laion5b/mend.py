@@ -120,8 +120,8 @@ def set_open_counts(client: redis.Redis, keys: Keys) -> None:
 
 
 class Requeue:
-    """Queues rows again as fresh tasks (the producer's encoding): a row whose URL is unusable gets its error
-    record instead, as when the producer first read it."""
+    """Queues rows again as fresh tasks (the producer's encoding), a thousand to a push: a row whose URL is unusable
+    gets its error record instead, as when the producer first read it. ``flush`` pushes what is left."""
 
     def __init__(self, client: redis.Redis, keys: Keys, spec: Spec) -> None:
         self.client = client
@@ -129,14 +129,23 @@ class Requeue:
         self.spec = spec
         self.queued = 0
         self.recorded = 0
+        self._tasks: list[str] = []
+        self._errors: list[str] = []
 
     def __call__(self, source: SourceFile, rows: list[Row]) -> None:
         batch = Batch.of(source, rows, self.spec.verify_hash)
-        for key, values in ((self.keys.task, batch.tasks), (self.keys.error, batch.errors)):
+        self._tasks.extend(batch.tasks)
+        self._errors.extend(batch.errors)
+        if len(self._tasks) + len(self._errors) >= PUSH_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        for key, values in ((self.keys.task, self._tasks), (self.keys.error, self._errors)):
             for first in range(0, len(values), PUSH_CHUNK):
                 self.client.lpush(key, *values[first : first + PUSH_CHUNK])
-        self.queued += len(batch.tasks)
-        self.recorded += len(batch.errors)
+        self.queued += len(self._tasks)
+        self.recorded += len(self._errors)
+        self._tasks, self._errors = [], []
 
 
 def mark_requeued(sizes: dict[Path, int]) -> None:

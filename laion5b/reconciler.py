@@ -107,6 +107,7 @@ def repair(client: redis.Redis, config: Config, spec: Spec, sources: list[Source
         dropped += len(books.redundant)
         if books.settled_position != books.position:
             positions[part.source.key] = books.settled_position
+    requeue.flush()
     mend.set_positions(client, config.keys, positions)
     if rebuild:
         mend.mark_requeued(sizes)

@@ -65,9 +65,18 @@ class Locator(Protocol):
         """Every stored copy of the row's sample, the one ``locate`` finds first."""
         ...
 
+    def copies(self, task: Task) -> int:
+        """How many stored copies the row's sample has (quicker than ``locate_all``)."""
+        ...
+
+    by_id: bool
+    """Whether a task's ``id`` is needed to find its sample (else its subset, part and row are enough)."""
+
 
 class FileLocator:
     """Stored files under ``store_dir``, found by listing each image folder once (rows come in order)."""
+
+    by_id = True
 
     def __init__(self, store_dir: str) -> None:
         self.store_dir = store_dir
@@ -89,6 +98,9 @@ class FileLocator:
             except (FileNotFoundError, NotADirectoryError):
                 self._names = set()
         return [Location(path=f"{folder}/{task.id}.{ext}") for ext in EXTENSIONS if f"{task.id}.{ext}" in self._names]
+
+    def copies(self, task: Task) -> int:
+        return len(self.locate_all(task))
 
 
 class Outcome(NamedTuple):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -61,6 +61,17 @@ class ShardLocator:
         if len(found) > 1:
             self.duplicates += 1
         return found[0] if found else None
+
+    by_id = False
+
+    def copies(self, task: Task) -> int:
+        """How many samples of the row the shards hold (two searches, no sample read)."""
+        if self._loaded != (task.subset, task.part):
+            self._load(task.subset, task.part)
+        first = bisect_left(self._rows, task.row)
+        if first == len(self._rows) or self._rows[first] != task.row:
+            return 0
+        return bisect_right(self._rows, task.row, first) - first if task.row in self._repeated else 1
 
     def locate_all(self, task: Task) -> list[Location]:
         """Every sample of the row, in shard name order (more than one is a duplicate)."""
