@@ -45,6 +45,8 @@ class ShardLocator:
     stored samples (31 bytes each, 90 while they are read and sorted: 0.6 GB, 1.6 at the peak, for an 18M-row part),
     never a whole subset's."""
 
+    by_id = False
+
     def __init__(self, store_dir: str) -> None:
         self.store_dir = store_dir
         self.duplicates = 0
@@ -61,8 +63,6 @@ class ShardLocator:
         if len(found) > 1:
             self.duplicates += 1
         return found[0] if found else None
-
-    by_id = False
 
     def copies(self, task: Task) -> int:
         """How many samples of the row the shards hold (two searches, no sample read)."""
