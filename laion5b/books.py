@@ -2,9 +2,9 @@
 state each row is in, and the problems (rows stored twice, lost, in no state, ...), for ``reconcile.py``.
 
 A row's state, the first that applies: ``stored`` (a sample or file; ``open`` while its shard is still being
-finished), failed (an error record, saved or still in Redis), ``queued`` / ``delayed`` / ``held`` / ``open`` (its
-task in Redis), ``unqueued`` (the producer has not reached it). A stored or failed row's tasks still in Redis are
-redundant (a Redis that lost writes gave them back, and they would be fetched again).
+finished), ``failed`` (an error record, saved or still in Redis, not queued again since), ``queued`` / ``delayed``
+/ ``held`` / ``open`` (its task in Redis), ``unqueued`` (no trace of it anywhere). A stored or failed row's tasks
+still in Redis are redundant (a Redis that lost writes gave them back, and they would be fetched again).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ PROBLEMS = {
     AHEAD: "rows done or in Redis that the producer would queue again (its position is behind)",
 }
 EXAMPLES = 5
-GAP_ROWS = 65_536
 """Problems of each kind described per part, beside their count."""
+GAP_ROWS = 65_536
+"""Rows of a run without a state kept in memory for repair to queue (a longer run is read again)."""
 Requeue = Callable[[SourceFile, list[Row]], None]
 
 
@@ -54,7 +55,7 @@ class PartBooks:
     position: int | None = None
     """Where the producer stands in this part (None: no position in Redis)."""
     settled_position: int = 0
-    """The position that covers every row with a state: rows before it are queued by repair when they have none."""
+    """The producer position repair sets: past every row with a state (the rows' count when the file is done)."""
 
     def problem(self, kind: str, row: int, detail: str, count: int = 1) -> None:
         self.problems[kind] += count
