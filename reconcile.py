@@ -6,7 +6,8 @@ check (default): prints per subset the rows stored, failed, queued, delayed, hel
 problems (rows stored twice, rows counted but neither stored nor recorded, rows in no state, ...); exit 0 only when
 there are none. repair: fixes them without downloading anything stored. rebuild: restores Redis (counters, producer
 positions, queue) from the store, the error records and the input lists, queueing transient failures again.
-repair and rebuild refuse to run while a worker or add_task.py is alive (--force: run anyway).
+repair and rebuild refuse to run while a worker, add_task.py or save_error_task.py is alive (--force: run anyway).
+Exit 2 when nothing was done: the run is alive, or Redis does not answer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import logging
 import sys
 from pathlib import Path
 
+import redis
+
 import setting
 from laion5b import cli, inputs, redisconn, rowstatus
 from laion5b.log import setup
-from laion5b.reconciler import EXIT_BUSY, EXIT_PROBLEMS, alive, reconcile
+from laion5b.reconciler import EXIT_NOT_RUN, EXIT_PROBLEMS, alive, reconcile
 
 log = logging.getLogger("reconcile")
 
@@ -39,11 +42,16 @@ def main() -> int:
         log.error("no_input_parts parquet_dir=%s subset=%s part=%s", config.parquet_dir, args.subset, args.part)
         return EXIT_PROBLEMS
     client = redisconn.connect(config)
-    busy = [] if args.command == "check" or args.force else alive(client, config)
-    if busy:
-        log.error("run_alive processes=%s: stop them first (or --force)", ",".join(busy))
-        return EXIT_BUSY
-    code, text = reconcile(client, config, args.command, sources, whole_run=args.subset is None and args.part is None)
+    try:
+        busy = [] if args.command == "check" or args.force else alive(client, config)
+        if busy:
+            log.error("run_alive processes=%s: stop them first (or --force)", ",".join(busy))
+            return EXIT_NOT_RUN
+        whole_run = args.subset is None and args.part is None
+        code, text = reconcile(client, config, args.command, sources, whole_run)
+    except redis.RedisError as error:
+        log.error("redis_unreachable %s error=%s", redisconn.describe(config), " ".join(str(error).split())[:200])
+        return EXIT_NOT_RUN
     sys.stdout.write(text)
     return code
 

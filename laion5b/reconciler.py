@@ -20,7 +20,7 @@ from laion5b.shardlocator import ShardLocator
 
 log = logging.getLogger(__name__)
 LOCATORS: dict[str, Callable[[str], rowstatus.Locator]] = {"files": rowstatus.FileLocator, "webdataset": ShardLocator}
-EXIT_PROBLEMS, EXIT_BUSY = 1, 2
+EXIT_PROBLEMS, EXIT_NOT_RUN = 1, 2
 LABELS = {"open": "in open shards", UNQUEUED: "not queued yet"}
 
 
