@@ -3,9 +3,9 @@ shards with their indexes, error files and a Redis holding the rest of the rows 
 
 Usage: python3 bench/reconcile.py [--rows 1000000] [--parts 10] [--shard-size 2000] [--keep DIR]
 
-Of the rows, 90 % are samples in shards (filled in row order, as workers take the queue), 8 % have an error record
-(404, with one in ten a 500), 2 % are still queued. Prints the wall time and peak RSS of check on the run, of
-rebuild after FLUSHALL, and of check after that rebuild (which must find the books exact).
+Of the rows, 8 % have an error record (404, with one in ten a 500), ``--queued`` % (2) are still queued, the rest
+are samples in shards (filled in row order, as workers take the queue). Prints the wall time and peak RSS of check
+on the run, of rebuild after FLUSHALL, and of check after that rebuild (which must find the books exact).
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--parts", type=int, default=10)
     parser.add_argument("--shard-size", type=int, default=2000)
+    parser.add_argument("--queued", type=int, default=2, help="percent of the rows queued in Redis (the rest: 8 %% "
+                        "errors, samples)")  # fmt: skip
     parser.add_argument("--keep", help="build the run in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
     folder = Path(args.keep or tempfile.mkdtemp(prefix="reconcile-bench-"))
     started = time.monotonic()
     port = start_redis(folder)
-    queued = build(folder, args.rows, args.parts, args.shard_size, port)
+    queued = build(folder, args.rows, args.parts, args.shard_size, port, args.queued)
     print(f"built {args.rows:,} rows ({queued:,} queued) in {time.monotonic() - started:.1f} s under {folder}")
     env = environment(folder, port)
     try:
@@ -60,7 +62,7 @@ def main() -> int:
     return 0
 
 
-def build(folder: Path, rows: int, parts: int, shard_size: int, port: int) -> int:
+def build(folder: Path, rows: int, parts: int, shard_size: int, port: int, queued_percent: int) -> int:
     """Write the input parts, the shards, the error file and the done file; queue the rest in Redis."""
     per_part = rows // parts
     store, errors = folder / "images" / SUBSET, folder / "error_task"
@@ -73,11 +75,11 @@ def build(folder: Path, rows: int, parts: int, shard_size: int, port: int) -> in
             part = f"{number:05d}"
             write_part(folder / "parquet" / SUBSET / f"{part}.parquet", part, per_part)
             for row in range(per_part):
-                fate = row % 50
-                if fate < 45:
+                fate = row % 100
+                if fate < 92 - queued_percent:
                     samples.append((part, row))
-                elif fate < 49:
-                    error_file.write(error_record(part, row, 500 if row % 500 == 45 else 404) + "\n")
+                elif fate < 100 - queued_percent:
+                    error_file.write(error_record(part, row, 500 if row // 100 % 10 == 0 else 404) + "\n")
                 else:
                     queued.append(task(part, row).encode())
     for first in range(0, len(samples), shard_size):

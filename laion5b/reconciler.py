@@ -77,9 +77,11 @@ def alive(client: redis.Redis, config: Config) -> list[str]:
     return found + (["add_task.py"] if client.exists(keys.producer) else []) + savers
 
 
-def part_inputs(client: redis.Redis, config: Config, spec: Spec, sources: list[SourceFile]) -> Iterator[PartInput]:
+def part_inputs(
+    client: redis.Redis, config: Config, spec: Spec, sources: list[SourceFile], keep_tasks: bool = True
+) -> Iterator[PartInput]:
     """Each part's input (its error records, Redis entries, position) in turn, with the Redis entries of the rest."""
-    found = redisrows.read(client, config.keys)
+    found = redisrows.read(client, config.keys, keep_tasks)
     errors = rowstatus.saved_errors(Path(config.store_error_dir), {(s.subset, s.part) for s in sources})
     positions = client.hgetall(config.keys.positions)
     done = done_files(Path(config.done_path))
@@ -122,7 +124,7 @@ def read_books(client: redis.Redis, config: Config, spec: Spec, sources: list[So
     """The books of every part, read part by part."""
     locator = LOCATORS[config.output_format](config.store_dir)
     books = Books()
-    for part in part_inputs(client, config, spec, sources):
+    for part in part_inputs(client, config, spec, sources, keep_tasks=False):
         try:
             books.add(audit(part, locator))
         except InputError as error:

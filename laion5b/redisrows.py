@@ -41,20 +41,25 @@ class RedisRows:
     unreadable: int = 0
     """Entries that are not a task or a record of one (``bad_task`` entries, say): left as they are."""
 
+    keep_tasks: bool = True
+    """Whether task entries keep their text (to be removed by repair); check leaves it out, to save memory."""
+
     def add(self, place: str, key: str, raw: str, fields: dict | None) -> None:
         if fields is None:
             self.unreadable += 1
             return
-        self.parts[fields["subset"], fields["part"]].append(Entry(fields["row"], place, key, raw))
+        kept = raw if self.keep_tasks or place == ERROR else ""
+        self.parts[fields["subset"], fields["part"]].append(Entry(fields["row"], place, key, kept))
 
     def pop(self, subset: str, part: str) -> list[Entry]:
         """The entries of one part, let go of here (a part is looked at once)."""
         return self.parts.pop((subset, part), [])
 
 
-def read(client: redis.Redis, keys: Keys) -> RedisRows:
-    """Every task and unsaved error record in Redis, by part (read in chunks: a live run may move some meanwhile)."""
-    found = RedisRows()
+def read(client: redis.Redis, keys: Keys, keep_tasks: bool = True) -> RedisRows:
+    """Every task and unsaved error record in Redis, by part (read in chunks: a live run may move some meanwhile);
+    without ``keep_tasks``, tasks without their text."""
+    found = RedisRows(keep_tasks=keep_tasks)
     for raw in _list(client, keys.task):
         found.add(QUEUED, keys.task, raw, _task_fields(raw))
     for raw in _sorted_set(client, keys.delayed):
