@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from laion5b import inputs
 from laion5b.inputs import SourceFile, Spec
-from laion5b.redisrows import ERROR, FINISHING, OPEN, QUEUED, TASK_PLACES, Entry, record_fields
+from laion5b.redisrows import ERROR, FINISHING, OPEN, QUEUED, TASK_PLACES, Entry, PartEntries, record_fields
 from laion5b.rows import Row
 from laion5b.rowstatus import PENDING, Location, Locator, Outcome, PartErrors
 from laion5b.tasks import Task, is_transient, safe_id
@@ -70,7 +70,7 @@ class PartInput:
     source: SourceFile
     spec: Spec
     errors: PartErrors
-    entries: list[Entry]
+    entries: PartEntries
     position: int | None
     done: bool
 
@@ -86,9 +86,8 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
     state (or the file is marked done): the producer would not queue it, or would queue the later rows again."""
     source = part.source
     books = PartBooks(source, position=part.position)
-    by_row: dict[int, list[Entry]] = defaultdict(list)
-    for entry in part.entries:
-        by_row[entry.row].append(entry)
+    groups = part.entries.by_row()
+    group = next(groups, None)
     total = inputs.count_rows(source, part.spec)
     counted = part.position or 0
     start = total if part.done and part.position is None else counted
@@ -97,7 +96,9 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
     for rows in inputs.read_rows(source, part.spec, picked, 0, batch_size):
         again = []
         for row in rows:
-            entries = by_row.pop(row.row, [])
+            entries: list[Entry] = []
+            if group is not None and group[0] == row.row:
+                entries, group = group[1], next(groups, None)
             state, status = _row_state(books, row, locator, entries, part.errors.get(row.row), requeue is not None)
             if state == UNQUEUED and row.row < counted:
                 books.problem(LOST, row.row, "no sample, record or task")
@@ -121,8 +122,9 @@ def audit(part: PartInput, locator: Locator, requeue: Requeue | None = None, tra
     if part.done:
         gap.close(books, part, requeue, total)
     books.settled_position = total if part.done else max(counted, last + 1)
-    for row, entries in by_row.items():  # rows the input lacks
-        _redundant(books, row, entries, "not in the input")
+    while group is not None:  # rows past the input's end
+        _redundant(books, group[0], group[1], "not in the input")
+        group = next(groups, None)
     return books
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -19,6 +19,7 @@ QUEUED, DELAYED, HELD, OPEN, FINISHING, ERROR = "queued", "delayed", "held", "op
 """Where an entry is: the queue, the delayed set, a lease list, an open shard's list (kept), the list of a shard
 being finished, the error list (or a saver's processing list)."""
 TASK_PLACES = (FINISHING, OPEN, HELD, DELAYED, QUEUED)
+PLACES = (*TASK_PLACES, ERROR)
 """The places of tasks, the furthest along first: of two entries of one row, the first in this order is kept."""
 CHUNK = 10_000
 _GLOB = re.compile(r"([*?\[\]\\])")
@@ -33,27 +34,65 @@ class Entry(NamedTuple):
     raw: str
 
 
+class PartEntries:
+    """The entries of one part, held flat (a row, a place and a key number each, and the text when kept: about 30
+    bytes an entry without it), read back grouped by row in row order."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.rows = array("q")
+        self.places = bytearray()
+        self.key_numbers = array("i")
+        self.raws: list[str] = []
+
+    def add(self, row: int, place: str, key_number: int, raw: str) -> None:
+        self.rows.append(row)
+        self.places.append(PLACES.index(place))
+        self.key_numbers.append(key_number)
+        self.raws.append(raw)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def by_row(self) -> Iterator[tuple[int, list[Entry]]]:
+        """(row, its entries) for each row that has some, in row order."""
+        order = sorted(range(len(self.rows)), key=self.rows.__getitem__)
+        i = 0
+        while i < len(order):
+            row, group = self.rows[order[i]], []
+            while i < len(order) and self.rows[order[i]] == row:
+                n = order[i]
+                group.append(Entry(row, PLACES[self.places[n]], self.keys[self.key_numbers[n]], self.raws[n]))
+                i += 1
+            yield row, group
+
+
 @dataclass
 class RedisRows:
     """Every entry that names an input row, grouped by (subset, part); entries that name none are only counted."""
 
-    parts: dict[tuple[str, str], list[Entry]] = field(default_factory=lambda: defaultdict(list))
-    unreadable: int = 0
-    """Entries that are not a task or a record of one (``bad_task`` entries, say): left as they are."""
-
     keep_tasks: bool = True
     """Whether task entries keep their text (to be removed by repair); check leaves it out, to save memory."""
+    parts: dict[tuple[str, str], PartEntries] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    unreadable: int = 0
+    """Entries that are not a task or a record of one (``bad_task`` entries, say): left as they are."""
 
     def add(self, place: str, key: str, raw: str, fields: dict | None) -> None:
         if fields is None:
             self.unreadable += 1
             return
+        if not self.keys or self.keys[-1] != key:
+            self.keys.append(key)
+        part = (fields["subset"], fields["part"])
+        if part not in self.parts:
+            self.parts[part] = PartEntries(self.keys)
         kept = raw if self.keep_tasks or place == ERROR else ""
-        self.parts[fields["subset"], fields["part"]].append(Entry(fields["row"], place, key, kept))
+        self.parts[part].add(fields["row"], place, len(self.keys) - 1, kept)
 
-    def pop(self, subset: str, part: str) -> list[Entry]:
+    def pop(self, subset: str, part: str) -> PartEntries:
         """The entries of one part, let go of here (a part is looked at once)."""
-        return self.parts.pop((subset, part), [])
+        return self.parts.pop((subset, part), None) or PartEntries(self.keys)
 
 
 def read(client: redis.Redis, keys: Keys, keep_tasks: bool = True) -> RedisRows:
