@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +16,9 @@ from laion5b.books import PROBLEMS, STATES, STORED, UNQUEUED, PartBooks, PartInp
 from laion5b.config import Config
 from laion5b.inputs import SourceFile, Spec
 from laion5b.rows import InputError
-from laion5b.shardlocator import ShardLocator
+from laion5b.shardlocator import LOCATORS
 
 log = logging.getLogger(__name__)
-LOCATORS: dict[str, Callable[[str], rowstatus.Locator]] = {"files": rowstatus.FileLocator, "webdataset": ShardLocator}
 EXIT_PROBLEMS, EXIT_NOT_RUN = 1, 2
 LABELS = {"open": "in open shards", UNQUEUED: "not queued yet"}
 

@@ -8,13 +8,14 @@ import logging
 import os
 from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from laion5b.rowstatus import Location
+from laion5b.rowstatus import FileLocator, Location, Locator
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -166,3 +167,7 @@ def _int64s(values: pa.Array) -> array:
     start = values.offset * flat.itemsize
     flat.frombytes(values.buffers()[1][start : start + len(values) * flat.itemsize])
     return flat
+
+
+LOCATORS: dict[str, Callable[[str], Locator]] = {"files": FileLocator, "webdataset": ShardLocator}
+"""The locator of each ``output_format``: where its stored samples are found (report.py, reconcile.py)."""
