@@ -148,18 +148,30 @@ def environment(folder: Path, port: int) -> dict[str, str]:
 
 
 def measure(command: str, env: dict[str, str], after: str = "") -> None:
-    """Run ``reconcile.py command``; print its wall time, peak RSS and summary."""
+    """Run ``reconcile.py command``; print its wall time, peak RSS and summary. The peak is the process's own VmHWM,
+    read while it runs (its rusage would start from this process's size, which a fork and exec carry over)."""
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
         process = subprocess.Popen([sys.executable, str(ROOT / "reconcile.py"), command], env=env, stdout=out,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
-        _, status, usage = os.wait4(process.pid, 0)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, high_water_mark(process.pid))
+            time.sleep(0.02)
         seconds = time.monotonic() - started
         out.seek(0)
         lines = out.read().splitlines()
     summary = " | ".join(line.strip() for line in lines[:1] + lines[-1:])
-    print(f"{command} {after}: {seconds:.1f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MB, exit "
-          f"{os.waitstatus_to_exitcode(status)}: {summary}")  # fmt: skip
+    print(f"{command} {after}: {seconds:.1f} s, peak RSS {peak / 1024:.0f} MB, exit {process.returncode}: {summary}")
+
+
+def high_water_mark(pid: int) -> int:
+    """The process's peak resident set so far in KiB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
 
 
 def start_redis(folder: Path) -> int:
