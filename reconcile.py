@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--part", help="only the parts of this name")
     parser.add_argument("--force", action="store_true", help="repair or rebuild while workers or add_task.py run")
     args = parser.parse_args()
+    if args.command == "rebuild" and (args.subset or args.part):
+        parser.error("rebuild restores the whole run: no --subset or --part")
     config = cli.load_settings(setting)
     setup("reconcile", config.log_dir)
     found = inputs.find_files(Path(config.parquet_dir), config.input_format)
