@@ -159,7 +159,7 @@ def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, r
 def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, redis_server, script_env, tmp_path,
                                                                        image_server):  # fmt: skip
     env = {**environment(script_env, output), "LAION_THREAD_NUM": "2", "LAION_CONCURRENCY": "2"}
-    paths = ["/status/404", "/status/500"] + [f"/slow/0.2/{output}{i}.jpg" for i in range(24)]  # the server is shared
+    paths = ["/status/404", "/status/500"] + [f"/slow/0.3/{output}{i}.jpg" for i in range(30)]  # the server is shared
     write_wide(Path(env["LAION_PARQUET_DIR"]) / "s" / "r.parquet", [image_server.url(path) for path in paths])
     run("add_task.py", env)
     client = redis_server.client()
@@ -188,6 +188,7 @@ def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, r
     again = {path for path in fetched if path.startswith("/slow/") and fetched_before[path]}
     print(f"{output}: held by the worker at the wipe {held}, fetched again {len(again)}, stored {len(at_wipe)}")
     assert len(again) <= held
+    assert len(at_wipe) < len(paths) - 2, "the wipe came after the last download"
 
 
 def saved_records(folder: Path) -> list[dict]:
