@@ -12,6 +12,7 @@ import tempfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +30,7 @@ from laion5b.reconciler import read_books, reconcile
 from laion5b.tasks import Task
 from tests.helpers import run_script, start_logged_worker, wait_until, write_wide
 from tests.redis_server import RedisServer
+from tools.image_server import ImageServer
 
 FORMATS = ["files", "webdataset"]
 CHECK_AOF = shutil.which("redis-check-aof") or "/usr/bin/redis-check-aof"
@@ -92,6 +94,11 @@ def books(env: dict[str, str]) -> Counter[tuple[str, int]]:
     return found
 
 
+def fetches(server: ImageServer) -> Counter[str]:
+    """The requests the image server received, by path."""
+    return Counter(urlsplit(path).path for path in server.paths)
+
+
 def task_of(row: int) -> str:
     """The task of a row of part r (its URL unreachable: the task must never be fetched)."""
     return Task(f"{row:032x}", f"http://127.0.0.1:1/img/r{row}.jpg", "s", "r", row).encode()
@@ -143,7 +150,7 @@ def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, r
     if output == "webdataset":
         assert f"0-copy.tar#{copied}" in result.stdout
 
-    before = image_server.fetches()
+    before = fetches(image_server)
     client.set("laion5b_task:producer", 1)
     assert "run_alive processes=add_task.py" in run("reconcile.py", env, "repair", code=2).stderr
     client.delete("laion5b_task:producer")
@@ -154,7 +161,7 @@ def test_check_finds_planted_problems_and_repair_makes_the_books_exact(output, r
     counts = books(env)
     assert set(counts) == {("r", row) for row in range(10)} | {("p", 0)}
     assert set(counts.values()) == {1}
-    fetched = image_server.fetches() - before
+    fetched = fetches(image_server) - before
     lost = {"files": {"/img/r1.jpg"}, "webdataset": set()}[output]
     assert set(fetched) <= lost | {"/img/p0.jpg", "/status/404"}, fetched
     assert int(client.get("laion5b_tongji_succ")) == 9 and int(client.get("laion5b_tongji_error")) == 2
@@ -178,7 +185,7 @@ def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, r
     redis_server.start()
     assert worker.wait(timeout=60) in (0, 1)  # 1: a shard step found its heartbeat gone first (fenced out)
     at_wipe = {paths[row] for part, row in books(env) if row >= 2}  # stored before the wipe or in flight then
-    fetched_before = image_server.fetches()
+    fetched_before = fetches(image_server)
     assert {record["status"] for record in saved_records(Path(env["LAION_STORE_ERROR_DIR"]))} == {404, 500}
 
     code, text = in_process(env, "rebuild")
@@ -187,7 +194,7 @@ def test_a_wiped_redis_is_rebuilt_and_no_stored_image_is_fetched_again(output, r
     download(env)
     assert "books exact" in in_process(env, "check")[1]
     assert set(books(env)) == {("r", row) for row in range(len(paths))} and set(books(env).values()) == {1}
-    fetched = image_server.fetches() - fetched_before
+    fetched = fetches(image_server) - fetched_before
     assert not set(fetched) & at_wipe, "a stored image was fetched again"
     assert fetched["/status/404"] == 0 and fetched["/status/500"] == 3  # the transient failure is tried again
     again = {path for path in fetched if path.startswith("/slow/") and fetched_before[path]}
