@@ -67,6 +67,8 @@ def test_redis_key_names_are_pinned():
         ("LAION_HONOUR_TDM_RESERVATION", "no", "honour_tdm_reservation", False),
         ("LAION_STORE_DIR", "/data/laion", "store_dir", "/data/laion"),
         ("LAION_ENGINE_LOOP", "asyncio", "engine_loop", "asyncio"),
+        ("LAION_REDIS_SENTINELS", "10.0.0.1:26379, [::1]:26380", "redis_sentinels", ["10.0.0.1:26379", "[::1]:26380"]),
+        ("LAION_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ],
 )
 def test_environment_overrides(variable, value, field, expected):
@@ -95,6 +97,9 @@ def test_environment_overrides(variable, value, field, expected):
         ("LAION_USER_AGENT_CONTACT", "ops@x.org\r\nX-Evil: 1", "user_agent_contact (LAION_USER_AGENT_CONTACT) must be"),
         ("LAION_USER_AGENT", "bot/1 ♥", "user_agent (LAION_USER_AGENT) must be printable ASCII on one line"),
         ("LAION_ENGINE_LOOP", "trio", "engine_loop (LAION_ENGINE_LOOP) must be one of uvloop, asyncio, got 'trio'"),
+        ("LAION_REDIS_SENTINELS", "10.0.0.1", "redis_sentinels (LAION_REDIS_SENTINELS): '10.0.0.1' is not host:port"),
+        ("LAION_REDIS_SENTINELS", "s1:0", "redis_sentinels (LAION_REDIS_SENTINELS): 's1:0' is not host:port"),
+        ("LAION_REDIS_MIN_REPLICAS", "-1", "redis_min_replicas (LAION_REDIS_MIN_REPLICAS) must not be negative"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):
