@@ -39,6 +39,7 @@ import psutil
 import redis
 
 from laion5b.keys import Keys
+from laion5b.replicas import Replicas
 
 STORED, FAILED, RETRY, RETURN, KEPT = "s", "e", "r", "q", "k"
 """Outcome kinds: stored (payload: bytes), failed (payload: see ``failed_outcome``; a bare error record is read for
@@ -469,8 +470,12 @@ class Lock:
 class Leases:
     """One worker's side of the reliable queue."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, host_id: str, worker: str, ttl: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, host_id: str, worker: str, ttl: int, min_replicas: int = 0
+    ) -> None:
         self.client = client
+        self.replicas = Replicas(min_replicas)
+        """Replicas that hold an exchange's and a shard step's writes before they return (redis_min_replicas)."""
         self.keys = keys
         self.host_id = host_id
         self.worker = worker
@@ -556,7 +561,7 @@ class Leases:
         args: list[str | int] = [self.host_id, self.token, self.ttl, self.worker, count]
         for outcome in outcomes:
             args.extend(outcome)
-        reply = self._exchange(keys=self._finish_keys, args=args)
+        reply = self.replicas.run(self._exchange, self._finish_keys, args)
         if not reply[1]:
             raise IdentityLost(f"worker {self.worker} was taken over by another process")
         return int(reply[0]), reply[2:]
@@ -581,34 +586,34 @@ class Leases:
         owns the identity, or its heartbeat expired."""
         keys = [self.kept_key, self.keys.kept_tasks(self.worker, shard), self.keys.shards, self.keys.shard_tasks(field)]
         keys.append(self.heartbeat_key)
-        return self._fenced(self._prepare(keys=keys, args=[shard, samples, field, record, self.token])) == -1
+        return self._fenced(self.replicas.run(self._prepare, keys, [shard, samples, field, record, self.token])) == -1
 
     def commit_shard(self, field: str, host_id: str, stored_bytes: int) -> int:
         """Count this process's prepared shard's tasks as succeeded; return how many (-1: not prepared, or counted
         already). Raise IdentityLost (nothing counted) when this incarnation no longer owns the identity."""
         keys = self._commit_keys(field, self.heartbeat_key, self.heartbeat_key)
-        return self._fenced(self._commit(keys=keys, args=[field, host_id, stored_bytes, self.token, ""]))
+        return self._fenced(self.replicas.run(self._commit, keys, [field, host_id, stored_bytes, self.token, ""]))
 
     def release_kept(self, shard: str) -> int:
         """Return the tasks kept for one of this worker's open shards to the queue (the shard is discarded). Raise
         IdentityLost (nothing returned) when this incarnation no longer owns the identity."""
         keys = [self.keys.kept_tasks(self.worker, shard), self.keys.task, self.kept_key, self.keys.host_counters]
         keys += [self.heartbeat_key, self.heartbeat_key]
-        return self._fenced(self._release_shard(keys=keys, args=[shard, self.host_id, self.token, ""]))
+        return self._fenced(self.replicas.run(self._release_shard, keys, [shard, self.host_id, self.token, ""]))
 
     def commit_recovered(self, field: str, host_id: str, stored_bytes: int, lock: Lock, owner: str, worker: str) -> int:
         """Count a dead worker's prepared shard (``owner`` the token of the incarnation that prepared it, ``worker``
         its identity): only while ``lock`` is held and that incarnation does not hold its identity; return how many,
         -1 when it is no longer prepared, FENCED (nothing done) otherwise."""
         keys = self._commit_keys(field, lock.key, self.keys.heartbeat(worker))
-        return int(self._commit(keys=keys, args=[field, host_id, stored_bytes, lock.token, owner]))
+        return int(self.replicas.run(self._commit, keys, [field, host_id, stored_bytes, lock.token, owner]))
 
     def release_recovered(self, field: str, host_id: str, lock: Lock, owner: str, worker: str) -> int:
         """Return a dead worker's prepared shard's tasks to the queue (its files are gone), fenced as
         ``commit_recovered``: how many, -1 when it is no longer prepared (counted meanwhile), or FENCED."""
         keys = [self.keys.shard_tasks(field), self.keys.task, self.keys.shards, self.keys.host_counters]
         keys += [lock.key, self.keys.heartbeat(worker)]
-        return int(self._release_shard(keys=keys, args=[field, host_id, lock.token, owner]))
+        return int(self.replicas.run(self._release_shard, keys, [field, host_id, lock.token, owner]))
 
     def _commit_keys(self, field: str, fence: str, owner_heartbeat: str) -> list[str]:
         keys = self.keys

@@ -160,7 +160,9 @@ class Worker:
         self.identity = f"{config.host_id}:{name}"
         self.stop = stop
         self.until_empty = until_empty
-        self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
+        self.leases = Leases(
+            client, config.keys, config.host_id, self.identity, config.heartbeat_ttl, config.redis_min_replicas
+        )
         self.sink = make_sink(config, name, self.identity, self.leases.incarnation)
         self.shards = self.sink if isinstance(self.sink, ShardSink) else None
         self.guard = DiskGuard(
@@ -319,9 +321,15 @@ class Worker:
         return retrying(call, what, self.stop if what not in ("retire", "finish", "shard") else None)
 
     def _exchange(self, count: int) -> int:
-        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came."""
+        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came.
+
+        Sent again (a lost reply, replicas that did not confirm the write), the call claims nothing: what the first
+        one claimed is returned as strays, and replicas that stay behind do not drain the queue into the lease list.
+        """
         batch, self.pending = self.pending, []
-        applied, tasks = self._redis(lambda: self.leases.exchange(batch, count), "finish" if batch else "claim")
+        counts = iter((count,))
+        what = "finish" if batch else "claim"
+        applied, tasks = self._redis(lambda: self.leases.exchange(batch, next(counts, 0)), what)
         self._heartbeat_sent(time.monotonic())
         self._settle(batch, applied)
         for raw in tasks:
