@@ -579,6 +579,11 @@ class Leases:
         leased.subtract(Counter(held))
         return [task for task, count in leased.items() for _ in range(count) if count > 0]
 
+    def stray_shards(self, known: Iterable[str]) -> list[str]:
+        """This worker's open shards in Redis that it does not know (a failover brought back a shard it finished on a
+        master whose last writes were lost): their kept tasks are to be returned with ``release_kept``."""
+        return sorted(set(self.client.hkeys(self.kept_key)) - set(known))
+
     def prepare_shard(self, shard: str, samples: int, field: str, record: str) -> bool:
         """Move the tasks kept for ``shard`` to the list of the shard being finished (``field`` in the shards hash,
         holding ``record``), if all ``samples`` of its files are there; False when some are not (a lease was lost) or

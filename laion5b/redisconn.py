@@ -30,8 +30,9 @@ FATAL = (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOf
 """Errors no wait cures: they are configuration mistakes."""
 MAX_BACKOFF = 30.0
 FAILOVER_POLL = 1.0
-"""Longest wait between two tries while the sentinels know no master (a failover is under way): asking them is
-cheap, and the run goes on as soon as they name the promoted replica."""
+"""Longest wait between two tries while the sentinels know no master (a failover is under way: asking them is cheap,
+and the run goes on as soon as they name the promoted replica) or replicas do not confirm writes (each try waits
+for them already)."""
 
 
 def connect(config: Config, timeout: float = 30.0, encoding_errors: str = "strict") -> redis.Redis:
@@ -82,7 +83,7 @@ def retrying(call: Callable[[], T], what: str, stop: threading.Event | None = No
         except (*RETRYABLE, redis.ResponseError) as error:
             if isinstance(error, redis.ResponseError) and not str(error).startswith(NO_REPLICAS):
                 raise
-            wait = min(delay, FAILOVER_POLL) if isinstance(error, MasterNotFoundError) else delay
+            wait = min(delay, FAILOVER_POLL) if isinstance(error, (MasterNotFoundError, NotReplicated)) else delay
             log.warning("redis_unavailable during=%s error=%s retry_in=%.1fs", what, _one_line(error), wait)
             if stop is not None and stop.wait(wait):
                 raise

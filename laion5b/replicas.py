@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
+WAITAOF_SINCE = (7, 2)
 WAIT_MS = 2000
 """Milliseconds a call waits for its replicas before it is sent again."""
 
@@ -60,8 +61,5 @@ class Replicas:
 
 def _has_waitaof(client: redis.Redis) -> bool:
     """Whether the server has WAITAOF (Redis 7.2 and later) and an AOF of its own to wait for."""
-    try:
-        known = client.execute_command("COMMAND", "INFO", "WAITAOF")
-        return bool(known and known[0]) and bool(client.info("persistence").get("aof_enabled"))
-    except redis.ResponseError:
-        return False
+    version = tuple(int(part) for part in str(client.info("server")["redis_version"]).split(".")[:2])
+    return version >= WAITAOF_SINCE and bool(client.info("persistence").get("aof_enabled"))

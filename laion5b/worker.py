@@ -546,6 +546,11 @@ class Worker:
         if strays:
             returned = self._redis(lambda: self.leases.finish([(RETURN, raw, "") for raw in strays]), "finish")
             log.warning("strays_returned worker=%s tasks=%d", self.identity, returned)
+        if self.shards is None:
+            return
+        for shard in self._redis(lambda: self.leases.stray_shards(self.kept), "strays"):
+            returned = self._redis(lambda shard=shard: self.leases.release_kept(shard), "shard")
+            log.warning("stray_shard_returned worker=%s shard=%s tasks=%d", self.identity, shard, returned)
 
     def _check_store(self, now: float) -> None:
         """Stop claiming while the store fails or stalls, returning the tasks not started; resume once it is healthy

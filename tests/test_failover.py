@@ -1,0 +1,120 @@
+"""Sentinel failover mid-run: a master, its replicas and three sentinels; the master is SIGKILLed while the producer
+and a webdataset worker run, and both go on with the promoted replica without a restart.
+
+The books are checked with what exists (the counters and the shards read back); ``check_with_reconcile`` is where
+``reconcile.py check`` joins them once it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from laion5b.keys import Keys
+from tests.helpers import engine_env, run_script, wait_until, webdataset_env, write_original
+from tests.sentinel_servers import DOWN_AFTER_MS, SentinelSet
+
+KEYS = Keys()
+HOST = "testhost"
+ROWS = 240
+"""Rows of the input file: 1 in 12 fails (404), the others are stored."""
+KILL_AFTER = 60
+"""Rows ended (stored in a shard or failed) on the first master before it is killed."""
+RESUME_TARGET = 2 * DOWN_AFTER_MS / 1000 + 5
+"""The issue's target for the time from the kill to the first outcome recorded on the promoted replica."""
+
+
+@pytest.fixture
+def sentinel_set(request, tmp_path: Path) -> Iterator[SentinelSet]:
+    """A master with ``request.param`` replicas (1 without a parameter) and three sentinels, stopped by PID."""
+    folder = tmp_path / "sentinels"
+    folder.mkdir()
+    servers = SentinelSet(folder, replicas=getattr(request, "param", 1))
+    yield servers
+    servers.stop()
+
+
+def ended(client) -> int:
+    """Rows recorded as ended: counted, failed, or stored in a shard not finished yet."""
+    values = [*client.mget(KEYS.tongji_succ, KEYS.tongji_error), client.hget(KEYS.host_counters, f"{HOST}:open")]
+    return sum(int(value or 0) for value in values)
+
+
+def shard_samples(store: Path) -> Counter[str]:
+    """How many finished shards hold each sample key; each shard's index lists exactly its samples."""
+    found: Counter[str] = Counter()
+    for tar in sorted(store.glob("*/*.tar")):
+        with tarfile.open(tar) as archive:
+            keys = {member.name.partition(".")[0] for member in archive.getmembers()}
+        assert keys == set(pq.read_table(tar.with_suffix(".parquet")).column("key").to_pylist())
+        found.update(keys)
+    return found
+
+
+def check_with_reconcile(env: dict[str, str]) -> None:
+    """Hook: ``reconcile.py check`` (then ``repair`` when duplicates are allowed) joins the books check here."""
+
+
+@pytest.mark.parametrize(
+    ("engine", "sentinel_set"),
+    [("threads", 1), ("async", 1), ("threads", 2), ("async", 2)],
+    ids=["threads-replicas0", "async-replicas0", "threads-replicas1", "async-replicas1"],
+    indirect=["sentinel_set"],
+)
+def test_run_goes_on_after_the_master_is_killed(
+    sentinel_set: SentinelSet, script_env, image_server, tmp_path: Path, engine: str
+) -> None:
+    """Producer and worker follow the failover without a restart; every row ends once; with redis_min_replicas 1
+    (two replicas, so that the promoted one still has one) no sample is in two shards."""
+    min_replicas = len(sentinel_set.servers) - 2  # 1 replica: 0 (nothing waited for); 2 replicas: 1
+    urls = [image_server.url("/status/404" if row % 12 == 5 else f"/slow/0.05/f{row}.jpg") for row in range(ROWS)]
+    write_original(tmp_path / "parquet" / "sub" / "part.0.parquet", urls, sample_ids=[f"s{row}" for row in range(ROWS)])
+    env = webdataset_env(script_env, **engine_env(engine), **sentinel_set.environ())
+    env.update(LAION_SHARD_SIZE="20", LAION_SHARD_MAX_SECONDS="1", LAION_ADDTASK_BATCH="10")
+    env.update(LAION_ADDTASK_THRESHOLD="30", LAION_REDIS_MIN_REPLICAS=str(min_replicas))
+    env["LAION_HEARTBEAT_TTL"] = "15"  # longer than a failover, as docs/deploy.md asks: else a shard step is fenced
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    producer = subprocess.Popen(run_script("add_task.py"), env=env, stderr=(logs / "add_task.log").open("w"))
+    worker = subprocess.Popen([*run_script("downloader.py"), "w", "--until-empty"], env=env,
+                              stderr=(logs / "worker.log").open("w"))  # fmt: skip
+    old = sentinel_set.master()
+    wait_until(lambda: ended(old.client()) >= KILL_AFTER, timeout=60)
+    killed = time.monotonic()
+    old.stop(signal.SIGKILL)
+    wait_until(lambda: sentinel_set.master_port() not in (None, old.port), timeout=30)
+    switched = time.monotonic() - killed
+    new = sentinel_set.master().client()
+    at_switch = ended(new)
+    wait_until(lambda: ended(new) > at_switch, timeout=30, interval=0.01)
+    resumed = time.monotonic() - killed
+    print(f"failover engine={engine} min_replicas={min_replicas} switch={switched:.2f}s resume={resumed:.2f}s")
+    assert resumed <= RESUME_TARGET, f"outcomes resumed {resumed:.1f} s after the kill"
+    assert worker.wait(timeout=90) == 0, (logs / "worker.log").read_text()[-3000:]
+    assert producer.wait(timeout=30) == 0, (logs / "add_task.log").read_text()[-3000:]
+    assert "redis_unavailable" in (logs / "worker.log").read_text()
+
+    counters = (KEYS.tongji_succ, KEYS.tongji_error, KEYS.tongji_all)
+    succeeded, failed, added = (int(value or 0) for value in new.mget(*counters))
+    assert succeeded + failed == added == ROWS
+    samples = shard_samples(tmp_path / "images")
+    errors = Counter(json.loads(record)["row"] for record in new.lrange(KEYS.error, 0, -1))
+    stored_rows = {int(key.rpartition("-")[2]) for key in samples}
+    assert len(samples) == succeeded and sum(errors.values()) == failed
+    assert stored_rows | set(errors) == set(range(ROWS)) and not stored_rows & set(errors), "a row lost or ended twice"
+    assert max(errors.values()) == 1
+    duplicates = {key: count for key, count in samples.items() if count > 1}
+    if min_replicas:
+        assert not duplicates, f"samples in two shards: {duplicates}"
+    print(f"duplicates={len(duplicates)}")
+    assert not new.hgetall(KEYS.shards) and not new.keys(f"{KEYS.task}:kept:*")
+    check_with_reconcile(env)
