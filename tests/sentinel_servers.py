@@ -76,7 +76,7 @@ class SentinelSet:
 
     def _server(self, folder: Path, *extra: str) -> RedisServer:
         folder.mkdir()
-        server = RedisServer(folder, *extra)
+        server = RedisServer(folder, "--repl-diskless-sync-delay", "0", *extra)  # else a first sync waits 5 s
         self.servers.append(server)
         return server
 

@@ -1,0 +1,79 @@
+"""redis_min_replicas: a count, a shard step or a producer batch returns only once a replica holds it; a write the
+replica has not confirmed is sent again, and counted once."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from laion5b.keys import Keys
+from laion5b.leases import KEPT, STORED, Leases
+from laion5b.replicas import NotReplicated
+from tests.helpers import wait_until
+from tests.redis_server import RedisServer
+
+KEYS = Keys()
+
+
+@pytest.fixture
+def replica(redis_server: RedisServer, tmp_path: Path) -> Iterator[RedisServer]:
+    """A replica of the test's redis-server, in sync when the test starts."""
+    redis_server.client().config_set("repl-diskless-sync-delay", 0)  # else the first sync waits 5 s
+    folder = tmp_path / "replica"
+    folder.mkdir()
+    server = RedisServer(folder, "--replicaof", "127.0.0.1", str(redis_server.port))
+    server.start()
+    wait_until(lambda: server.client().info("replication")["master_link_status"] == "up", timeout=10)
+    yield server
+    server.stop(signal.SIGKILL)  # also when the test left it stopped (SIGSTOP)
+
+
+def worker_leases(redis_server: RedisServer, min_replicas: int) -> Leases:
+    leases = Leases(redis_server.client(), KEYS, "h", "h:w", 60, min_replicas)
+    leases.replicas.wait_ms = 300
+    leases.register()
+    return leases
+
+
+def test_an_outcome_returns_only_once_the_replica_holds_it(redis_server, replica) -> None:
+    leases = worker_leases(redis_server, 1)
+    redis_server.client().lpush(KEYS.task, "t1", "t2")
+    assert leases.claim(2) == ["t1", "t2"]
+    assert replica.process is not None
+    os.kill(replica.process.pid, signal.SIGSTOP)
+    with pytest.raises(NotReplicated):
+        leases.finish([(STORED, "t1", 10)])
+    assert redis_server.client().get(KEYS.tongji_succ) == "1"  # on the master, but its caller was not told
+    os.kill(replica.process.pid, signal.SIGCONT)
+    assert leases.finish([(STORED, "t1", 10)]) == 0  # sent again: found done, counted once
+    assert leases.finish([(STORED, "t2", 10)]) == 1
+    assert replica.client().get(KEYS.tongji_succ) == "2"  # every call that returned is on the replica already
+
+
+def test_without_min_replicas_nothing_waits_for_the_replica(redis_server, replica) -> None:
+    leases = worker_leases(redis_server, 0)
+    redis_server.client().lpush(KEYS.task, "t1")
+    assert leases.claim(1) == ["t1"]
+    assert replica.process is not None
+    os.kill(replica.process.pid, signal.SIGSTOP)
+    assert leases.finish([(STORED, "t1", 10)]) == 1
+
+
+def test_a_shard_is_not_prepared_for_its_rename_before_the_replica_holds_it(redis_server, replica) -> None:
+    """ShardSink.finish renames a shard's files only once prepare_shard returned: never on an unconfirmed prepare."""
+    leases = worker_leases(redis_server, 1)
+    redis_server.client().lpush(KEYS.task, "t1")
+    leases.claim(1)
+    leases.finish([(KEPT, "t1", "sub/s0")])
+    assert replica.process is not None
+    os.kill(replica.process.pid, signal.SIGSTOP)
+    with pytest.raises(NotReplicated):
+        leases.prepare_shard("sub/s0", 1, "h|sub/s0", "{}")
+    os.kill(replica.process.pid, signal.SIGCONT)
+    assert leases.prepare_shard("sub/s0", 1, "h|sub/s0", "{}")  # sent again: found prepared with this record
+    assert leases.commit_shard("h|sub/s0", "h", 10) == 1
+    assert replica.client().get(KEYS.tongji_succ) == "1"
