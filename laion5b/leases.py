@@ -17,6 +17,11 @@ its open shard, and is counted as succeeded only when its shard is finished (doc
 - a dead worker's kept tasks return to the queue with its leases; a shard it left prepared is finished (or, when its
   files are gone, released) by a worker of its host (``laion5b.shards.recover``).
 
+With ``redis_min_replicas`` set, ``exchange`` and the shard steps return only once that many replicas hold their
+writes (``laion5b.replicas``): a download, a shard's rename or the next step never depends on a write a failover can
+lose. A worker's open shards that Redis holds and the worker does not know (a failover brought them back) are
+returned with ``stray_shards`` and ``release_kept``, as its stray leases are.
+
 Fencing: each process makes a random incarnation when it starts, and its token (the heartbeat's value) carries it.
 Every script that records, counts or returns tasks for a worker first checks that the identity's heartbeat holds
 this token (``exchange`` also takes a heartbeat that expired while nobody took the identity over); a stale process
