@@ -118,3 +118,33 @@ def test_run_goes_on_after_the_master_is_killed(
     print(f"duplicates={len(duplicates)}")
     assert not new.hgetall(KEYS.shards) and not new.keys(f"{KEYS.task}:kept:*")
     check_with_reconcile(env)
+
+
+def test_every_script_finds_the_promoted_master(sentinel_set: SentinelSet, script_env, tmp_path: Path) -> None:
+    """After a failover the other scripts (monitor, saver, speed, control, report) reach the promoted replica: their
+    environment names only the sentinels."""
+    record = json.dumps({"id": "s0", "url": "http://127.0.0.1/x", "subset": "sub", "part": "p", "row": 0,
+                         "status": 404, "error_msg": "404", "worker": "w", "ts": 1.0, "record_id": "r0"})  # fmt: skip
+    old = sentinel_set.master()
+    old.client().lpush(KEYS.error, record)
+    wait_until(sentinel_set.replicas_in_sync, timeout=10)
+    old.stop(signal.SIGKILL)
+    wait_until(lambda: sentinel_set.master_port() not in (None, old.port), timeout=30)
+    write_original(tmp_path / "parquet" / "sub" / "p.parquet", ["http://127.0.0.1/x"])  # what report.py reports on
+    env = {**script_env, **sentinel_set.environ(), "LAION_STATUS_DIR": str(tmp_path / "status")}
+    commands = {
+        "monitor_disk": [*run_script("monitor_disk.py"), "--once"],
+        "save_error_task": [*run_script("save_error_task.py"), "--until-empty"],
+        "speed": [*run_script("speed.py"), "--json"],
+        "control": [*run_script("control.py"), "status", "--json"],
+        "report": run_script("report.py"),
+    }
+    running = {name: subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, command in commands.items()}  # fmt: skip
+    results = {name: process.communicate(timeout=60) for name, process in running.items()}
+    for name, process in running.items():
+        assert process.returncode == 0, f"{name}: {results[name][1][-2000:]}"
+    new = sentinel_set.master().client()
+    assert new.hget(KEYS.tongji_disk, HOST) is not None and new.llen(KEYS.error) == 0
+    saved = [line for path in (tmp_path / "error_task").rglob("*") if path.is_file() for line in path.open()]
+    assert [json.loads(line)["record_id"] for line in saved] == ["r0"]
