@@ -20,7 +20,7 @@ from laion5b.replicas import NotReplicated
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, NotReplicated)
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 """Errors that a wait can cure: Redis restarting, the network dropping, Redis full until something drains, a master
 failing over (a demoted master's READONLY is a ConnectionError of the Sentinel client), replicas lagging."""
 NO_REPLICAS = "NOREPLICAS"

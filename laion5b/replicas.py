@@ -20,8 +20,9 @@ WAIT_MS = 2000
 """Milliseconds a call waits for its replicas before it is sent again."""
 
 
-class NotReplicated(redis.RedisError):
-    """Fewer replicas than ``redis_min_replicas`` confirmed a write in time: the write is sent again."""
+class NotReplicated(redis.ConnectionError):
+    """Fewer replicas than ``redis_min_replicas`` confirmed a write in time: the write is sent again. A kind of
+    ConnectionError: every script waits for it, and stops on it, as for Redis being unreachable."""
 
 
 class Replicas:
