@@ -1,6 +1,6 @@
 """A benchmark that looks like the web: every client against a loopback stand-in of thousands of hosts.
 
-    python3 bench/openweb.py [--n 20000] [--best-runs 3] [--dns] [--quick]
+    python3 bench/openweb.py [--n 20000] [--best-runs 3] [--dns] [--quick] [--replicas N --min-replicas M]
 
 Builds a web from the host structure of a LAION sample (bench/webserve.py: one 127.x.y.z address per host, https
 with a throwaway test CA, log-normal waits, slow / never-answering / resetting / refusing / 404 / HTML / 429 hosts),
