@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion5b.keys import Keys
+from laion5b.tasks import Task
 from tests.helpers import engine_env, run_script, wait_until, webdataset_env, write_original
 from tests.sentinel_servers import DOWN_AFTER_MS, SentinelSet
 
@@ -148,3 +149,25 @@ def test_every_script_finds_the_promoted_master(sentinel_set: SentinelSet, scrip
     assert new.hget(KEYS.tongji_disk, HOST) is not None and new.llen(KEYS.error) == 0
     saved = [line for path in (tmp_path / "error_task").rglob("*") if path.is_file() for line in path.open()]
     assert [json.loads(line)["record_id"] for line in saved] == ["r0"]
+
+
+def test_an_open_shard_the_worker_does_not_know_is_returned_and_done(redis_server, script_env, image_server) -> None:
+    """What a failover that lost a shard's prepare leaves behind: the worker's open shard in Redis, with its kept task,
+    that the worker already finished (or never opened). It is returned to the queue and the task is done again."""
+    client = redis_server.client()
+    worker_id = f"{HOST}:w"
+    busy = Task("busy", image_server.url("/slow/3/busy.jpg"), "sub", "p", 0)
+    stray = Task("stray", image_server.url("/img/stray.jpg"), "sub", "p", 1)
+    client.lpush(KEYS.task, busy.encode())
+    client.incrby(KEYS.tongji_all, 2)
+    env = webdataset_env(script_env, LAION_HEARTBEAT_TTL="2")
+    worker = subprocess.Popen([*run_script("downloader.py"), "w", "--until-empty"], env=env, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    wait_until(lambda: client.llen(KEYS.lease(worker_id)) > 0, timeout=30)
+    client.rpush(KEYS.kept_tasks(worker_id, "sub/lost-shard"), stray.encode())
+    client.hset(KEYS.kept(worker_id), "sub/lost-shard", HOST)
+    client.hincrby(KEYS.host_counters, f"{HOST}:open", 1)
+    assert worker.wait(timeout=60) == 0
+    assert "stray_shard_returned" in worker.stderr.read()
+    assert client.get(KEYS.tongji_succ) == "2" and int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0
+    assert not client.keys(f"{KEYS.task}:kept:*")
