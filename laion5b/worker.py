@@ -26,7 +26,7 @@ from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Le
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
-from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
+from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, count_own_prepared, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.storehealth import STORE_STALLED, WRITTEN_STANDS, StoreProblem
@@ -551,6 +551,9 @@ class Worker:
         for shard in self._redis(lambda: self.leases.stray_shards(self.kept), "strays"):
             returned = self._redis(lambda shard=shard: self.leases.release_kept(shard), "shard")
             log.warning("stray_shard_returned worker=%s shard=%s tasks=%d", self.identity, shard, returned)
+        self.tally.stored += count_own_prepared(
+            self.leases, self.config.host_id, lambda call: self._redis(call, "shard")
+        )
 
     def _check_store(self, now: float) -> None:
         """Stop claiming while the store fails or stalls, returning the tasks not started; resume once it is healthy

@@ -171,3 +171,34 @@ def test_an_open_shard_the_worker_does_not_know_is_returned_and_done(redis_serve
     assert "stray_shard_returned" in worker.stderr.read()
     assert client.get(KEYS.tongji_succ) == "2" and int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0
     assert not client.keys(f"{KEYS.task}:kept:*")
+
+
+def test_a_renamed_shard_whose_commit_was_lost_is_counted_by_its_worker(
+    redis_server, script_env, image_server, tmp_path: Path
+) -> None:
+    """What a failover that lost a shard's commit (not its prepare) leaves behind: a shard of this running worker, its
+    files under their final names, still being finished in Redis. The worker counts it; it does not wait to exit."""
+    client = redis_server.client()
+    worker_id = f"{HOST}:w"
+    client.lpush(KEYS.task, Task("busy", image_server.url("/slow/3/busy.jpg"), "sub", "p", 0).encode())
+    client.incrby(KEYS.tongji_all, 2)
+    env = webdataset_env(script_env, LAION_HEARTBEAT_TTL="2")
+    worker = subprocess.Popen([*run_script("downloader.py"), "w", "--until-empty"], env=env, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    wait_until(lambda: client.llen(KEYS.lease(worker_id)) > 0, timeout=30)
+    final, temp = tmp_path / "images" / "sub", tmp_path / "images" / ".tmp" / "gone"
+    final.mkdir(parents=True, exist_ok=True)
+    for suffix in ("tar", "parquet"):
+        (final / f"{HOST}-w-000099-0000.{suffix}").write_bytes(b"a shard")
+    paths = {"tar": f"{final}/{HOST}-w-000099-0000.tar", "index": f"{final}/{HOST}-w-000099-0000.parquet",
+             "temp_tar": f"{temp}/x.tar", "temp_index": f"{temp}/x.parquet"}  # fmt: skip
+    token = client.get(KEYS.heartbeat(worker_id))
+    record = {"owner": token, "worker": worker_id, "samples": 1, "bytes": 7, **paths}
+    field = f"{HOST}|sub/{HOST}-w-000099-0000"
+    client.rpush(KEYS.shard_tasks(field), Task("lost", "http://127.0.0.1/x.jpg", "sub", "p", 1).encode())
+    client.hset(KEYS.shards, field, json.dumps(record))
+    client.hincrby(KEYS.host_counters, f"{HOST}:open", 1)
+    assert worker.wait(timeout=60) == 0
+    assert "shard_commit_redone" in worker.stderr.read()
+    assert client.get(KEYS.tongji_succ) == "2" and int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0
+    assert not client.hgetall(KEYS.shards)
