@@ -3,6 +3,7 @@ replica has not confirmed is sent again, and counted once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from laion5b.keys import Keys
 from laion5b.leases import KEPT, STORED, Leases
-from laion5b.replicas import NotReplicated
+from laion5b.replicas import WAIT_MS, NotReplicated
 from tests.helpers import wait_until
 from tests.redis_server import RedisServer
 
@@ -34,21 +35,30 @@ def replica(redis_server: RedisServer, tmp_path: Path) -> Iterator[RedisServer]:
 
 def worker_leases(redis_server: RedisServer, min_replicas: int) -> Leases:
     leases = Leases(redis_server.client(), KEYS, "h", "h:w", 60, min_replicas)
-    leases.replicas.wait_ms = 300
     leases.register()
     return leases
+
+
+@contextlib.contextmanager
+def stopped(replica: RedisServer, leases: Leases) -> Iterator[None]:
+    """The replica stopped (SIGSTOP) meanwhile; the leases wait 300 ms for it instead of 2 s."""
+    assert replica.process is not None
+    os.kill(replica.process.pid, signal.SIGSTOP)
+    leases.replicas.wait_ms = 300
+    try:
+        yield
+    finally:
+        os.kill(replica.process.pid, signal.SIGCONT)
+        leases.replicas.wait_ms = WAIT_MS
 
 
 def test_an_outcome_returns_only_once_the_replica_holds_it(redis_server, replica) -> None:
     leases = worker_leases(redis_server, 1)
     redis_server.client().lpush(KEYS.task, "t1", "t2")
     assert leases.claim(2) == ["t1", "t2"]
-    assert replica.process is not None
-    os.kill(replica.process.pid, signal.SIGSTOP)
-    with pytest.raises(NotReplicated):
+    with stopped(replica, leases), pytest.raises(NotReplicated):
         leases.finish([(STORED, "t1", 10)])
     assert redis_server.client().get(KEYS.tongji_succ) == "1"  # on the master, but its caller was not told
-    os.kill(replica.process.pid, signal.SIGCONT)
     assert leases.finish([(STORED, "t1", 10)]) == 0  # sent again: found done, counted once
     assert leases.finish([(STORED, "t2", 10)]) == 1
     assert replica.client().get(KEYS.tongji_succ) == "2"  # every call that returned is on the replica already
@@ -58,9 +68,8 @@ def test_without_min_replicas_nothing_waits_for_the_replica(redis_server, replic
     leases = worker_leases(redis_server, 0)
     redis_server.client().lpush(KEYS.task, "t1")
     assert leases.claim(1) == ["t1"]
-    assert replica.process is not None
-    os.kill(replica.process.pid, signal.SIGSTOP)
-    assert leases.finish([(STORED, "t1", 10)]) == 1
+    with stopped(replica, leases):
+        assert leases.finish([(STORED, "t1", 10)]) == 1
 
 
 def test_a_shard_is_not_prepared_for_its_rename_before_the_replica_holds_it(redis_server, replica) -> None:
@@ -69,11 +78,8 @@ def test_a_shard_is_not_prepared_for_its_rename_before_the_replica_holds_it(redi
     redis_server.client().lpush(KEYS.task, "t1")
     leases.claim(1)
     leases.finish([(KEPT, "t1", "sub/s0")])
-    assert replica.process is not None
-    os.kill(replica.process.pid, signal.SIGSTOP)
-    with pytest.raises(NotReplicated):
+    with stopped(replica, leases), pytest.raises(NotReplicated):
         leases.prepare_shard("sub/s0", 1, "h|sub/s0", "{}")
-    os.kill(replica.process.pid, signal.SIGCONT)
     assert leases.prepare_shard("sub/s0", 1, "h|sub/s0", "{}")  # sent again: found prepared with this record
     assert leases.commit_shard("h|sub/s0", "h", 10) == 1
     assert replica.client().get(KEYS.tongji_succ) == "1"
