@@ -24,23 +24,26 @@ FAILOVER_TIMEOUT_MS = 5000
 class SentinelServer:
     """One sentinel process with a generated configuration file (the sentinel rewrites it as it learns)."""
 
-    def __init__(self, folder: Path, master_port: int, quorum: int) -> None:
+    def __init__(self, folder: Path, master_port: int, quorum: int, password: str = "") -> None:
         self.folder = folder
         self.port = free_port()
+        self.password = password
         self.config = folder / "sentinel.conf"
+        secured = f"requirepass {password}\nsentinel auth-pass {MASTER_NAME} {password}\n" if password else ""
         self.config.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} {quorum}\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
-            f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+            f"sentinel parallel-syncs {MASTER_NAME} 1\n{secured}"
         )
         self.process = subprocess.Popen(
             [REDIS_SERVER, str(self.config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=2,
+                           password=self.password or None)  # fmt: skip
 
     def master(self) -> dict:
         """What this sentinel knows of the master ({} until it answers)."""
@@ -56,9 +59,11 @@ class SentinelServer:
 
 
 class SentinelSet:
-    """A master with ``replicas`` replicas, all with AOF, watched by three sentinels (quorum 2)."""
+    """A master with ``replicas`` replicas, all with AOF, watched by three sentinels (quorum 2); with ``password``
+    every one of them (sentinels included) asks for it."""
 
-    def __init__(self, folder: Path, replicas: int = 1) -> None:
+    def __init__(self, folder: Path, replicas: int = 1, password: str = "") -> None:
+        self.password = password
         self.servers: list[RedisServer] = []
         self.sentinels: list[SentinelServer] = []
         master = self._server(folder / "master")
@@ -69,14 +74,15 @@ class SentinelSet:
         for number in range(3):
             sentinel_folder = folder / f"sentinel{number}"
             sentinel_folder.mkdir()
-            self.sentinels.append(SentinelServer(sentinel_folder, master.port, quorum=2))
+            self.sentinels.append(SentinelServer(sentinel_folder, master.port, quorum=2, password=password))
         self.wait_until(
             lambda: self._ready(master.port, replicas), 30, "the sentinels to see each other and the replicas"
         )
 
     def _server(self, folder: Path, *extra: str) -> RedisServer:
         folder.mkdir()
-        server = RedisServer(folder, "--repl-diskless-sync-delay", "0", *extra)  # else a first sync waits 5 s
+        # without the delay a first sync waits 5 s
+        server = RedisServer(folder, "--repl-diskless-sync-delay", "0", *extra, password=self.password)
         self.servers.append(server)
         return server
 

@@ -202,3 +202,18 @@ def test_a_renamed_shard_whose_commit_was_lost_is_counted_by_its_worker(
     assert "shard_commit_redone" in worker.stderr.read()
     assert client.get(KEYS.tongji_succ) == "2" and int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0
     assert not client.hgetall(KEYS.shards)
+
+
+def test_the_password_applies_to_the_sentinels_too(script_env, tmp_path: Path) -> None:
+    """Master, replica and sentinels all ask for redis_pass: the scripts authenticate to each."""
+    folder = tmp_path / "sentinels"
+    folder.mkdir()
+    servers = SentinelSet(folder, password="s3cret")
+    try:
+        env = {**script_env, **servers.environ(), "LAION_REDIS_PASS": "s3cret"}
+        result = subprocess.run([*run_script("monitor_disk.py"), "--once"], env=env, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert servers.master().client().hget(KEYS.tongji_disk, HOST) is not None
+    finally:
+        servers.stop()
