@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from laion5b.keys import Keys
 from laion5b.leases import KEPT, STORED, Leases
+from laion5b.redisconn import retrying
 from laion5b.replicas import WAIT_MS, NotReplicated
 from tests.helpers import wait_until
 from tests.redis_server import RedisServer
@@ -83,3 +86,21 @@ def test_a_shard_is_not_prepared_for_its_rename_before_the_replica_holds_it(redi
     assert leases.prepare_shard("sub/s0", 1, "h|sub/s0", "{}")  # sent again: found prepared with this record
     assert leases.commit_shard("h|sub/s0", "h", 10) == 1
     assert replica.client().get(KEYS.tongji_succ) == "1"
+
+
+def test_a_master_refusing_writes_for_want_of_replicas_is_waited_for(redis_server, replica) -> None:
+    """min-replicas-to-write on the master (docs/deploy.md): a write refused with NOREPLICAS is tried again until
+    the replica is back, as when Redis is unreachable."""
+    master = redis_server.client()
+    master.config_set("min-replicas-to-write", 1)
+    master.config_set("min-replicas-max-lag", 1)
+    leases = worker_leases(redis_server, 0)
+    master.lpush(KEYS.task, "t1")
+    leases.claim(1)
+    assert replica.process is not None
+    os.kill(replica.process.pid, signal.SIGSTOP)
+    wait_until(lambda: master.info("replication")["min_slaves_good_slaves"] == 0, timeout=10)
+    threading.Timer(1.0, os.kill, (replica.process.pid, signal.SIGCONT)).start()
+    started = time.monotonic()
+    assert retrying(lambda: leases.finish([(STORED, "t1", 10)]), "finish") == 1
+    assert time.monotonic() - started >= 0.9 and master.get(KEYS.tongji_succ) == "1"
