@@ -16,6 +16,7 @@ import redis
 from redis.commands.core import Script
 
 WAITAOF_SINCE = (7, 2)
+"""The first Redis version with WAITAOF (Valkey reports a redis_version of 7.2 and up as well)."""
 WAIT_MS = 2000
 """Milliseconds a call waits for its replicas before it is sent again."""
 
@@ -53,7 +54,7 @@ class Replicas:
             except redis.exceptions.NoScriptError:  # a promoted replica does not have the scripts loaded
                 client.script_load(script.script)
                 continue
-            held = confirmed[1] if self._aof else confirmed
+            held = (confirmed[1] if confirmed[0] >= 1 else 0) if self._aof else confirmed
             if held < self.count:
                 raise NotReplicated(f"{held} of {self.count} replicas confirmed the write within {self.wait_ms} ms")
             return reply
