@@ -97,9 +97,10 @@ def test_run_goes_on_after_the_master_is_killed(
     logs = tmp_path / "logs"
     logs.mkdir()
     producer = subprocess.Popen(run_script("add_task.py"), env=env, stderr=(logs / "add_task.log").open("w"))
+    old = sentinel_set.master()
+    wait_until(lambda: old.client().llen(KEYS.task) > 0, timeout=60)  # else --until-empty may find nothing to do
     worker = subprocess.Popen([*run_script("downloader.py"), "w", "--until-empty"], env=env,
                               stderr=(logs / "worker.log").open("w"))  # fmt: skip
-    old = sentinel_set.master()
     wait_until(lambda: ended(old.client()) >= KILL_AFTER, timeout=60)
     killed = time.monotonic()
     old.stop(signal.SIGKILL)
