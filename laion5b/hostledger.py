@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import redis
 
 from laion5b.keys import Keys
+from laion5b.leases import CLOCK_LUA
 
 CUT_SECONDS = 1.0
 """A host's limit is halved at most once per this many seconds (for the whole fleet)."""
@@ -54,11 +55,9 @@ EXPIRE_BATCH = 1000
 FIELDS = 8
 """ARGV fields per host in ``sync``: host, known, held, want, good, throttles, timeouts, retry_after."""
 
-_COMMON = """
-local function clock()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) + tonumber(time[2]) / 1000000
-end
+_COMMON = (
+    CLOCK_LUA
+    + """
 local function chunked(command, key, list, step)
   local out = {}
   for first = 1, #list, step do
@@ -108,6 +107,7 @@ local function drop(hosts, holds, start, now)
   return dropped
 end
 """
+)
 
 # KEYS: web hosts, this worker's holds, expiry, throttled, holders. ARGV: worker, start, max, register (1: add the
 # worker to the holders set), the worker's clock (Unix seconds), check (1: read the holds hash, the last reply may

@@ -53,13 +53,13 @@ shard (payload: the shard)."""
 PROMOTE_BATCH = 1000
 """Due tasks moved from the delayed set to the queue by one script run at most."""
 
-# The Redis clock (TIME) as Unix seconds: every delay is measured on it, never on a worker's clock.
-_CLOCK = """
+CLOCK_LUA = """
 local function clock()
   local time = redis.call('TIME')
   return tonumber(time[1]) + tonumber(time[2]) / 1000000
 end
 """
+"""The Redis clock (TIME) as Unix seconds, for Lua scripts: every delay is measured on it, never on a worker's clock."""
 
 # Moves up to PROMOTE_BATCH members due by ``now`` from the delayed set to the queue's right end (claimed next, the
 # longest overdue first), each without its ``<nonce>|`` prefix. Returns how many moved.
@@ -206,7 +206,7 @@ end
 # their outcomes are then not recorded (LREM finds nothing).
 _EXCHANGE = (
     _TOUCH
-    + _CLOCK
+    + CLOCK_LUA
     + _PROMOTE
     + _RECORD
     + """
@@ -234,7 +234,7 @@ return reply
 # while no worker claims), then returns 1, or 0 when another process owns the identity.
 _HEARTBEAT = (
     _TOUCH
-    + _CLOCK
+    + CLOCK_LUA
     + _PROMOTE
     + """
 if not touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
