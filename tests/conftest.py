@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import ROOT
 from tests.http_fixtures import image_server  # noqa: F401
 from tests.redis_server import RedisServer
+from tests.s3_server import S3Server
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,17 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     folder = tmp_path / "redis"
     folder.mkdir()
     server = RedisServer(folder)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path) -> Iterator[S3Server]:
+    """A fresh S3 server (moto) of this test's own with a signed-in user and a bucket, stopped by PID afterwards."""
+    folder = tmp_path / "s3"
+    folder.mkdir()
+    server = S3Server(folder)
     server.start()
     yield server
     server.stop()
