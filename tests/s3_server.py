@@ -19,6 +19,8 @@ from botocore.config import Config as BotoConfig
 
 from tests.redis_server import free_port
 
+ROOT = Path(__file__).resolve().parent.parent
+
 REGION = "us-east-1"
 ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 UNSIGNED_CALLS = 3
@@ -41,8 +43,8 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(UNSIGNED_CALLS)}
-        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(UNSIGNED_CALLS), "PYTHONPATH": str(ROOT)}
+        command = [sys.executable, "-m", "tests.moto_s3", "-H", "127.0.0.1", "-p", str(self.port)]
         with open(self.folder / "moto.log", "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.folder, env=env, stdout=log, stderr=subprocess.STDOUT)
         self._wait_listening()
