@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
@@ -98,7 +99,11 @@ class Endpoint:
 
 def error_code(error: BaseException) -> str:
     """A short name of a store error: the S3 error code (``SlowDown``, ``AccessDenied``, ``500``...) or the
-    exception's type (``EndpointConnectionError``, ``ReadTimeoutError``...)."""
+    exception's type (``EndpointConnectionError``, ``ReadTimeoutError``...); boto3's upload error is named by the
+    error it wraps."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, boto3.exceptions.S3UploadFailedError) and cause is not None:
+        return error_code(cause)
     if isinstance(error, botocore.exceptions.ClientError):
         return str(error.response.get("Error", {}).get("Code") or error.response.get("ResponseMetadata", {})
                    .get("HTTPStatusCode") or "ClientError")  # fmt: skip

@@ -12,6 +12,7 @@ import queue
 import threading
 from typing import Any, Protocol
 
+import boto3.exceptions
 import botocore.exceptions
 
 from laion5b.objectstore import Bucket, error_code
@@ -24,7 +25,8 @@ UPLOAD_FAILING = "upload_failing"
 RETRY_FIRST = 2.0
 RETRY_MAX = 30.0
 """Seconds between two tries of a shard's upload: the first delay, doubled after each failure up to this."""
-STORE_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+STORE_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error,
+                OSError)  # fmt: skip
 """What a store that refuses, throttles or does not answer raises (a local read error of the staging disk too)."""
 
 
@@ -108,7 +110,7 @@ class Uploader:
             tries += 1
             try:
                 upload_files(self.bucket, paths, clean=tries > 1)
-            except STORE_ERRORS as error:
+            except Exception as error:  # whatever it is, the shard is tried again: this thread must not end
                 self.problem = StoreProblem(UPLOAD_FAILING, error_code(error), paths["tar"])
                 log.warning("upload_failed shard=%s try=%d error=%s: %s next_in=%.0f", shard.id, tries,
                             error_code(error), one_line(error), delay)  # fmt: skip

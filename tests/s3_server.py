@@ -4,6 +4,8 @@ refused. It keeps objects in memory; an outage is simulated by freezing it (SIGS
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import signal
@@ -24,11 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 REGION = "us-east-1"
 ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 UNSIGNED_CALLS = 3
-"""Calls the server answers before it checks signatures: making the user, its policy and its key."""
+"""Calls the server answers before it checks signatures: making the admin user, its policy and its key."""
+_BUCKETS = itertools.count()
 
 
 class S3Server:
-    """One private moto server: ``start`` makes an IAM user with a key (``key_id``, ``secret``) and ``bucket``."""
+    """One private moto server: ``start`` makes ``bucket`` and two IAM users with a key each: the downloader's
+    (``key_id``, ``secret``), whose permission ``revoke`` and ``grant`` take and give back, and an admin's."""
 
     def __init__(self, folder: Path, bucket: str = "laion-test") -> None:
         self.folder = folder
@@ -36,6 +40,8 @@ class S3Server:
         self.bucket = bucket
         self.key_id = ""
         self.secret = ""
+        self.admin: tuple[str, str] = ("", "")
+        self.revoked = False
         self.process: subprocess.Popen | None = None
 
     @property
@@ -48,13 +54,38 @@ class S3Server:
         with open(self.folder / "moto.log", "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.folder, env=env, stdout=log, stderr=subprocess.STDOUT)
         self._wait_listening()
-        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="setup",
-                           aws_secret_access_key="setup")  # fmt: skip
-        iam.create_user(UserName="downloader")
-        iam.put_user_policy(UserName="downloader", PolicyName="all", PolicyDocument=json.dumps(ALLOW_ALL))
-        key = iam.create_access_key(UserName="downloader")["AccessKey"]
-        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        self.admin = self._user("admin", *self.admin)
+        self.key_id, self.secret = self._user("downloader", *self.admin)
         self.client().create_bucket(Bucket=self.bucket)
+
+    def _user(self, name: str, key_id: str, secret: str) -> tuple[str, str]:
+        """Make a user allowed everything, signed as (key_id, secret); return its key."""
+        iam = self._iam(key_id or "setup", secret or "setup")
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="all", PolicyDocument=json.dumps(ALLOW_ALL))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def _iam(self, key_id: str, secret: str) -> Any:
+        return boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=key_id,
+                            aws_secret_access_key=secret)  # fmt: skip
+
+    def with_new_bucket(self) -> S3Server:
+        """This server seen through a new, empty bucket of its own."""
+        view = copy.copy(self)
+        view.bucket = f"{self.bucket}-{next(_BUCKETS)}"
+        view.client().create_bucket(Bucket=view.bucket)
+        return view
+
+    def revoke(self) -> None:
+        """Take every permission from the downloader's key: the store refuses it (AccessDenied)."""
+        self._iam(*self.admin).delete_user_policy(UserName="downloader", PolicyName="all")
+        self.revoked = True
+
+    def grant(self) -> None:
+        self._iam(*self.admin).put_user_policy(UserName="downloader", PolicyName="all",
+                                               PolicyDocument=json.dumps(ALLOW_ALL))  # fmt: skip
+        self.revoked = False
 
     def _wait_listening(self) -> None:
         """Readiness by a TCP connect: an HTTP probe would use up one of the unsigned calls."""
@@ -84,11 +115,11 @@ class S3Server:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
-    def client(self, secret: str | None = None) -> Any:
-        """A boto3 S3 client signed with the user's key (or with ``secret`` instead of its secret)."""
+    def client(self) -> Any:
+        """A boto3 S3 client signed with the admin's key."""
         config = BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2})
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=self.key_id,
-                            aws_secret_access_key=secret or self.secret, config=config)  # fmt: skip
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=self.admin[0],
+                            aws_secret_access_key=self.admin[1], config=config)  # fmt: skip
 
     def environ(self, prefix: str = "run") -> dict[str, str]:
         """Environment that points the suite's scripts at this bucket (credentials in the standard AWS variables)."""

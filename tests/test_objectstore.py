@@ -4,9 +4,11 @@ store, and a bucket that refuses writes stopping the worker at start with one li
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,10 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset
 
+import setting
+from laion5b.config import ConfigError, load
+from laion5b.imaging import Processed
 from laion5b.keys import Keys
-from laion5b.tasks import Task
-from tests.helpers import ENGINE_IDS, engine_env, run_script, webdataset_env
-from tests.s3_server import S3Server
+from laion5b.leases import Leases
+from laion5b.objectstore import Bucket, Endpoint, Location, split_url
+from laion5b.shards import ShardSink, recover, shard_field, shard_record
+from laion5b.stats import read_snapshot
+from laion5b.tasks import Task, decode
+from tests.helpers import engine_env, run_script, wait_until, webdataset_env
+from tests.s3_server import REGION, S3Server
+from tests.test_downloader import start_worker
+from tools.image_server import image_bytes
 
 KEYS = Keys()
 HOST = "testhost"
@@ -84,7 +95,7 @@ def run_until_empty(env: dict[str, str], name: str = "w", timeout: float = 120) 
                           text=True, timeout=timeout)  # fmt: skip
 
 
-@pytest.mark.parametrize("engine", ENGINE_IDS)
+@pytest.mark.parametrize("engine", ["threads", "async"])
 def test_shards_go_to_the_bucket_and_read_back(env, redis_server, s3_server, image_server, tmp_path, engine) -> None:
     """Shards are uploaded (index and tar objects), read back with webdataset, each sample in one; books exact."""
     client = redis_server.client()
@@ -110,8 +121,127 @@ def test_a_bucket_that_refuses_writes_stops_the_worker_at_start(env, redis_serve
     assert client.llen(KEYS.task) == 1
 
 
-def test_files_output_to_a_bucket_is_refused_with_one_line(env, redis_server) -> None:
-    env["LAION_OUTPUT_FORMAT"] = "files"
-    result = run_until_empty(env, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "output_format (LAION_OUTPUT_FORMAT)" in result.stderr
+def test_files_output_to_a_bucket_is_refused_with_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"output_format \(LAION_OUTPUT_FORMAT\) must be webdataset with an s3://"):
+        load(setting, {"LAION_STORE_DIR": "s3://bucket/run", "LAION_OUTPUT_FORMAT": "files"})
+    with pytest.raises(ConfigError, match=r"staging_dir \(LAION_STAGING_DIR\) must be a local folder"):
+        load(setting, {"LAION_STORE_DIR": "s3://bucket/run", "LAION_OUTPUT_FORMAT": "webdataset",
+                       "LAION_STAGING_DIR": "s3://bucket/staging"})  # fmt: skip
+
+
+WINDOWS = ("prepared", "multipart started", "index uploaded", "both uploaded", "gone, index uploaded")
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_a_shard_left_half_uploaded_is_recovered_once(
+    redis_server, s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: str
+) -> None:
+    """A worker that dies between preparing a shard in Redis and counting it leaves it to its host's workers: they
+    abort its unfinished uploads, upload it from its local files and count it; when those are gone, they count it
+    only if both objects are whole in the bucket, else remove what is there and queue its tasks again."""
+    client = redis_server.client()
+    tasks = [Task(f"id{row}", f"http://127.0.0.1/{row}.jpg", "sub", "p", row, "text") for row in range(4)]
+    client.lpush(KEYS.task, *[task.encode() for task in tasks])
+    dead = Leases(client, KEYS, HOST, f"{HOST}:dead", 30)
+    dead.register()
+    claimed = dead.claim(10)
+    env = s3_server.environ(PREFIX)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, env[name])
+    bucket = Bucket(Location.parse(env["LAION_STORE_DIR"]), Endpoint(s3_server.endpoint, REGION, "path", 5))
+    sink = ShardSink(env["LAION_STORE_DIR"], HOST, "dead", f"{HOST}:dead", 4, 600, dead.incarnation,
+                     tmp_path / "staging", bucket)  # fmt: skip
+    sink.open()
+    data = image_bytes("x", "jpg", 3000)
+    image = Processed(data, "jpg", None, sha256=hashlib.sha256(data).hexdigest())
+    dead.finish([sink.put(decode(raw), raw, image, None) for raw in claimed])
+    shard = sink.ready.get(timeout=10)
+    field = shard_field(HOST, shard.id)
+    assert dead.prepare_shard(shard.id, shard.samples, field, shard_record(shard, dead.owner, dead.worker))
+    client.delete(KEYS.heartbeat(dead.worker))  # the worker is dead: its heartbeat expired
+    paths = shard.paths()
+    if window == "multipart started":
+        bucket.client.create_multipart_upload(Bucket=s3_server.bucket, Key=split_url(paths["tar"])[1])
+    if window in ("index uploaded", "gone, index uploaded", "both uploaded", "gone, both"):
+        bucket.upload(paths["temp_index"], paths["index"])
+    if window in ("both uploaded", "gone, both"):
+        bucket.upload(paths["temp_tar"], paths["tar"])
+    if window.startswith("gone"):
+        Path(paths["temp_tar"]).unlink()
+    survivor = Leases(client, KEYS, HOST, f"{HOST}:survivor", 30)
+    assert recover(survivor, HOST, bucket=bucket) == 1
+    assert recover(survivor, HOST, bucket=bucket) == 0
+    counted, queued = int(client.get(KEYS.tongji_succ) or 0), client.llen(KEYS.task)
+    objects = sorted(s3_server.objects(f"{PREFIX}/"))
+    if window == "gone, index uploaded":
+        assert (counted, queued, objects) == (0, 4, [])
+    else:
+        assert (counted, queued) == (4, 0)
+        assert objects == [split_url(paths["index"])[1], split_url(paths["tar"])[1]]
+        assert len(bucket_shards(s3_server, tmp_path / "fetched")[objects[1]]) == 4
+    assert s3_server.unfinished_uploads() == []
+    assert not Path(paths["temp_tar"]).exists() and not Path(paths["temp_index"]).exists()
+    assert int(client.hget(KEYS.host_counters, f"{HOST}:open")) == 0 and not client.hgetall(KEYS.shards)
+    sink.close()
+
+
+def test_a_worker_killed_during_a_multipart_upload_leaves_exact_books(
+    env, redis_server, s3_server, image_server, tmp_path: Path
+) -> None:
+    """kill -9 while a shard's multipart upload is under way (the store frozen, so it cannot end): the host's next
+    worker aborts it, uploads the shard and counts it once; nothing counted twice or missing, no upload left."""
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/huge/2?n={row}") for row in range(6)])
+    env.update(LAION_SHARD_SIZE="3", LAION_S3_PART_MB="5", LAION_THREAD_NUM="2", LAION_MAX_PER_HOST="0")
+    worker = start_worker(env, "w")
+    wait_until(lambda: s3_server.unfinished_uploads(), timeout=60, interval=0.005)
+    s3_server.freeze()
+    worker.kill()
+    worker.wait()
+    s3_server.thaw()
+    assert s3_server.unfinished_uploads() and int(client.get(KEYS.tongji_succ) or 0) == 0
+    result = run_until_empty(env, "w2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "multipart_aborted" in result.stderr and "shard_recovered" in result.stderr
+    where = assert_exact_books(client, s3_server, tasks, tmp_path / "staging")
+    assert len(where) == 6
+
+
+def test_a_frozen_store_loses_nothing(env, redis_server, s3_server, image_server, tmp_path: Path) -> None:
+    """The store frozen for 6 s mid-run (SIGSTOP; an outage of 30 s behaves the same, only longer): uploads wait,
+    claiming stops once 2 shards wait for theirs (the queue is left alone, the staging area stays small), and the
+    run finishes with exact books once the store is back."""
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/slow/0.2/z{row}.jpg") for row in range(30)])
+    env.update(LAION_SHARD_SIZE="2", LAION_THREAD_NUM="2")
+    worker = start_worker(env, "w", "--until-empty")
+    wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) > 0)
+    s3_server.freeze()
+    time.sleep(3)
+    queued, in_shards = client.llen(KEYS.task), int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0)
+    time.sleep(3)
+    assert client.llen(KEYS.task) == queued > 0, "claiming stopped: 2 x 10 downloads a second would have emptied it"
+    assert in_shards <= (2 + 1) * 2 + 2 * 2, "2 shards waiting, 1 uploading, and the tasks held when claiming stopped"
+    s3_server.thaw()
+    assert worker.wait(timeout=90) == 0, worker.stderr.read()[-3000:]
+    assert len(assert_exact_books(client, s3_server, tasks, tmp_path / "staging")) == 30
+
+
+def test_a_store_that_refuses_uploads_is_shown_and_retried(
+    env, redis_server, s3_server, image_server, tmp_path
+) -> None:
+    """Permissions taken away mid-run: uploads fail (AccessDenied), the host shows upload_failing, no image is
+    counted as failed; once they are given back, the run finishes with exact books."""
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/slow/1/r{row}.jpg") for row in range(6)])
+    env.update(LAION_SHARD_SIZE="2", LAION_THREAD_NUM="6")
+    worker = start_worker(env, "w", "--until-empty")
+    wait_until(lambda: client.exists(KEYS.heartbeat(f"{HOST}:w")))  # past its check of the bucket
+    s3_server.revoke()
+    snapshot = lambda: read_snapshot(client, KEYS, 3, 60)  # noqa: E731
+    wait_until(lambda: [host.state for host in snapshot().hosts] == ["upload_failing"], timeout=30)
+    assert snapshot().hosts[0].store_errno == "AccessDenied"
+    assert int(client.get(KEYS.tongji_error) or 0) == 0 and int(client.get(KEYS.tongji_succ) or 0) == 0
+    s3_server.grant()
+    assert worker.wait(timeout=90) == 0, worker.stderr.read()[-3000:]
+    assert len(assert_exact_books(client, s3_server, tasks, tmp_path / "staging")) == 6
