@@ -21,6 +21,7 @@ from laion5b.config import ConfigError, load
 from laion5b.imaging import Processed
 from laion5b.keys import Keys
 from laion5b.leases import Leases
+from laion5b.metrics import exposition
 from laion5b.objectstore import Bucket, Endpoint, Location, split_url
 from laion5b.shards import ShardSink, recover, shard_field, shard_record
 from laion5b.stats import read_snapshot
@@ -241,6 +242,7 @@ def test_a_store_that_refuses_uploads_is_shown_and_retried(
     snapshot = lambda: read_snapshot(client, KEYS, 3, 60)  # noqa: E731
     wait_until(lambda: [host.state for host in snapshot().hosts] == ["upload_failing"], timeout=30)
     assert snapshot().hosts[0].store_errno == "AccessDenied"
+    assert b'laion5b_host_upload_failing{error="AccessDenied",host="testhost"} 1.0' in exposition(snapshot())
     assert int(client.get(KEYS.tongji_error) or 0) == 0 and int(client.get(KEYS.tongji_succ) or 0) == 0
     s3_server.grant()
     assert worker.wait(timeout=90) == 0, worker.stderr.read()[-3000:]
