@@ -22,6 +22,7 @@ from laion5b import cli, inputs, redisconn, rowstatus
 from laion5b.config import Config
 from laion5b.inputs import Spec
 from laion5b.log import setup
+from laion5b.objectstore import bucket_of
 from laion5b.rows import InputError
 from laion5b.shardlocator import ShardLocator
 
@@ -45,7 +46,8 @@ def main() -> int:
         return 1
     _warn_about_unsaved_records(config)
     errors = rowstatus.saved_errors(Path(config.store_error_dir), {(s.subset, s.part) for s in sources})
-    locator = LOCATORS[config.output_format](config.store_dir)
+    bucket = bucket_of(config)
+    locator = ShardLocator(config.store_dir, bucket) if bucket else LOCATORS[config.output_format](config.store_dir)
     failed = 0
     for source in sources:
         target = Path(config.status_dir) / source.subset / f"{source.part}.parquet"

@@ -11,13 +11,16 @@ import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
+
+if TYPE_CHECKING:
+    from laion5b.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -169,5 +172,21 @@ class Bucket:
             for item in page.get("Contents", []):
                 yield item["Key"], int(item["Size"])
 
-    def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"].read()
+    def read(self, url: str) -> bytes:
+        """The whole object at ``url`` (of this bucket)."""
+        bucket, key = split_url(url)
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def names(self, folder: str) -> set[str]:
+        """Names of the objects directly under the ``folder`` URL (``s3://bucket/prefix/subset``), as a listing of a
+        folder would give them."""
+        prefix = split_url(folder)[1].rstrip("/") + "/"
+        return {key[len(prefix) :] for key, _ in self.list_keys(prefix) if "/" not in key[len(prefix) :]}
+
+
+def bucket_of(config: Config) -> Bucket | None:
+    """The bucket of an s3:// store_dir, or None for a local one."""
+    if not is_remote(config.store_dir):
+        return None
+    endpoint = Endpoint(config.s3_endpoint_url, config.s3_region, config.s3_addressing, config.s3_part_mb)
+    return Bucket(Location.parse(config.store_dir), endpoint)

@@ -24,7 +24,7 @@ from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
 from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
 from laion5b.limits import raise_open_files_limit
-from laion5b.objectstore import Bucket, Endpoint, Location, is_remote
+from laion5b.objectstore import bucket_of
 from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
 from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
@@ -72,14 +72,6 @@ Engine = ThreadEngine | AsyncEngine
 
 class StoreRefused(RuntimeError):
     """The object store refuses this worker's writes at start (credentials, permissions, bucket, endpoint)."""
-
-
-def bucket_of(config: Config) -> Bucket | None:
-    """The bucket of an s3:// store_dir, or None for a local one."""
-    if not is_remote(config.store_dir):
-        return None
-    endpoint = Endpoint(config.s3_endpoint_url, config.s3_region, config.s3_addressing, config.s3_part_mb)
-    return Bucket(Location.parse(config.store_dir), endpoint)
 
 
 def make_sink(config: Config, name: str, identity: str, incarnation: str) -> Sink:

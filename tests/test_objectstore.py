@@ -26,7 +26,7 @@ from laion5b.objectstore import Bucket, Endpoint, Location, split_url
 from laion5b.shards import ShardSink, recover, shard_field, shard_record
 from laion5b.stats import read_snapshot
 from laion5b.tasks import Task, decode
-from tests.helpers import engine_env, run_script, wait_until, webdataset_env
+from tests.helpers import engine_env, run_script, wait_until, webdataset_env, write_wide
 from tests.s3_server import REGION, S3Server
 from tests.test_downloader import start_worker
 from tools.image_server import image_bytes
@@ -108,6 +108,24 @@ def test_shards_go_to_the_bucket_and_read_back(env, redis_server, s3_server, ima
     where = assert_exact_books(client, s3_server, tasks, tmp_path / "staging")
     assert len(where) == 13 and len(set(where.values())) == 3
     assert all(tar.startswith(f"{PREFIX}/sub/{HOST}-w-") for tar in where.values())
+
+
+def test_report_reads_the_shard_indexes_from_the_bucket(env, redis_server, s3_server, image_server, tmp_path) -> None:
+    """report.py finds each stored row's shard and member through the indexes in the bucket."""
+    urls = [image_server.url(f"/img/q{row}.jpg") for row in range(5)] + [image_server.url("/status/404")]
+    write_wide(Path(env["LAION_PARQUET_DIR"]) / "s" / "q.parquet", urls)
+    env.update(LAION_SHARD_SIZE="2", LAION_STATUS_DIR=str(tmp_path / "status"))
+    for script, *args in (("add_task.py",), ("downloader.py", "w", "--until-empty"), ("save_error_task.py",
+                          "--until-empty"), ("report.py",)):  # fmt: skip
+        result = subprocess.run([*run_script(script), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "status" / "s" / "q.parquet").to_pylist()
+    assert [row["status"] for row in rows] == ["success"] * 5 + ["404"]
+    shards = bucket_shards(s3_server, tmp_path / "fetched")
+    for row in rows[:5]:
+        assert row["shard"].startswith(f"s3://{s3_server.bucket}/{PREFIX}/s/") and row["member"] in shards[
+            row["shard"].removeprefix(f"s3://{s3_server.bucket}/")]  # fmt: skip
+    assert "success 5 (83.3%)" in result.stdout
 
 
 def test_a_bucket_that_refuses_writes_stops_the_worker_at_start(env, redis_server, s3_server) -> None:
