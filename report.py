@@ -40,7 +40,10 @@ def main() -> int:
     config = cli.load_settings(setting)
     setup("report", config.log_dir)
     spec = Spec.of(config)
-    sources = rowstatus.selected(inputs.find_files(Path(config.parquet_dir), spec.input_format), args.subset, args.part)
+    parquet_bucket = bucket_of(config, config.parquet_dir)
+    parquet_dir = config.parquet_dir if parquet_bucket is not None else Path(config.parquet_dir)
+    found = inputs.find_files(parquet_dir, spec.input_format, parquet_bucket)
+    sources = rowstatus.selected(found, args.subset, args.part)
     if not sources:
         log.error("no_input_parts parquet_dir=%s subset=%s part=%s", config.parquet_dir, args.subset, args.part)
         return 1

@@ -27,7 +27,8 @@ class RedisKey:
 
 
 # --- add_task.py: the producer ---
-parquet_dir = "./parquet"  # folder holding the URL lists: parquet, CSV, TSV, JSON lines, ... (searched recursively)
+parquet_dir = "./parquet"  # folder holding the URL lists: parquet, CSV, TSV, JSON lines, ... (searched recursively);
+#                            also s3://bucket/prefix, read through the s3_* settings below (docs/input.md)
 addtask_threshold = 5_000_000  # keep the queue at or under this many tasks
 addtask_batch = 10_000  # rows pushed to Redis in one transaction
 done_path = "./done_part.txt"  # URL list files fully queued, one path a line

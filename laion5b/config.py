@@ -215,12 +215,14 @@ def _validate_object_store(config: Config) -> None:
     low, high = S3_PART_MB
     if not low <= config.s3_part_mb <= high:
         raise ConfigError(f"{_named('s3_part_mb')} must be {low}-{high}, got {config.s3_part_mb!r}")
+    for name in ("store_dir", "parquet_dir"):
+        try:
+            if is_remote(getattr(config, name)):
+                Location.parse(getattr(config, name))
+        except ValueError as error:
+            raise ConfigError(f"{_named(name)}: {error}; use s3://bucket/prefix") from None
     if not is_remote(config.store_dir):
         return
-    try:
-        Location.parse(config.store_dir)
-    except ValueError as error:
-        raise ConfigError(f"{_named('store_dir')}: {error}; use s3://bucket/prefix") from None
     if config.output_format != "webdataset":
         raise ConfigError(
             f"{_named('output_format')} must be webdataset with an s3:// {_named('store_dir')}: one object per "

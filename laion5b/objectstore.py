@@ -6,11 +6,12 @@ chain only (the AWS environment variables, ~/.aws files, an instance or containe
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -29,6 +30,8 @@ UPLOAD_THREADS = 4
 """Parts of one multipart upload sent at once."""
 CONNECT_TIMEOUT, READ_TIMEOUT = 10, 60
 """Seconds to connect to the store and to wait for a reply: a store that does not answer is retried, not awaited."""
+READ_AHEAD = 8 * 1024 * 1024
+"""Bytes one ranged GET of an input file fetches at least: what a reader of it holds in memory."""
 CLIENT_ATTEMPTS = 3
 """Tries of one request inside boto3 (its standard retry mode, with backoff on 5xx, throttling and network errors);
 the uploader tries the whole upload again after that, on a longer backoff."""
@@ -184,9 +187,69 @@ class Bucket:
         return {key[len(prefix) :] for key, _ in self.list_keys(prefix) if "/" not in key[len(prefix) :]}
 
 
-def bucket_of(config: Config) -> Bucket | None:
-    """The bucket of an s3:// store_dir, or None for a local one."""
-    if not is_remote(config.store_dir):
+def bucket_of(config: Config, url: str | None = None) -> Bucket | None:
+    """The bucket of an s3:// store_dir (or of ``url``, an s3:// parquet_dir), or None for a local one."""
+    url = config.store_dir if url is None else url
+    if not is_remote(url):
         return None
     endpoint = Endpoint(config.s3_endpoint_url, config.s3_region, config.s3_addressing, config.s3_part_mb)
-    return Bucket(Location.parse(config.store_dir), endpoint)
+    return Bucket(Location.parse(url), endpoint)
+
+
+@dataclass(frozen=True)
+class RemotePath:
+    """An input file in a bucket, where the input readers take a local Path: its ``name``, and ``open`` for reading."""
+
+    url: str
+    size: int
+    bucket: Bucket = field(compare=False, hash=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.url.rpartition("/")[2]
+
+    def open(self) -> io.BufferedReader:
+        return io.BufferedReader(RangeReader(self.bucket, self.url, self.size), READ_AHEAD)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only, seekable view of one object: each read is a ranged GET, so a reader that goes through a file of
+    any size (a parquet's row groups, a text file's lines) holds one read at a time, never the object."""
+
+    def __init__(self, bucket: Bucket, url: str, size: int) -> None:
+        super().__init__()
+        self.bucket_name, self.key = split_url(url)
+        self.client = bucket.client
+        self.size = size
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.position + len(buffer), self.size)
+        if end <= self.position:
+            return 0
+        try:
+            reply = self.client.get_object(Bucket=self.bucket_name, Key=self.key,
+                                           Range=f"bytes={self.position}-{end - 1}")  # fmt: skip
+            data = reply["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            raise OSError(f"s3://{self.bucket_name}/{self.key}: {error_code(error)}: {error}") from None
+        memoryview(buffer)[: len(data)] = data
+        self.position += len(data)
+        return len(data)

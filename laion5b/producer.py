@@ -17,6 +17,7 @@ import redis
 from laion5b import control, inputs
 from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
+from laion5b.objectstore import Bucket
 from laion5b.redisconn import retrying
 from laion5b.rows import InputError
 from laion5b.tasks import BAD_ROW, BAD_URL, HASH_DIGITS, Task, safe_id, url_problem
@@ -80,7 +81,7 @@ class Producer:
 
     client: redis.Redis
     keys: Keys
-    parquet_dir: Path
+    parquet_dir: Path | str
     done_path: Path
     threshold: int
     batch_size: int
@@ -88,6 +89,8 @@ class Producer:
     stop: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     on_batch: Callable[[Progress, SourceFile], None] = lambda progress, source: None
+    bucket: Bucket | None = None
+    """The bucket of an s3:// parquet_dir."""
 
     def __post_init__(self) -> None:
         self._push = self.client.register_script(_PUSH_BATCH)
@@ -98,7 +101,7 @@ class Producer:
     def run(self) -> Progress:
         """Queue everything; return what was done (``failed_files`` lists files that could not be read)."""
         positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
-        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format), positions)
+        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format, self.bucket), positions)
         self._record_total(sizes, positions)
         for source in sizes:
             if self.stop.is_set():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import secrets
 import subprocess
 import time
 from collections import Counter
@@ -19,14 +20,15 @@ import webdataset
 import setting
 from laion5b.config import ConfigError, load
 from laion5b.imaging import Processed
+from laion5b.inputs import Spec, columns_of, count_rows, find_files, read_rows
 from laion5b.keys import Keys
 from laion5b.leases import Leases
 from laion5b.metrics import exposition
-from laion5b.objectstore import Bucket, Endpoint, Location, split_url
+from laion5b.objectstore import READ_AHEAD, Bucket, Endpoint, Location, split_url
 from laion5b.shards import ShardSink, recover, shard_field, shard_record
 from laion5b.stats import read_snapshot
 from laion5b.tasks import Task, decode
-from tests.helpers import engine_env, run_script, wait_until, webdataset_env, write_wide
+from tests.helpers import engine_env, kill_add_task_midway, run_script, wait_until, webdataset_env, write_wide
 from tests.s3_server import REGION, S3Server
 from tests.test_downloader import start_worker
 from tools.image_server import image_bytes
@@ -265,3 +267,45 @@ def test_a_store_that_refuses_uploads_is_shown_and_retried(
     s3_server.grant()
     assert worker.wait(timeout=90) == 0, worker.stderr.read()[-3000:]
     assert len(assert_exact_books(client, s3_server, tasks, tmp_path / "staging")) == 6
+
+
+def test_add_task_streams_a_url_list_from_the_bucket_and_resumes_exactly_after_kill_9(
+    redis_server, script_env, s3_server, tmp_path: Path
+) -> None:
+    """parquet_dir = s3://...: add_task.py killed mid-file, run again, queues every row exactly once."""
+    rows = 200_000
+    local = write_wide(tmp_path / "big.parquet", [f"http://h/{i}.jpg" for i in range(rows)], row_group_size=7_000)
+    s3_server.client().upload_file(str(local), s3_server.bucket, "urls/s/big.parquet")
+    env = {**script_env, **s3_server.environ(PREFIX), "LAION_PARQUET_DIR": f"s3://{s3_server.bucket}/urls",
+           "LAION_ADDTASK_BATCH": "1000"}  # fmt: skip
+    env["LAION_STORE_DIR"] = script_env["LAION_STORE_DIR"]
+    client = redis_server.client()
+    kill_add_task_midway(env, client, rows, "s/big.parquet")
+    result = subprocess.run(run_script("add_task.py"), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = Counter(decode(raw).row for raw in client.lrange(KEYS.task, 0, -1))
+    assert len(counts) == rows and set(counts.values()) == {1}
+    assert int(client.hget(KEYS.positions, "s/big.parquet")) == rows == int(client.get(KEYS.tongji_all))
+
+
+def test_a_url_list_in_the_bucket_is_read_in_ranges_never_whole(s3_server, tmp_path: Path, monkeypatch) -> None:
+    """The producer's reader fetches a parquet in the bucket by ranges (its footer, then row group by row group):
+    no GET larger than a read-ahead of 8 MB, and each byte about once, so memory stays flat whatever the size."""
+    rows = 300_000
+    urls = [f"http://h/{secrets.token_hex(24)}.jpg" for _ in range(rows)]
+    local = write_wide(tmp_path / "big.parquet", urls, row_group_size=20_000)
+    s3_server.client().upload_file(str(local), s3_server.bucket, "urls/big.parquet")
+    env = s3_server.environ(PREFIX)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, env[name])
+    bucket = Bucket(Location.parse(f"s3://{s3_server.bucket}/urls"), Endpoint(s3_server.endpoint, REGION, "path", 5))
+    fetched: list[int] = []
+    bucket.client.meta.events.register("after-call.s3.GetObject",
+                                       lambda parsed, **_: fetched.append(parsed["ContentLength"]))  # fmt: skip
+    [source] = find_files(f"s3://{s3_server.bucket}/urls", "auto", bucket)
+    assert (source.key, source.subset, source.part) == ("big.parquet", "default", "big")
+    picked = columns_of(source, Spec())
+    read = [row.url for rows_read in read_rows(source, Spec(), picked, 0, 10_000) for row in rows_read]
+    size = local.stat().st_size
+    assert read == urls and count_rows(source, Spec()) == rows
+    assert size > 2 * READ_AHEAD and max(fetched) <= READ_AHEAD and sum(fetched) < 1.5 * size
