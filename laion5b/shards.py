@@ -522,7 +522,8 @@ def recover(leases: Leases, host_id: str, wait: float = 0.0, bucket: Bucket | No
     """Finish the shards that dead workers of this host left prepared: renamed (or uploaded to ``bucket``) and
     counted when their files are there, else their tasks go back to the queue. One worker of a host does it at a
     time, under a lock it renews before each shard and that fences each step in Redis; ``wait`` seconds for that
-    lock. Return how many shards were recovered."""
+    lock. With a bucket, the recovering worker's own heartbeat is kept alive before each shard too (uploads take
+    seconds each). Return how many shards were recovered."""
     if not _orphans(leases, host_id):
         return 0
     lock = Lock(leases.client, leases.keys.shard_lock(host_id), RECOVERY_LOCK_SECONDS)
@@ -534,6 +535,8 @@ def recover(leases: Leases, host_id: str, wait: float = 0.0, bucket: Bucket | No
             if not lock.renew():
                 log.warning("shard_recovery_lock_lost host=%s: another worker of the host goes on", host_id)
                 break
+            if bucket is not None:
+                leases.heartbeat()
             recovered += _recover_one(leases, host_id, field_name, record, lock, bucket)
     finally:
         lock.release()
