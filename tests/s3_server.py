@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import psutil
 from botocore.config import Config as BotoConfig
 
 from tests.redis_server import free_port
@@ -106,6 +107,12 @@ class S3Server:
             os.kill(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=10)
         self.process = None
+
+    def cpu(self) -> float:
+        """CPU seconds the server has used so far."""
+        assert self.process is not None
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
 
     def freeze(self) -> None:
         assert self.process is not None
