@@ -7,8 +7,8 @@ Each client uploads the same FILES files of MB megabytes each (random bytes, mul
 checksums it sends by default), in a child process of its own; the figures are that child's rusage (user + system
 CPU, peak RSS), so the server's own CPU (moto is a Python server and eats more than any client) is left out. A
 client that is not installed is skipped, saying so (obstore and s3fs are contenders, not dependencies: install
-them with ``pip install --target DIR obstore s3fs`` and pass ``--path DIR``, which only their children see: s3fs
-brings a botocore of its own that the installed boto3 refuses). Nothing leaves 127.0.0.1.
+them with ``pip install --target DIR obstore s3fs`` and pass ``--path DIR``, which only their children see: s3fs's
+aiobotocore pins a botocore of its own, which may clash with the installed one). Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
