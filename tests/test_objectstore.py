@@ -212,7 +212,7 @@ def test_a_worker_killed_during_a_multipart_upload_leaves_exact_books(
     """kill -9 while a shard's multipart upload is under way (the store frozen, so it cannot end): the host's next
     worker aborts it, uploads the shard and counts it once; nothing counted twice or missing, no upload left."""
     client = redis_server.client()
-    tasks = queue(client, [image_server.url(f"/huge/2?n={row}") for row in range(6)])
+    tasks = queue(client, [image_server.url(f"/huge/2?n={row}") for row in range(12)])  # 4 shards: 4 chances
     env.update(LAION_SHARD_SIZE="3", LAION_S3_PART_MB="5", LAION_THREAD_NUM="2", LAION_MAX_PER_HOST="0")
     worker = start_worker(env, "w")
     wait_until(lambda: s3_server.unfinished_uploads(), timeout=60, interval=0.005)
@@ -225,7 +225,7 @@ def test_a_worker_killed_during_a_multipart_upload_leaves_exact_books(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "multipart_aborted" in result.stderr and "shard_recovered" in result.stderr
     where = assert_exact_books(client, s3_server, tasks, tmp_path / "staging")
-    assert len(where) == 6
+    assert len(where) == 12
 
 
 def test_a_frozen_store_loses_nothing(env, redis_server, s3_server, image_server, tmp_path: Path) -> None:
