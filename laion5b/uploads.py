@@ -43,8 +43,17 @@ def upload_files(bucket: Bucket, paths: dict[str, str], clean: bool) -> None:
     bucket.upload(paths["temp_index"], paths["index"])
     bucket.upload(paths["temp_tar"], paths["tar"])
     if clean:
-        for url in (paths["index"], paths["tar"]):
+        abort_unfinished(bucket, paths)
+
+
+def abort_unfinished(bucket: Bucket, paths: dict[str, str]) -> None:
+    """Abort the unfinished multipart uploads of a shard's objects; a store that refuses (no permission to list
+    them, say) is logged, not raised: the shard is whole all the same, and a lifecycle rule is the backstop."""
+    for url in (paths["index"], paths["tar"]):
+        try:
             bucket.abort_unfinished(url)
+        except STORE_ERRORS as error:
+            log.warning("multipart_abort_failed key=%s error=%s", url, describe(error))
 
 
 def in_bucket(bucket: Bucket, record: dict[str, Any]) -> bool:
@@ -54,8 +63,8 @@ def in_bucket(bucket: Bucket, record: dict[str, Any]) -> bool:
 
 def drop_objects(bucket: Bucket, record: dict[str, Any]) -> None:
     """Remove what a released shard left in the bucket: its unfinished uploads, its tar, then its index."""
+    abort_unfinished(bucket, record)
     for name in ("tar", "index"):
-        bucket.abort_unfinished(record[name])
         bucket.delete(record[name])
 
 
@@ -135,8 +144,7 @@ def recover_files(bucket: Bucket, record: dict[str, Any]) -> bool:
     """Bring a dead worker's prepared shard into the bucket: its unfinished multipart uploads aborted, then its local
     files uploaded when they are there; True when both objects are in the bucket then, whole. Raise the store's
     error when it fails (the recovery is tried again later)."""
-    for name in ("index", "tar"):
-        bucket.abort_unfinished(record[name])
+    abort_unfinished(bucket, record)
     if all(os.path.exists(record[name]) for name in ("temp_index", "temp_tar")):
         upload_files(bucket, record, clean=False)
         return True

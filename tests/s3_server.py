@@ -83,6 +83,15 @@ class S3Server:
         self._iam(*self.admin).delete_user_policy(UserName="downloader", PolicyName="all")
         self.revoked = True
 
+    def deny(self, action: str) -> None:
+        """Allow the downloader's key everything but ``action`` (e.g. ``s3:ListBucketMultipartUploads``)."""
+        policy = {**ALLOW_ALL, "Statement": [*ALLOW_ALL["Statement"], {"Effect": "Deny", "Action": action,
+                                                                       "Resource": "*"}]}  # fmt: skip
+        self._iam(*self.admin).put_user_policy(
+            UserName="downloader", PolicyName="all", PolicyDocument=json.dumps(policy)
+        )
+        self.revoked = True
+
     def grant(self) -> None:
         self._iam(*self.admin).put_user_policy(UserName="downloader", PolicyName="all",
                                                PolicyDocument=json.dumps(ALLOW_ALL))  # fmt: skip
