@@ -48,8 +48,8 @@ save_columns = []  # further columns carried with each task (its "meta") into th
 status_dir = "./status"  # report.py writes <status_dir>/<subset>/<part>.parquet here
 
 # --- downloader.py: the workers ---
-store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>; webdataset output
-#                        also takes s3://bucket/prefix (object storage, see docs/output.md)
+store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>; also
+#                        s3://bucket/prefix (object storage: webdataset output recommended, see docs/output.md)
 engine = "threads"  # how a worker downloads: "threads" (a requests thread pool) or "async" (one asyncio event loop)
 thread_num = 32  # download threads per downloader process (engine "threads")
 engine_loop = "asyncio"  # event loop of engine "async": "asyncio" (the standard library's) or "uvloop" (about 1.2 x

@@ -224,11 +224,6 @@ def _validate_object_store(config: Config) -> None:
             raise ConfigError(f"{_named(name)}: {error}; use s3://bucket/prefix") from None
     if not is_remote(config.store_dir):
         return
-    if config.output_format != "webdataset":
-        raise ConfigError(
-            f"{_named('output_format')} must be webdataset with an s3:// {_named('store_dir')}: one object per "
-            f"image is not supported (slow and costly at LAION scale), got {config.output_format!r}"
-        )
     if not config.staging_dir or is_remote(config.staging_dir):
         raise ConfigError(
             f"{_named('staging_dir')} must be a local folder with an s3:// store_dir, got {config.staging_dir!r}"

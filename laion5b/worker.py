@@ -15,6 +15,7 @@ import redis
 
 from laion5b.aiofetch import MAX_IDLE_CONNECTIONS
 from laion5b.asyncengine import AsyncEngine
+from laion5b.bucketstore import BucketStore
 from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
@@ -83,6 +84,9 @@ def make_sink(config: Config, name: str, identity: str, incarnation: str) -> Sin
                              Path(config.staging_dir), bucket)  # fmt: skip
         return ShardSink(Path(config.store_dir), config.host_id, name, identity, size, seconds, incarnation)
     sidecars = Sidecars(config.save_caption, config.save_metadata, config.host_id, identity)
+    bucket = bucket_of(config)
+    if bucket is not None:
+        return BucketStore(bucket, config.store_dir, Path(config.staging_dir), config.host_id, name, sidecars)
     return Store(Path(config.store_dir), config.host_id, name, config.fsync_images, sidecars)
 
 
@@ -250,7 +254,7 @@ class Worker:
 
     def _check_bucket(self) -> None:
         """Raise StoreRefused when an s3:// store_dir refuses a small write (and its delete) now."""
-        bucket = self.shards.bucket if self.shards is not None else None
+        bucket = self.sink.bucket if isinstance(self.sink, ShardSink | BucketStore) else None
         if bucket is None:
             return
         try:

@@ -142,9 +142,7 @@ def test_a_bucket_that_refuses_writes_stops_the_worker_at_start(env, redis_serve
     assert client.llen(KEYS.task) == 1
 
 
-def test_files_output_to_a_bucket_is_refused_with_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"output_format \(LAION_OUTPUT_FORMAT\) must be webdataset with an s3://"):
-        load(setting, {"LAION_STORE_DIR": "s3://bucket/run", "LAION_OUTPUT_FORMAT": "files"})
+def test_a_staging_dir_in_a_bucket_is_refused_with_one_line() -> None:
     with pytest.raises(ConfigError, match=r"staging_dir \(LAION_STAGING_DIR\) must be a local folder"):
         load(setting, {"LAION_STORE_DIR": "s3://bucket/run", "LAION_OUTPUT_FORMAT": "webdataset",
                        "LAION_STAGING_DIR": "s3://bucket/staging"})  # fmt: skip
@@ -319,3 +317,27 @@ def test_a_url_list_in_the_bucket_is_read_in_ranges_never_whole(s3_server, tmp_p
     size = local.stat().st_size
     assert read == urls and count_rows(source, Spec()) == rows
     assert size > 2 * READ_AHEAD and max(fetched) <= READ_AHEAD and sum(fetched) < 1.5 * size
+
+
+def test_files_output_puts_each_image_and_its_sidecars_as_objects(env, redis_server, s3_server, image_server) -> None:
+    """output_format files to a bucket: every stored image is an object with its caption and metadata beside it,
+    under the keys the files have on disk; books exact; a store that refuses pauses the worker (store_failing EIO)
+    and fails no image."""
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/slow/0.3/f{row}.jpg") for row in range(8)] + [image_server.url("/x")])
+    env.update(LAION_OUTPUT_FORMAT="files", LAION_SAVE_CAPTION="1", LAION_SAVE_METADATA="1", LAION_THREAD_NUM="2")
+    worker = start_worker(env, "w", "--until-empty")
+    wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) >= 1)
+    s3_server.revoke()
+    snapshot = lambda: read_snapshot(client, KEYS, 3, 60)  # noqa: E731
+    wait_until(lambda: [(host.state, host.store_errno) for host in snapshot().hosts] == [("store_failing", "EIO")])
+    assert int(client.get(KEYS.tongji_error) or 0) == 0
+    s3_server.grant()
+    assert worker.wait(timeout=90) == 0, worker.stderr.read()[-3000:]
+    objects = s3_server.objects(f"{PREFIX}/")
+    stored = {key.rpartition("/")[2].partition(".")[0] for key in objects if key.endswith(".jpg")}
+    assert stored == {task.id for task in tasks[:8]} and int(client.get(KEYS.tongji_succ)) == 8
+    for task in tasks[:8]:
+        folder = f"{PREFIX}/sub/part.0.parquet/00000/{task.id}"
+        assert {f"{folder}.jpg", f"{folder}.txt", f"{folder}.json"} <= set(objects)
+    assert int(client.get(KEYS.tongji_error)) == 1 and not [key for key in objects if "/.probe/" in key]
