@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -30,12 +29,10 @@ from laion5b.inputs import Spec
 from laion5b.log import setup
 from laion5b.objectstore import bucket_of
 from laion5b.rows import InputError
-from laion5b.shardlocator import ShardLocator
+from laion5b.shardlocator import LOCATORS, ShardLocator
 
 log = logging.getLogger("report")
 REDIS_TIMEOUT = 3.0
-LOCATORS: dict[str, Callable[[str], rowstatus.Locator]] = {"files": rowstatus.FileLocator, "webdataset": ShardLocator}
-"""The locator of each ``output_format``: where its stored samples are found."""
 
 
 def main() -> int:
@@ -65,7 +62,10 @@ def main() -> int:
     _warn_about_unsaved_records(config)
     errors = rowstatus.saved_errors(Path(config.store_error_dir), {(s.subset, s.part) for s in sources})
     bucket = bucket_of(config)
-    locator = ShardLocator(config.store_dir, bucket) if bucket else LOCATORS[config.output_format](config.store_dir)
+    if bucket is not None and config.output_format == "webdataset":
+        locator = ShardLocator(config.store_dir, bucket)
+    else:
+        locator = LOCATORS[config.output_format](config.store_dir)
     failed = 0
     for source in sources:
         target = Path(config.status_dir) / source.subset / f"{source.part}.parquet"

@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
 import types
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ S3_PART_MB = (5, 5120)  # the smallest and largest part S3 takes
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "txt")
+_ROBOTS_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 QUALITY_RANGES = {"jpg": (0, 100), "png": (0, 9), "webp": (0, 100)}  # png: zlib compression level, as img2dataset
 
 
@@ -69,6 +71,7 @@ class Config:
     concurrency: int
     max_inflight_bytes: int
     max_per_host: int
+    host_start_concurrency: int
     host_id: str
     heartbeat_ttl: int
     max_attempts: int
@@ -83,6 +86,10 @@ class Config:
     user_agent_contact: str
     disallowed_header_directives: list[str]
     honour_tdm_reservation: bool
+    robots: bool
+    robots_agents: list[str]
+    robots_ttl: int
+    max_crawl_delay: float
     dns_cache_ttl: float
     dns_timeout: float
     tls_ca_file: str
@@ -132,6 +139,8 @@ _AT_LEAST_ONE = (
     "image_size",
     "history_days",
     "shard_size",
+    "robots_ttl",
+    "host_start_concurrency",
 )
 _POSITIVE = (
     "connect_timeout",
@@ -154,6 +163,7 @@ _NOT_NEGATIVE = (
     "min_image_size",
     "max_aspect_ratio",
     "max_image_area",
+    "max_crawl_delay",
 )
 
 
@@ -179,7 +189,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{_named('allowed_networks')}: {network!r} is not a network such as 127.0.0.0/8"
             ) from None
-    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl", "dns_timeout"):
+    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl", "dns_timeout", "max_crawl_delay"):
         if not math.isfinite(getattr(config, name)):
             raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:
@@ -206,6 +216,7 @@ def _validate(config: Config) -> None:
         if not getattr(config, name):
             raise ConfigError(f"{_named(name)} must not be empty")
     _validate_user_agent(config)
+    _validate_robots(config)
 
 
 def _validate_object_store(config: Config) -> None:
@@ -240,6 +251,14 @@ def _validate_user_agent(config: Config) -> None:
             f"{_named('user_agent_contact')} is not sent while {_named('user_agent')} is set: "
             "empty user_agent, or put the contact in it"
         )
+
+
+def _validate_robots(config: Config) -> None:
+    if config.robots and not config.robots_agents:
+        raise ConfigError(f"{_named('robots_agents')} must name at least one token while robots is on")
+    for token in config.robots_agents:
+        if not _ROBOTS_TOKEN.fullmatch(token):
+            raise ConfigError(f"{_named('robots_agents')}: {token!r} is not a token (letters, digits, _ and -)")
 
 
 def _validate_processing(config: Config) -> None:

@@ -162,6 +162,48 @@ class Keys:
         """Set: hosts that have a history."""
         return f"{self.task}:history_hosts"
 
+    def robots(self, origin: str) -> str:
+        """String with a TTL: the compact rules of a site's robots.txt for our agents (``laion5b.robots``)."""
+        return f"{self.task}:robots:{origin}"
+
+    def robots_lock(self, origin: str) -> str:
+        """Short lock taken by the worker that fetches a site's robots.txt."""
+        return f"{self.task}:robots_lock:{origin}"
+
+    def crawl(self, origin: str) -> str:
+        """Hash with a TTL: the Crawl-delay turns of a site that asks for one (next start, request in flight)."""
+        return f"{self.task}:crawl:{origin}"
+
+    @property
+    def web_hosts(self) -> str:
+        """Hash: web host name -> its fleet-wide state (slots held, AIMD limit, pause; laion5b/hostledger.py), only
+        for hosts that hold a slot or left their start state."""
+        return f"{self.task}:web:hosts"
+
+    def web_holds(self, worker: str) -> str:
+        """Hash: web host name -> download slots of that host one worker holds (dropped when the worker dies)."""
+        return f"{self.task}:web:holds:{worker}"
+
+    @property
+    def web_holders(self) -> str:
+        """Set: workers that may hold web host slots (checked for a live heartbeat by the ledger's reaper)."""
+        return f"{self.task}:web:holders"
+
+    @property
+    def web_expiry(self) -> str:
+        """Sorted set: web host -> Redis time its throttled state is forgotten (bounds ``web_hosts``)."""
+        return f"{self.task}:web:expiry"
+
+    @property
+    def web_throttled(self) -> str:
+        """Sorted set: web host -> times it answered 429/503 or timed out in bursts; the most throttled, trimmed."""
+        return f"{self.task}:web:throttled"
+
+    @property
+    def web_reap_lock(self) -> str:
+        """Short lock taken by the worker that drops dead workers' web host slots and forgets expired states."""
+        return f"{self.task}:web:reap_lock"
+
     @property
     def requeued(self) -> str:
         """Hash: ``<host_id>:<error file path>`` -> JSON ``{selector: byte offset}`` of what requeue handled."""

@@ -14,6 +14,8 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
                                  when value is ``-``); later ones: the image. ``ImageServer.asked(name)`` tells when
                                  each request for ``name`` arrived
   /slow/<seconds>/<name>.<ext>   sleeps, then serves the image
+  /busy/<capacity>/<seconds>/<name>.<ext>  503 when more than <capacity> requests to this host name are in progress
+                                 (``ImageServer.overloaded(host)`` counts them), else as /slow
   /trickle                       200 image/jpeg, a JPEG header, then 1 byte every 0.5 s until the client leaves
   /trickle_headers               a status line, then one byte of a header every 0.3 s, never ending the headers
   /endless                       200 image/jpeg, a JPEG header, then zeros as fast as possible, no end
@@ -34,7 +36,10 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /gzip/<name>.<ext>[?cut=1]     200, Content-Encoding: gzip: the image gzipped; with cut=1 cut in the middle of
                                  its stream (no end, no trailer), with a Content-Length that matches the cut body
   /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
-Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
+  /robots.txt                    ``ImageServer.robots`` (status, body) when set, else 404; after
+                                 ``ImageServer.robots_hops`` redirects (302 to /robots-hop/<n>) when that is set
+Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen, ``.paths`` lists
+the paths asked.
 """
 
 from __future__ import annotations
@@ -221,7 +226,12 @@ class _Server(ThreadingHTTPServer):
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
         self.started: dict[str, list[float]] = {}
+        self.overloaded: Counter[str] = Counter()
+        self.busy: Counter[str] = Counter()  # requests of /busy/ not answered yet, per host
         self.user_agents: dict[str, str] = {}
+        self.paths: list[str] = []
+        self.robots: tuple[int, str] | None = None
+        self.robots_hops = 0
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -264,6 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
             self.server.started.setdefault(host, []).append(time.monotonic())
+            self.server.paths.append(self.path)
         try:
             self._answer()
         finally:
@@ -350,6 +361,23 @@ class _Handler(BaseHTTPRequestHandler):
     def route_slow(self, rest: str, query: dict[str, str]) -> None:
         seconds, _, image = rest.partition("/")
         if not self.server.stopping.wait(float(seconds)):
+            self._image(image, query)
+
+    def route_busy(self, rest: str, query: dict[str, str]) -> None:
+        capacity, _, slow = rest.partition("/")
+        seconds, _, image = slow.partition("/")
+        host = (self.headers.get("Host") or "").rpartition(":")[0]
+        with self.server.lock:  # counted until the answer is ready: a client never sees a request end before
+            over = self.server.busy[host] >= int(capacity)
+            self.server.overloaded[host] += over
+            self.server.busy[host] += not over
+        if over:
+            self._reply(503, b"status 503\n")
+            return
+        stopping = self.server.stopping.wait(float(seconds))
+        with self.server.lock:
+            self.server.busy[host] -= 1
+        if not stopping:
             self._image(image, query)
 
     def route_trickle(self, rest: str, query: dict[str, str]) -> None:
@@ -444,6 +472,17 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: len(body) // 2]
         self._reply(200, body, FORMATS[ext], {"Content-Encoding": "gzip"})
 
+    def route_robots(self, rest: str, query: dict[str, str]) -> None:
+        self.route_robots_hop(str(self.server.robots_hops), query)
+
+    def route_robots_hop(self, rest: str, query: dict[str, str]) -> None:
+        if int(rest) > 0:
+            self._reply(302, b"redirect\n", headers={"Location": f"/robots-hop/{int(rest) - 1}"})
+        elif self.server.robots is None:
+            self._reply(404, b"not found\n")
+        else:
+            self._reply(self.server.robots[0], self.server.robots[1].encode())
+
     def route_notimage(self, rest: str, query: dict[str, str]) -> None:
         self._reply(200, b"NOTIMAGE" + random.Random(rest).randbytes(4088), "image/jpeg")
 
@@ -454,6 +493,7 @@ _ROUTES = {
     "status": _Handler.route_status,
     "retry-after": _Handler.route_retry_after,
     "slow": _Handler.route_slow,
+    "busy": _Handler.route_busy,
     "trickle_headers": _Handler.route_trickle_headers,
     "trickle": _Handler.route_trickle,
     "endless": _Handler.route_endless,
@@ -472,6 +512,8 @@ _ROUTES = {
     "badgzip": _Handler.route_badgzip,
     "notimage": _Handler.route_notimage,
     "gzip": _Handler.route_gzip,
+    "robots.txt": _Handler.route_robots,
+    "robots-hop": _Handler.route_robots_hop,
 }
 
 
@@ -503,6 +545,23 @@ class ImageServer:
         """When each request to ``host`` arrived (monotonic clock)."""
         with self._server.lock:
             return list(self._server.started.get(host, []))
+
+    @property
+    def paths(self) -> list[str]:
+        """Every path asked so far (with its query), in order."""
+        with self._server.lock:
+            return list(self._server.paths)
+
+    def serve_robots(self, status: int, body: str, hops: int = 0) -> None:
+        """Answer /robots.txt with ``status`` and ``body``, after ``hops`` redirects."""
+        with self._server.lock:
+            self._server.robots = (status, body)
+            self._server.robots_hops = hops
+
+    def overloaded(self, host: str) -> int:
+        """Requests to ``host`` that /busy/ answered 503 because more than its capacity were in progress."""
+        with self._server.lock:
+            return self._server.overloaded[host]
 
     def user_agent(self, name: str) -> str | None:
         """The User-Agent of the last request of /agent/<name>.<ext>, None if there was none."""
