@@ -17,6 +17,7 @@ import redis
 from laion5b import control, inputs
 from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
+from laion5b.objectstore import Bucket
 from laion5b.redisconn import retrying
 from laion5b.replicas import Replicas
 from laion5b.rows import InputError
@@ -81,7 +82,7 @@ class Producer:
 
     client: redis.Redis
     keys: Keys
-    parquet_dir: Path
+    parquet_dir: Path | str
     done_path: Path
     threshold: int
     batch_size: int
@@ -91,6 +92,8 @@ class Producer:
     on_batch: Callable[[Progress, SourceFile], None] = lambda progress, source: None
     min_replicas: int = 0
     """Replicas that must hold a batch before the next one is pushed (redis_min_replicas)."""
+    bucket: Bucket | None = None
+    """The bucket of an s3:// parquet_dir."""
 
     def __post_init__(self) -> None:
         self._push = self.client.register_script(_PUSH_BATCH)
@@ -102,7 +105,7 @@ class Producer:
     def run(self) -> Progress:
         """Queue everything; return what was done (``failed_files`` lists files that could not be read)."""
         positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
-        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format), positions)
+        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format, self.bucket), positions)
         self._record_total(sizes, positions)
         for source in sizes:
             if self.stop.is_set():

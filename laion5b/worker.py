@@ -15,6 +15,7 @@ import redis
 
 from laion5b.aiofetch import MAX_IDLE_CONNECTIONS
 from laion5b.asyncengine import AsyncEngine
+from laion5b.bucketstore import BucketStore
 from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
@@ -26,6 +27,7 @@ from laion5b.hostledger import HostLedger
 from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
 from laion5b.limits import raise_open_files_limit
+from laion5b.objectstore import bucket_of
 from laion5b.pipeline import Outcome, Parked, Pipeline, Sink
 from laion5b.redisconn import retrying
 from laion5b.robots import async_robots_gate, robots_gate
@@ -34,6 +36,7 @@ from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.storehealth import STORE_STALLED, WRITTEN_STANDS, StoreProblem
 from laion5b.threadengine import ThreadEngine
+from laion5b.uploads import STORE_ERRORS, describe
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +67,29 @@ EXIT_RESERVE = 5.0
 """Seconds of EXIT_SECONDS kept for the last steps: recording outcomes, retiring, removing the temporary folder."""
 CLOSE_STALLED_SECONDS = 1.0
 """Seconds given to removing the temporary folder on a store that does not answer (the next worker removes it)."""
+UPLOADS_WAITING_MAX = 2
+"""Object storage: shards waiting for their upload past which the worker stops claiming (uploads slower than
+downloads, or a store that refuses): its staging area holds at most its open shards + this many."""
 
 Engine = ThreadEngine | AsyncEngine
+
+
+class StoreRefused(RuntimeError):
+    """The object store refuses this worker's writes at start (credentials, permissions, bucket, endpoint)."""
 
 
 def make_sink(config: Config, name: str, identity: str, incarnation: str) -> Sink:
     """Where this worker stores images, as ``config.output_format`` says (shards named with the incarnation)."""
     if config.output_format == "webdataset":
-        store_dir, size, seconds = Path(config.store_dir), config.shard_size, config.shard_max_seconds
-        return ShardSink(store_dir, config.host_id, name, identity, size, seconds, incarnation)
+        size, seconds, bucket = config.shard_size, config.shard_max_seconds, bucket_of(config)
+        if bucket is not None:
+            return ShardSink(config.store_dir, config.host_id, name, identity, size, seconds, incarnation,
+                             Path(config.staging_dir), bucket)  # fmt: skip
+        return ShardSink(Path(config.store_dir), config.host_id, name, identity, size, seconds, incarnation)
     sidecars = Sidecars(config.save_caption, config.save_metadata, config.host_id, identity)
+    bucket = bucket_of(config)
+    if bucket is not None:
+        return BucketStore(bucket, config.store_dir, Path(config.staging_dir), config.host_id, name, sidecars)
     return Store(Path(config.store_dir), config.host_id, name, config.fsync_images, sidecars)
 
 
@@ -244,12 +260,15 @@ class Worker:
         if config.engine == "threads" and config.thread_num > THREADS_KNEE:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
+        self._check_bucket()
         returned = self._redis(self.leases.register, "register")
         loop = self.engine.loop_name if isinstance(self.engine, AsyncEngine) else "-"
         log.info("worker_start worker=%s engine=%s loop=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, loop, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
-            recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
+            bucket = self.shards.bucket
+            recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS, bucket),
+                                    "shard")  # fmt: skip
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
         self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
         if config.max_per_host:
@@ -262,6 +281,20 @@ class Worker:
             raise
         finally:
             self._shut_down()
+
+    def _check_bucket(self) -> None:
+        """Raise StoreRefused when an s3:// store_dir refuses a small write (and its delete) now."""
+        bucket = self.sink.bucket if isinstance(self.sink, ShardSink | BucketStore) else None
+        if bucket is None:
+            return
+        try:
+            bucket.check_writable(self.config.host_id)
+        except STORE_ERRORS as error:
+            raise StoreRefused(
+                f"store_dir (LAION_STORE_DIR) {self.config.store_dir} refuses writes: {describe(error)} (credentials: "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or the instance role; endpoint: s3_endpoint_url "
+                f"{self.config.s3_endpoint_url or '(AWS)'}, s3_region {self.config.s3_region or '(default)'})"
+            ) from None
 
     def _main_loop(self) -> None:
         capacity = self.engine.capacity
@@ -428,7 +461,7 @@ class Worker:
             self._return_strays()
             self._reap()
             if self.shards is not None:
-                self._redis(lambda: recover(self.leases, self.config.host_id), "shard")
+                self._redis(lambda: recover(self.leases, self.config.host_id, bucket=self.shards.bucket), "shard")
         if self._due("store", now, STORE_CHECK_EVERY):
             self._check_store(now)
         if now >= self._next.get("disk", 0.0):
@@ -482,9 +515,17 @@ class Worker:
             self.sealed.remove(shard)
             del self.kept[shard.id]
             counted = self.shards.finish(shard, self.leases, lambda call: self._redis(call, "shard"))
-            if counted > 0:
-                self.tally.stored += counted
-                self.tally.bytes += shard.bytes
+            self._tally_shard(shard, counted)
+        while self.shards.uploader is not None:
+            ended = self.shards.commit_uploaded(self.leases, lambda call: self._redis(call, "shard"))
+            if ended is None:
+                break
+            self._tally_shard(*ended)
+
+    def _tally_shard(self, shard: Shard, counted: int) -> None:
+        if counted > 0:
+            self.tally.stored += counted
+            self.tally.bytes += shard.bytes
 
     def _sealed(self, shard: Shard) -> None:
         """Take a shard from the sealer: to be finished, or kept aside when the store refused to seal it."""
@@ -529,7 +570,16 @@ class Worker:
     # --- remote control (control.py) ---
 
     def _may_claim(self) -> bool:
-        return self.pause_reason is None and self.store_problem is None and not self.paused and not self.draining
+        return (self.pause_reason is None and self.store_problem is None and not self.paused and not self.draining
+                and not self._uploads_behind())  # fmt: skip
+
+    def _uploads_behind(self) -> bool:
+        """Object storage: too many shards wait for their upload (the store is slow or refuses)."""
+        return self.shards is not None and self.shards.uploads_waiting() >= UPLOADS_WAITING_MAX
+
+    def _upload_problem(self) -> StoreProblem | None:
+        uploader = self.shards.uploader if self.shards is not None else None
+        return uploader.problem if uploader is not None else None
 
     def _drained(self) -> bool:
         """Whether a draining worker may exit: it holds nothing, or only what the store keeps (the writes of a
@@ -553,15 +603,16 @@ class Worker:
             self.paused = asked.paused
             if self.paused:
                 self._return_unstarted()
+        problem = self.store_problem or self._upload_problem()
         if self.draining:
             state = DRAINING
-        elif self.store_problem is not None:
-            state = self.store_problem.state
+        elif problem is not None:
+            state = problem.state
         elif self.paused:
             state = PAUSED if self._holding() == 0 else PAUSING
         else:
             state = RUNNING
-        detail = self.store_problem.to_json() if self.store_problem is not None else None
+        detail = problem.to_json() if problem is not None else None
         self._redis(lambda: self.control.ack(state, detail), "control")
 
     def _return_unstarted(self) -> None:
