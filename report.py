@@ -1,7 +1,7 @@
 """Write a status table per input part: one row per input row, in input order, with its outcome and where it is.
 
 Usage: python3 report.py [--subset S] [--part P]
-       python3 report.py --manifest [braces|list] [--subset S]
+       python3 report.py --manifest [braces|list] [--subset S] [--presign SECONDS]
 
 Writes <status_dir>/<subset>/<part>.parquet and prints a short summary of each part. Reads only files: the input
 lists, the stored samples and the saved error files; records still in Redis are counted (when Redis answers) so that
@@ -9,7 +9,8 @@ they can be saved first with save_error_task.py --until-empty.
 
 With --manifest (webdataset output), writes instead, beside each subset's shards, shards.txt (the finished shards)
 and sizes.json (shard -> samples) and prints the shard list for readers: a brace pattern, or with "list" open_clip's
-::-joined list.
+::-joined list. With an s3:// store_dir, both are objects in the bucket and the shards are s3:// URLs; --presign
+prints instead https URLs that open without credentials for SECONDS (at most 7 days), ::-joined.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from laion5b import cli, inputs, manifest, redisconn, rowstatus
 from laion5b.config import Config
 from laion5b.inputs import Spec
 from laion5b.log import setup
-from laion5b.objectstore import bucket_of
+from laion5b.objectstore import Bucket, bucket_of
 from laion5b.rows import InputError
 from laion5b.shardlocator import LOCATORS, ShardLocator
 
 log = logging.getLogger("report")
 REDIS_TIMEOUT = 3.0
+MAX_PRESIGN = 7 * 24 * 3600
+"""The longest a presigned URL may be valid (S3's limit for signature version 4)."""
 
 
 def main() -> int:
@@ -46,11 +49,13 @@ def main() -> int:
         choices=manifest.FORMS,
         help="write each subset's shards.txt and sizes.json and print its shards (webdataset output)",
     )
+    parser.add_argument("--presign", type=int, metavar="SECONDS",
+                        help="--manifest of a bucket: print presigned https URLs valid this long instead")  # fmt: skip
     args = parser.parse_args()
     config = cli.load_settings(setting)
     setup("report", config.log_dir)
     if args.manifest:
-        return write_manifests(config, args.subset, args.manifest)
+        return write_manifests(config, args.subset, args.manifest, args.presign)
     spec = Spec.of(config)
     parquet_bucket = bucket_of(config, config.parquet_dir)
     parquet_dir = config.parquet_dir if parquet_bucket is not None else Path(config.parquet_dir)
@@ -79,24 +84,39 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def write_manifests(config: Config, subset: str | None, form: str) -> int:
+def write_manifests(config: Config, subset: str | None, form: str, presign: int | None = None) -> int:
     """Write the manifest of each subset (or of ``subset``) with finished shards, and print its shard list."""
     if config.output_format != "webdataset":
         log.error("manifest_needs_webdataset output_format=%s: only shards have a manifest", config.output_format)
         return 1
-    store = os.path.abspath(config.store_dir)
+    bucket = bucket_of(config)
+    if presign is not None and (bucket is None or not 0 < presign <= MAX_PRESIGN):
+        log.error("manifest_presign_refused presign=%s: only for an s3:// store_dir, 1 to %d seconds", presign,
+                  MAX_PRESIGN)  # fmt: skip
+        return cli.EXIT_USAGE
+    store = config.store_dir.rstrip("/") if bucket is not None else os.path.abspath(config.store_dir)
     written = 0
-    for name in [subset] if subset else manifest.subsets(store):
-        found = manifest.survey(f"{store}/{name}") if os.path.isdir(f"{store}/{name}") else None
+    for name in [subset] if subset else manifest.subsets(store, bucket):
+        found = _survey(f"{store}/{name}", bucket)
         if not found or not found.sizes:
             log.warning("manifest_no_shards subset=%s folder=%s/%s", name, store, name)
             continue
-        manifest.write(found)
-        shards = manifest.braces(found) if form == "braces" else manifest.joined(found)
+        manifest.write(found, bucket)
+        if bucket is not None and presign is not None:
+            shards = manifest.presigned(found, bucket, presign)
+        else:
+            shards = manifest.braces(found) if form == "braces" else manifest.joined(found)
         sys.stdout.write(f"{name}: {len(found.sizes):,} shards, {found.samples:,} samples; wrote {found.folder}/"
                          f"{manifest.SHARDS_FILE} and {manifest.SIZES_FILE}\n{shards}\n")  # fmt: skip
         written += 1
     return 0 if written else 1
+
+
+def _survey(folder: str, bucket: Bucket | None) -> manifest.Manifest | None:
+    """The subset's manifest, or None when it has no folder on disk."""
+    if bucket is None and not os.path.isdir(folder):
+        return None
+    return manifest.survey(folder, bucket)
 
 
 def _warn_about_unsaved_records(config: Config) -> None:

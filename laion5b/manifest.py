@@ -1,7 +1,8 @@
 """What readers of a webdataset output need, per subset: the finished shards (``shards.txt``, one tar name a line,
 in name order) and their samples (``sizes.json``, tar name -> samples: the file open_clip reads for
-``--train-num-samples``), written beside the shards; and the shard list as readers take it, a brace pattern or a
-``::``-joined list (open_clip's ``--train-data``; the webdataset library expands braces too)."""
+``--train-num-samples``), written beside the shards, on disk or as objects in the bucket of an s3:// store_dir; and
+the shard list as readers take it, a brace pattern or a ``::``-joined list (open_clip's ``--train-data``; the
+webdataset library expands braces too)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
+
+from laion5b.objectstore import Bucket, RemotePath
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,11 @@ class Manifest:
         return [f"{self.folder}/{name}" for name in self.sizes]
 
 
-def subsets(store_dir: str) -> list[str]:
-    """The subsets' folders in ``store_dir``, by name (the temporary folder ``.tmp`` is none)."""
+def subsets(store_dir: str, bucket: Bucket | None = None) -> list[str]:
+    """The subsets' folders in ``store_dir`` (in its bucket: the prefixes under it), by name (the temporary folder
+    ``.tmp`` and the probes' ``.probe`` are none)."""
+    if bucket is not None:
+        return [name for name in bucket.folders(store_dir) if not name.startswith(".")]
     try:
         with os.scandir(store_dir) as entries:
             return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
@@ -48,27 +54,51 @@ def subsets(store_dir: str) -> list[str]:
         return []
 
 
-def survey(folder: str) -> Manifest:
+def survey(folder: str, bucket: Bucket | None = None) -> Manifest:
     """The finished shards in ``folder`` (a tar with its index beside it) and their samples, read from the index's
-    footer; a shard whose index cannot be read is left out, with a warning."""
-    with os.scandir(folder) as entries:
-        present = {entry.name for entry in entries if entry.is_file() and not entry.name.startswith(".")}
+    footer (in a bucket, by ranged GETs of its end); a shard whose index cannot be read is left out, with a warning."""
+    present = bucket.files(folder) if bucket is not None else _files(folder)
     sizes: dict[str, int] = {}
-    for tar in sorted(name for name in present if name.endswith(".tar")):
+    for tar in sorted(name for name in present if name.endswith(".tar") and not name.startswith(".")):
         index = f"{tar.removesuffix('.tar')}.parquet"
         if index not in present:
             continue  # not finished: its index comes first
+        path = f"{folder}/{index}"
         try:
-            sizes[tar] = pq.ParquetFile(f"{folder}/{index}").metadata.num_rows
-        except (OSError, ValueError) as error:  # pyarrow's errors are both
-            log.warning("manifest_index_unreadable index=%s/%s error=%s: shard left out", folder, index, error)
+            sizes[tar] = _rows(RemotePath(path, present[index], bucket) if bucket is not None else path)
+        except (OSError, ValueError) as error:  # pyarrow's errors are both; the bucket's are OSError
+            log.warning("manifest_index_unreadable index=%s error=%s: shard left out", path, error)
     return Manifest(folder, sizes)
 
 
-def write(manifest: Manifest) -> None:
-    """Write ``shards.txt`` and ``sizes.json`` into the subset's folder, each replacing the last one whole."""
-    _replace(f"{manifest.folder}/{SHARDS_FILE}", "".join(f"{name}\n" for name in manifest.sizes))
-    _replace(f"{manifest.folder}/{SIZES_FILE}", json.dumps(manifest.sizes, indent=0) + "\n")
+def _files(folder: str) -> dict[str, int]:
+    with os.scandir(folder) as entries:
+        return {entry.name: entry.stat().st_size for entry in entries if entry.is_file()}
+
+
+def _rows(index: str | RemotePath) -> int:
+    """The rows of an index, from its footer only."""
+    if isinstance(index, str):
+        return pq.ParquetFile(index).metadata.num_rows
+    with index.open() as file, pq.ParquetFile(file) as parquet:
+        return parquet.metadata.num_rows
+
+
+def write(manifest: Manifest, bucket: Bucket | None = None) -> None:
+    """Write ``shards.txt`` and ``sizes.json`` into the subset's folder (as objects in its bucket), each replacing
+    the last one whole."""
+    files = {SHARDS_FILE: "".join(f"{name}\n" for name in manifest.sizes),
+             SIZES_FILE: json.dumps(manifest.sizes, indent=0) + "\n"}  # fmt: skip
+    for name, text in files.items():
+        if bucket is not None:
+            bucket.write(f"{manifest.folder}/{name}", text.encode())
+        else:
+            _replace(f"{manifest.folder}/{name}", text)
+
+
+def presigned(manifest: Manifest, bucket: Bucket, seconds: int) -> str:
+    """The shards as https URLs that open without credentials for ``seconds`` (presigned GETs), joined by ``::``."""
+    return "::".join(bucket.presign(path, seconds) for path in manifest.paths())
 
 
 def joined(manifest: Manifest) -> str:

@@ -92,6 +92,7 @@ class Endpoint:
             read_timeout=READ_TIMEOUT,
             max_pool_connections=2 * UPLOAD_THREADS,
             request_checksum_calculation="when_supported",
+            signature_version="s3v4",
         )
         session = boto3.session.Session()
         return session.client("s3", endpoint_url=self.url or None, region_name=self.region or None, config=config)
@@ -183,8 +184,33 @@ class Bucket:
     def names(self, folder: str) -> set[str]:
         """Names of the objects directly under the ``folder`` URL (``s3://bucket/prefix/subset``), as a listing of a
         folder would give them."""
+        return set(self.files(folder))
+
+    def files(self, folder: str) -> dict[str, int]:
+        """Name -> size of the objects directly under the ``folder`` URL."""
         prefix = split_url(folder)[1].rstrip("/") + "/"
-        return {key[len(prefix) :] for key, _ in self.list_keys(prefix) if "/" not in key[len(prefix) :]}
+        return {key[len(prefix) :]: size for key, size in self.list_keys(prefix) if "/" not in key[len(prefix) :]}
+
+    def folders(self, folder: str) -> list[str]:
+        """Names of the folders directly under the ``folder`` URL (the common prefixes of its keys), by name."""
+        bucket, key = split_url(folder)
+        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        found = []
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            found += [item["Prefix"][len(prefix) :].rstrip("/") for item in page.get("CommonPrefixes", [])]
+        return sorted(found)
+
+    def write(self, url: str, data: bytes) -> None:
+        """Put ``data`` as the object at ``url`` (one PUT: a reader sees the old object or the new one, whole)."""
+        bucket, key = split_url(url)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def presign(self, url: str, seconds: int) -> str:
+        """An https URL that lets whoever holds it GET the object at ``url`` for ``seconds``, with no credentials."""
+        bucket, key = split_url(url)
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                  ExpiresIn=seconds)  # fmt: skip
 
 
 def bucket_of(config: Config, url: str | None = None) -> Bucket | None:

@@ -1,4 +1,5 @@
-"""Fixtures: a real redis-server per test, environments for the scripts, and the loopback image server."""
+"""Fixtures: a real redis-server per test, environments for the scripts, the loopback image server, and Hugging Face
+datasets offline."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import psutil
 import pytest
 
 from tests.helpers import ROOT
+from tests.hf_fixtures import hf_datasets  # noqa: F401
 from tests.http_fixtures import image_server  # noqa: F401
 from tests.redis_server import RedisServer
 from tests.s3_server import S3Server

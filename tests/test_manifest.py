@@ -4,12 +4,9 @@ back from them with the webdataset library and with Hugging Face datasets, image
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -27,31 +24,11 @@ from tools.image_server import image_bytes
 
 FORMATS = ("jpg", "png", "webp", "gif")
 """Served in turn, so that every shard (and the first samples, from which datasets infers its features) mixes them."""
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture
 def env(script_env: dict[str, str]) -> dict[str, str]:
     return webdataset_env(script_env, LAION_SHARD_SIZE="6")
-
-
-@pytest.fixture(scope="module")
-def hf_datasets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    """Hugging Face datasets, imported here (it takes a second) offline, its caches in a temporary folder: it reads
-    those variables when imported."""
-    variables = {**OFFLINE, "HF_HOME": str(tmp_path_factory.mktemp("hf"))}
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        datasets = importlib.import_module("datasets")
-        assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE, "it must not reach the network"
-        yield datasets
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def download(env: dict[str, str], client, server, rows: int) -> list:

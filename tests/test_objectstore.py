@@ -1,6 +1,7 @@
 """Webdataset output to object storage (an S3 server of the test's own on loopback, signatures checked): shards read
-back from the bucket with the webdataset library, exact books after kill -9 during an upload and across a frozen
-store, and a bucket that refuses writes stopping the worker at start with one line."""
+back from the bucket with the webdataset library, and from the manifest's presigned URLs with it and with Hugging
+Face datasets, exact books after kill -9 during an upload and across a frozen store, and a bucket that refuses writes
+stopping the worker at start with one line."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import json
 import secrets
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import braceexpand
 import pyarrow.parquet as pq
 import pytest
 import webdataset
 
 import setting
+from laion5b import manifest
 from laion5b.config import ConfigError, load
 from laion5b.imaging import Processed
 from laion5b.inputs import Spec, columns_of, count_rows, find_files, read_rows
@@ -31,6 +36,7 @@ from laion5b.tasks import Task, decode
 from tests.helpers import engine_env, kill_add_task_midway, run_script, wait_until, webdataset_env, write_wide
 from tests.s3_server import REGION, S3Server
 from tests.test_downloader import start_worker
+from tests.test_manifest import report_manifest
 from tools.image_server import image_bytes
 
 KEYS = Keys()
@@ -128,6 +134,40 @@ def test_report_reads_the_shard_indexes_from_the_bucket(env, redis_server, s3_se
         assert row["shard"].startswith(f"s3://{s3_server.bucket}/{PREFIX}/s/") and row["member"] in shards[
             row["shard"].removeprefix(f"s3://{s3_server.bucket}/")]  # fmt: skip
     assert "success 5 (83.3%)" in result.stdout
+
+
+def test_the_manifest_of_a_bucket_reads_back_with_webdataset_and_datasets(
+    env, redis_server, s3_server, image_server, hf_datasets, tmp_path
+) -> None:
+    """report.py --manifest with an s3:// store_dir: shards.txt and sizes.json are objects beside the finished shards
+    (an index without its tar is none), the shards printed as s3:// URLs, and with --presign as https URLs that the
+    webdataset library and Hugging Face datasets (streaming) read without credentials; a URL altered is refused."""
+    client = redis_server.client()
+    tasks = queue(client, [image_server.url(f"/img/v{row}.jpg") for row in range(7)])
+    env.update(LAION_SHARD_SIZE="3")
+    result = run_until_empty(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    s3 = s3_server.client()
+    s3.put_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/sub/unfinished.parquet", Body=b"its tar is not there")
+    folder = f"s3://{s3_server.bucket}/{PREFIX}/sub"
+    summary, pattern = report_manifest(env)
+    read = lambda name: s3.get_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/sub/{name}")["Body"].read()  # noqa: E731
+    names, sizes = read(manifest.SHARDS_FILE).decode().split(), json.loads(read(manifest.SIZES_FILE))
+    tars = sorted(key.rpartition("/")[2] for key in s3_server.objects(f"{PREFIX}/sub/") if key.endswith(".tar"))
+    assert names == tars == list(sizes) and len(names) == 3 and sum(sizes.values()) == 7
+    assert summary == f"sub: 3 shards, 7 samples; wrote {folder}/shards.txt and sizes.json"
+    assert list(braceexpand.braceexpand(pattern)) == [f"{folder}/{name}" for name in names]
+    urls = report_manifest(env, "list", "--presign", "600")[1].split("::")
+    assert [url.partition("?")[0] for url in urls] == [f"{s3_server.endpoint}/{s3_server.bucket}/{PREFIX}/sub/{name}"
+                                                       for name in names]  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(urls[0][:-1] + ("0" if urls[0][-1] != "0" else "1"), timeout=10)
+    samples = list(webdataset.WebDataset(urls, shardshuffle=False))
+    assert sorted(json.loads(sample["json"])["id"] for sample in samples) == sorted(task.id for task in tasks)
+    dataset = hf_datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", streaming=True)
+    rows = list(dataset)
+    assert sorted(row["json"]["id"] for row in rows) == sorted(task.id for task in tasks)
+    assert all(row["jpg"].size == (row["json"]["width"], row["json"]["height"]) for row in rows)
 
 
 def test_a_bucket_that_refuses_writes_stops_the_worker_at_start(env, redis_server, s3_server) -> None:
