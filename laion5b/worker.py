@@ -246,6 +246,8 @@ class Worker:
         self.control = WorkerControl(client, config.keys, config.host_id, self.identity)
         self.paused = False
         self.draining = False
+        self.uploads_behind = False
+        """Claiming stopped because UPLOADS_WAITING_MAX shards wait for their upload (logged when it changes)."""
         self.fenced = False
         """Another incarnation took the identity over: this process stops without touching Redis or the store."""
 
@@ -574,8 +576,15 @@ class Worker:
                 and not self._uploads_behind())  # fmt: skip
 
     def _uploads_behind(self) -> bool:
-        """Object storage: too many shards wait for their upload (the store is slow or refuses)."""
-        return self.shards is not None and self.shards.uploads_waiting() >= UPLOADS_WAITING_MAX
+        """Object storage: too many shards wait for their upload (the store is slow, refuses or does not answer)."""
+        waiting = self.shards.uploads_waiting() if self.shards is not None else 0
+        behind = waiting >= UPLOADS_WAITING_MAX
+        if behind != self.uploads_behind:
+            self.uploads_behind = behind
+            event = "claim_paused" if behind else "claim_resumed"
+            log.info("%s worker=%s reason=uploads_behind uploads_waiting=%d held=%d", event, self.identity, waiting,
+                     self.held_count)  # fmt: skip
+        return behind
 
     def _upload_problem(self) -> StoreProblem | None:
         uploader = self.shards.uploader if self.shards is not None else None

@@ -277,22 +277,29 @@ def test_a_worker_killed_during_a_multipart_upload_leaves_exact_books(
 
 
 def test_a_frozen_store_loses_nothing(env, redis_server, s3_server, image_server, tmp_path: Path) -> None:
-    """The store frozen for 6 s mid-run (SIGSTOP; an outage of 30 s behaves the same, only longer): uploads wait,
-    claiming stops once 2 shards wait for theirs (the queue is left alone, the staging area stays small), and the
-    run finishes with exact books once the store is back."""
+    """The store frozen for 30 s mid-run (SIGSTOP, as an outage; then SIGCONT): uploads wait, claiming stops once 2
+    shards wait for theirs (the worker says so, the queue is left alone, the staging area stays small) while the
+    worker stays alive, and the run finishes with exact books once the store is back."""
     client = redis_server.client()
     tasks = queue(client, [image_server.url(f"/slow/0.2/z{row}.jpg") for row in range(30)])
     env.update(LAION_SHARD_SIZE="2", LAION_THREAD_NUM="2")
-    worker = start_worker(env, "w", "--until-empty")
+    log = tmp_path / "worker.log"
+    with open(log, "w") as stderr:
+        worker = subprocess.Popen([*run_script("downloader.py"), "w", "--until-empty"], env=env, stderr=stderr)
     wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) > 0)
     s3_server.freeze()
-    time.sleep(3)
+    frozen = time.monotonic()
+    wait_until(lambda: "claim_paused worker=testhost:w reason=uploads_behind" in log.read_text(), timeout=10)
     queued, in_shards = client.llen(KEYS.task), int(client.hget(KEYS.host_counters, f"{HOST}:open") or 0)
-    time.sleep(3)
+    time.sleep(max(0.0, 30 - (time.monotonic() - frozen)))
     assert client.llen(KEYS.task) == queued > 0, "claiming stopped: 2 x 10 downloads a second would have emptied it"
     assert in_shards <= (2 + 1) * 2 + 2 * 2, "2 shards waiting, 1 uploading, and the tasks held when claiming stopped"
+    [host] = read_snapshot(client, KEYS, 3, 60).hosts
+    assert (host.live_workers, host.stale_workers) == (1, 0), "alive, its heartbeats on time"
+    assert worker.poll() is None and "claim_resumed" not in log.read_text()
     s3_server.thaw()
-    assert worker.wait(timeout=90) == 0, worker.stderr.read()[-3000:]
+    assert worker.wait(timeout=90) == 0, log.read_text()[-3000:]
+    assert "claim_resumed worker=testhost:w reason=uploads_behind" in log.read_text()
     assert len(assert_exact_books(client, s3_server, tasks, tmp_path / "staging")) == 30
 
 
