@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 from laion5b import stats
+from laion5b.control import WorkerControl
 from laion5b.hostledger import HostLedger, HostReport
 from laion5b.keys import Keys
 from laion5b.leases import FAILED, STORED, Leases, retry_outcome
+from laion5b.storehealth import STORE_FAILING, StoreProblem
 from laion5b.tasks import Task, decode
+from laion5b.uploads import UPLOAD_FAILING
 from tests.helpers import run_script, write_wide
 from tests.redis_server import free_port
 
@@ -191,3 +194,25 @@ def test_rates_between_two_snapshots():
     assert "!! success ratio 20% over the last 10 s is under 50%" in view
     assert "ETA 00:07:40 for 920 tasks left" in view
     assert "!!" not in stats.render(after, before, 0.1)
+
+
+def test_a_hosts_failing_uploads_and_store_are_shown(redis_server, script_env):
+    """A live worker whose uploads to object storage fail shows its host as upload_failing with the store's error,
+    in the text view and in --json, as a failing store shows store_failing with its errno; a dead worker's state
+    shows nothing."""
+    client = redis_server.client()
+    problems = {"h1": StoreProblem(UPLOAD_FAILING, "SlowDown", "s3://b/run/sub/h1-0-000001-ab.tar"),
+                "h2": StoreProblem(STORE_FAILING, "ENOSPC", "/data/images/sub"),
+                "h3": StoreProblem(UPLOAD_FAILING, "AccessDenied", "s3://b/run/sub/h3-0-000001-ab.tar")}  # fmt: skip
+    for host, problem in problems.items():
+        Leases(client, KEYS, host, f"{host}:0", 30).register()
+        WorkerControl(client, KEYS, host, f"{host}:0").ack(problem.state, problem.to_json())
+    client.delete(KEYS.heartbeat("h3:0"))  # h3's worker died: its last state is no longer its host's
+    hosts = {host["host"]: host for host in speed_json(script_env)["hosts"]}
+    assert (hosts["h1"]["state"], hosts["h1"]["store_errno"]) == ("upload_failing", "SlowDown")
+    assert (hosts["h2"]["state"], hosts["h2"]["store_errno"]) == ("store_failing", "ENOSPC")
+    assert (hosts["h3"]["state"], hosts["h3"]["store_errno"]) == ("DEAD", None)
+    text = speed(script_env, "--once").stdout
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("h")}
+    assert rows["h1"].endswith("upload_failing SlowDown") and rows["h2"].endswith("store_failing ENOSPC")
+    assert re.search(r"^workers: 1 store_failing, \d upload_failing$", text, re.MULTILINE)
