@@ -170,6 +170,35 @@ def test_the_manifest_of_a_bucket_reads_back_with_webdataset_and_datasets(
     assert all(row["jpg"].size == (row["json"]["width"], row["json"]["height"]) for row in rows)
 
 
+def test_the_manifest_reads_only_the_footer_of_each_index_in_the_bucket(
+    s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket's shard sizes come from each index's footer by ranged GETs (a few KB of a 4 MB index); a tar without
+    its index, an index without its tar and an index that is no parquet are left out."""
+    s3 = s3_server.client()
+    index = write_wide(tmp_path / "index.parquet", [secrets.token_hex(32) for _ in range(60_000)])
+    for name in ("a.tar", "b.tar", "c.tar", "d.parquet"):
+        s3.put_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/sub/{name}", Body=b"tar")
+    s3.upload_file(str(index), s3_server.bucket, f"{PREFIX}/sub/a.parquet")
+    s3.upload_file(str(index), s3_server.bucket, f"{PREFIX}/sub/d.parquet")
+    s3.put_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/sub/b.parquet", Body=b"not parquet")
+    s3.put_object(Bucket=s3_server.bucket, Key=f"{PREFIX}/.probe/x", Body=b"")
+    env = s3_server.environ(PREFIX)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, env[name])
+    bucket = Bucket(Location.parse(env["LAION_STORE_DIR"]), Endpoint(s3_server.endpoint, REGION, "path", 5))
+    ranges: list[str | None] = []
+    fetched: list[int] = []
+    bucket.client.meta.events.register("before-call.s3.GetObject", lambda params, **_: ranges.append(
+        params.get("headers", {}).get("Range")))  # fmt: skip
+    bucket.client.meta.events.register("after-call.s3.GetObject",
+                                       lambda parsed, **_: fetched.append(parsed["ContentLength"]))  # fmt: skip
+    assert manifest.subsets(env["LAION_STORE_DIR"], bucket) == ["sub"]
+    found = manifest.survey(f"{env['LAION_STORE_DIR']}/sub", bucket)
+    assert found.sizes == {"a.tar": 60_000}
+    assert ranges and all(ranges) and sum(fetched) < index.stat().st_size / 20
+
+
 def test_a_bucket_that_refuses_writes_stops_the_worker_at_start(env, redis_server, s3_server) -> None:
     """A wrong secret: exit 2 at start with one error line naming store_dir, nothing claimed."""
     client = redis_server.client()
