@@ -1,0 +1,76 @@
+"""max_per_ip, measured at the server: several host names of one loopback address, two workers sharing one Redis
+(in this process, with a resolver that maps the names to that address): the server never sees more than max_per_ip
+requests in progress, all names together, where max_per_host alone would allow one worker's whole concurrency."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+import setting
+from laion5b.config import load
+from laion5b.keys import Keys
+from laion5b.redisconn import connect
+from laion5b.worker import Worker
+from tests.helpers import engine_env
+from tests.test_downloader import assert_books_balance, queue_urls
+from tools.image_server import ImageServer
+
+KEYS = Keys()
+ADDRESS = "127.0.0.21"
+NAMES = [f"site{n}.test" for n in range(4)]
+
+
+@pytest.fixture
+def server():
+    server = ImageServer(host=ADDRESS)
+    server.start()
+    yield server
+    server.stop()
+
+
+def names_to_one_address(host: str, port: int) -> list[str]:
+    """Every test name resolves to ADDRESS (a server of many host names)."""
+    assert host in NAMES, host
+    return [ADDRESS]
+
+
+def run_workers(env: dict[str, str], count: int = 2) -> None:
+    """``count`` workers of this process, each with its own engine and identity, until the queue is empty."""
+    config = load(setting, env)
+    stop = threading.Event()
+    workers = [
+        Worker(connect(config), config, str(n), stop, until_empty=True, resolver=names_to_one_address)
+        for n in range(count)
+    ]
+    threads = [threading.Thread(target=worker.run) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_two_workers_together_never_pass_max_per_ip(redis_server, script_env, server, engine):
+    client = redis_server.client()
+    urls = [f"http://{name}:{server.port}/slow/0.3/{name}-{i}.jpg" for name in NAMES for i in range(4)]
+    total = len(queue_urls(client, urls))
+    env = {
+        **script_env,
+        **engine_env(engine),
+        "LAION_CONCURRENCY": "8",
+        "LAION_THREAD_NUM": "8",
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_MAX_PER_HOST": "3",  # 4 names x 3: max_per_host alone would allow 8 per worker
+        "LAION_HOST_START_CONCURRENCY": "3",
+        "LAION_MAX_PER_IP": "2",
+        "LAION_ROBOTS": "false",  # the server counts requests: a robots.txt request would be one more
+    }
+    run_workers(env)
+    assert server.most_at_once() == 2
+    assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
+    assert int(client.get(KEYS.tongji_succ)) == total
+    assert not client.hlen(KEYS.ledger_hosts("ip"))  # every address slot was given back
