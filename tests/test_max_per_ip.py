@@ -31,20 +31,23 @@ def server():
     server.stop()
 
 
-def names_to_one_address(host: str, port: int) -> list[str]:
-    """Every test name resolves to ADDRESS (a server of many host names)."""
-    assert host in NAMES, host
-    return [ADDRESS]
+class NamesToOneAddress:
+    """Every test name resolves to ADDRESS (a server of many host names); the look-ups are counted."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        assert host in NAMES, host
+        self.lookups += 1
+        return [ADDRESS]
 
 
-def run_workers(env: dict[str, str], count: int = 2) -> None:
+def run_workers(env: dict[str, str], resolver: NamesToOneAddress, count: int = 2) -> None:
     """``count`` workers of this process, each with its own engine and identity, until the queue is empty."""
     config = load(setting, env)
     stop = threading.Event()
-    workers = [
-        Worker(connect(config), config, str(n), stop, until_empty=True, resolver=names_to_one_address)
-        for n in range(count)
-    ]
+    workers = [Worker(connect(config), config, str(n), stop, until_empty=True, resolver=resolver) for n in range(count)]
     threads = [threading.Thread(target=worker.run) for worker in workers]
     for thread in threads:
         thread.start()
@@ -68,9 +71,12 @@ def test_two_workers_together_never_pass_max_per_ip(redis_server, script_env, se
         "LAION_HOST_START_CONCURRENCY": "3",
         "LAION_MAX_PER_IP": "2",
         "LAION_ROBOTS": "false",  # the server counts requests: a robots.txt request would be one more
+        "LAION_DNS_CACHE_TTL": "0",  # every look-up reaches the resolver
     }
-    run_workers(env)
+    resolver = NamesToOneAddress()
+    run_workers(env, resolver)
     assert server.most_at_once() == 2
+    assert resolver.lookups <= total  # once per request at most: the connection uses the address its slot is of
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
     assert int(client.get(KEYS.tongji_succ)) == total
     assert not client.hlen(KEYS.ledger_hosts("ip"))  # every address slot was given back
