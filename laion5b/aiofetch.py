@@ -125,9 +125,10 @@ class _BoundedIdleConnector(aiohttp.TCPConnector):
     def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
         super()._release(key, protocol, should_close=should_close or self.idle() >= self.max_idle)
 
-    async def _get(self, key: Any, *args: Any) -> Any:
+    def _get(self, key: Any, *args: Any) -> Any:
         """A kept-alive connection, but none to another address than the one pinned for the request (the host's
-        DNS answer changed since): those are closed, so that the request connects to the pinned address."""
+        DNS answer changed since): those are closed, so that the request connects to the pinned address. (Returns
+        what aiohttp's returns, a coroutine in current versions.)"""
         pinned = _PINNED.get()
         idle = self._conns.get(key) if pinned is not None else None
         if idle:
@@ -136,7 +137,7 @@ class _BoundedIdleConnector(aiohttp.TCPConnector):
                 entry[0].close()
             if not idle:
                 del self._conns[key]
-        return await super()._get(key, *args)
+        return super()._get(key, *args)
 
 
 def _peer(protocol: Any) -> str | None:

@@ -11,6 +11,7 @@ import pytest
 
 import setting
 from laion5b.config import load
+from laion5b.guard import Resolver
 from laion5b.keys import Keys
 from laion5b.redisconn import connect
 from laion5b.worker import Worker
@@ -43,7 +44,7 @@ class NamesToOneAddress:
         return [ADDRESS]
 
 
-def run_workers(env: dict[str, str], resolver: NamesToOneAddress, count: int = 2) -> None:
+def run_workers(env: dict[str, str], resolver: Resolver, count: int = 2) -> None:
     """``count`` workers of this process, each with its own engine and identity, until the queue is empty."""
     config = load(setting, env)
     stop = threading.Event()
@@ -80,3 +81,45 @@ def test_two_workers_together_never_pass_max_per_ip(redis_server, script_env, se
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
     assert int(client.get(KEYS.tongji_succ)) == total
     assert not client.hlen(KEYS.ledger_hosts("ip"))  # every address slot was given back
+
+
+class Alternating:
+    """One name whose DNS answer changes at every look-up, between two addresses."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+        self.lookups = 0
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups += 1
+        return [self.addresses[self.lookups % len(self.addresses)]]
+
+
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_each_request_connects_to_the_address_whose_slot_it_holds(redis_server, script_env, engine):
+    """The name's answer changes between requests: a kept-alive connection to the last address is not reused."""
+    first = ImageServer(host="127.0.0.22")
+    first.start()
+    second = ImageServer(host="127.0.0.23", port=first.port)
+    second.start()
+    try:
+        client = redis_server.client()
+        total = len(queue_urls(client, [f"http://moving.test:{first.port}/img/m{i}.jpg" for i in range(8)]))
+        env = {
+            **script_env,
+            **engine_env(engine),
+            "LAION_CONCURRENCY": "1",
+            "LAION_THREAD_NUM": "1",
+            "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "LAION_MAX_PER_IP": "1",
+            "LAION_ROBOTS": "false",
+            "LAION_DNS_CACHE_TTL": "0",
+        }
+        resolver = Alternating("127.0.0.22", "127.0.0.23")
+        run_workers(env, resolver, count=1)
+        assert int(client.get(KEYS.tongji_succ)) == total
+        assert resolver.lookups == total
+        assert len(first.started("moving.test")) == len(second.started("moving.test")) == total // 2
+    finally:
+        first.stop()
+        second.stop()
