@@ -44,6 +44,7 @@ def main() -> int:
         spec=Spec.of(config),
         stop=stop,
         on_batch=show_progress if sys.stderr.isatty() else _plain_progress(),
+        min_replicas=config.redis_min_replicas,
     )
     try:
         redisconn.retrying(client.ping, "connect", stop)

@@ -13,6 +13,11 @@ redis_db = 0  # Redis database number
 redis_pass = ""  # Redis password, never printed or logged; set LAION_REDIS_PASS instead of writing it here
 redis_tls = False  # connect to Redis over TLS
 redis_tls_ca = ""  # CA bundle that signs the Redis server's certificate (empty: the system's)
+redis_sentinels = []  # Sentinels (host:port, comma-separated) that find the master and follow its failovers; empty:
+#                       connect to redis_ip:redis_port directly. Password and TLS apply to them too (docs/deploy.md)
+redis_master_name = "laion5b"  # name under which the sentinels monitor the master (their "sentinel monitor" line)
+redis_min_replicas = 0  # replicas that must hold a count, a shard's commit and a producer batch before anything
+#                         depends on it (WAIT; 0: do not wait): a failover then loses none of them (docs/guarantees.md)
 
 
 class RedisKey:

@@ -43,6 +43,9 @@ class Config:
     redis_pass: str = field(repr=False)
     redis_tls: bool
     redis_tls_ca: str
+    redis_sentinels: list[str]
+    redis_master_name: str
+    redis_min_replicas: int
     parquet_dir: str
     addtask_threshold: int
     addtask_batch: int
@@ -145,6 +148,7 @@ _POSITIVE = (
 )
 _NOT_NEGATIVE = (
     "redis_db",
+    "redis_min_replicas",
     "max_redirects",
     "max_per_host",
     "max_per_ip",
@@ -210,6 +214,24 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{_named(name)} must not be empty")
     _validate_user_agent(config)
     _validate_robots(config)
+    _validate_sentinels(config)
+
+
+def _validate_sentinels(config: Config) -> None:
+    for address in config.redis_sentinels:
+        if sentinel_address(address) is None:
+            raise ConfigError(f"{_named('redis_sentinels')}: {address!r} is not host:port (port 1-65535)")
+    if config.redis_sentinels and not config.redis_master_name:
+        raise ConfigError(f"{_named('redis_master_name')} must not be empty when redis_sentinels is set")
+
+
+def sentinel_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as (host, port), or None when it is not one."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 def _validate_user_agent(config: Config) -> None:

@@ -18,6 +18,7 @@ from laion5b import control, inputs
 from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
 from laion5b.redisconn import retrying
+from laion5b.replicas import Replicas
 from laion5b.rows import InputError
 from laion5b.tasks import BAD_ROW, BAD_URL, HASH_DIGITS, Task, safe_id, url_problem
 
@@ -88,9 +89,12 @@ class Producer:
     stop: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     on_batch: Callable[[Progress, SourceFile], None] = lambda progress, source: None
+    min_replicas: int = 0
+    """Replicas that must hold a batch before the next one is pushed (redis_min_replicas)."""
 
     def __post_init__(self) -> None:
         self._push = self.client.register_script(_PUSH_BATCH)
+        self._replicas = Replicas(self.min_replicas)
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
         self._heartbeat_at = 0.0
         self._columns: dict[SourceFile, Picked] = {}
@@ -196,7 +200,7 @@ class Producer:
         args = [source.key, batch.start, batch.end, len(batch.tasks), *batch.tasks, *batch.errors]
         keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions,
                 self.keys.failures]  # fmt: skip
-        position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
+        position = int(self._call(lambda: self._replicas.run(self._push, keys, args), "push_batch"))
         if position < batch.start:
             raise Rewind(position)
         if position != batch.end:

@@ -484,6 +484,27 @@ def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
     return recovered
 
 
+def count_own_prepared(leases: Leases, host_id: str, retry: Retry) -> int:
+    """Count the shards this process prepared whose files are under their final names but that Redis still holds as
+    being finished (a failover lost their commit: ``finish`` never leaves one so while it runs). A shard whose files
+    cannot be moved into place is left to ``recover`` once this process is gone. Return how many were counted."""
+    token, counted = leases.owner.token(), 0
+    for field_name, text in retry(lambda: leases.client.hgetall(leases.keys.shards)).items():
+        record = json.loads(text)
+        if not field_name.startswith(f"{host_id}|") or record.get("owner") != token:
+            continue
+        try:
+            state = settle_files(record)
+        except OSError:
+            continue
+        if state == FINISHED:
+            size = int(record["bytes"])
+            count = retry(lambda field_name=field_name, size=size: leases.commit_shard(field_name, host_id, size))
+            log.warning("shard_commit_redone shard=%s counted=%d", record["tar"], count)
+            counted += max(count, 0)
+    return counted
+
+
 def _orphans(leases: Leases, host_id: str) -> list[tuple[str, dict[str, Any]]]:
     """The shards of this host being finished whose owner incarnation no longer holds its identity (its heartbeat
     expired, or another process of that name took it over): (field, record)."""

@@ -30,7 +30,7 @@ from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Parked, Pipeline, Sink
 from laion5b.redisconn import retrying
 from laion5b.robots import async_robots_gate, robots_gate
-from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
+from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, count_own_prepared, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.storehealth import STORE_STALLED, WRITTEN_STANDS, StoreProblem
@@ -184,7 +184,9 @@ class Worker:
         self.identity = f"{config.host_id}:{name}"
         self.stop = stop
         self.until_empty = until_empty
-        self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
+        self.leases = Leases(
+            client, config.keys, config.host_id, self.identity, config.heartbeat_ttl, config.redis_min_replicas
+        )
         self.sink = make_sink(config, name, self.identity, self.leases.incarnation)
         self.shards = self.sink if isinstance(self.sink, ShardSink) else None
         self.guard = DiskGuard(
@@ -362,9 +364,15 @@ class Worker:
         return retrying(call, what, self.stop if what not in ("retire", "finish", "shard") else None)
 
     def _exchange(self, count: int) -> int:
-        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came."""
+        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came.
+
+        Sent again (a lost reply, replicas that did not confirm the write), the call claims nothing: what the first
+        one claimed is returned as strays, and replicas that stay behind do not drain the queue into the lease list.
+        """
         batch, self.pending = self.pending, []
-        applied, tasks = self._redis(lambda: self.leases.exchange(batch, count), "finish" if batch else "claim")
+        counts = iter((count,))
+        what = "finish" if batch else "claim"
+        applied, tasks = self._redis(lambda: self.leases.exchange(batch, next(counts, 0)), what)
         self._heartbeat_sent(time.monotonic())
         self._settle(batch, applied)
         for raw in tasks:
@@ -595,6 +603,14 @@ class Worker:
         if strays:
             returned = self._redis(lambda: self.leases.finish([(RETURN, raw, "") for raw in strays]), "finish")
             log.warning("strays_returned worker=%s tasks=%d", self.identity, returned)
+        if self.shards is None:
+            return
+        for shard in self._redis(lambda: self.leases.stray_shards(self.kept), "strays"):
+            returned = self._redis(lambda shard=shard: self.leases.release_kept(shard), "shard")
+            log.warning("stray_shard_returned worker=%s shard=%s tasks=%d", self.identity, shard, returned)
+        self.tally.stored += count_own_prepared(
+            self.leases, self.config.host_id, lambda call: self._redis(call, "shard")
+        )
 
     def _check_store(self, now: float) -> None:
         """Stop claiming while the store fails or stalls, returning the tasks not started; resume once it is healthy
