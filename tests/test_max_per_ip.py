@@ -123,3 +123,27 @@ def test_each_request_connects_to_the_address_whose_slot_it_holds(redis_server, 
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("engine", ["threads", "async"])
+def test_a_redirect_to_another_name_of_the_address_waits_for_no_slot_of_its_own(
+    redis_server, script_env, server, engine
+):
+    """Each hop holds the address's slot only while its request is in progress: with max_per_ip 1, downloads whose
+    redirect leads to another name of the same address all end, one request at a time."""
+    client = redis_server.client()
+    target = f"http://{NAMES[1]}:{server.port}/slow/0.1"
+    urls = [f"http://{NAMES[0]}:{server.port}/redirect-to?url={target}/r{i}.jpg" for i in range(6)]
+    total = len(queue_urls(client, urls))
+    env = {
+        **script_env,
+        **engine_env(engine),
+        "LAION_CONCURRENCY": "4",
+        "LAION_THREAD_NUM": "4",
+        "LAION_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "LAION_MAX_PER_IP": "1",
+        "LAION_ROBOTS": "false",
+    }
+    run_workers(env, NamesToOneAddress(), count=1)
+    assert int(client.get(KEYS.tongji_succ)) == total
+    assert server.most_at_once() == 1
