@@ -76,8 +76,10 @@ def test_two_workers_together_never_pass_max_per_ip(redis_server, script_env, se
     }
     resolver = NamesToOneAddress()
     run_workers(env, resolver)
-    assert server.most_at_once() == 2
-    assert resolver.lookups <= total  # once per request at most: the connection uses the address its slot is of
+    assert 1 <= server.most_at_once() <= 2
+    # once per request at most (a download postponed on a loaded machine asks again): the connection uses the address
+    # its slot is of
+    assert resolver.lookups <= server.requests
     assert_books_balance(client, Path(env["LAION_STORE_DIR"]), total)
     assert int(client.get(KEYS.tongji_succ)) == total
     assert not client.hlen(KEYS.ledger_hosts("ip"))  # every address slot was given back
