@@ -279,12 +279,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.most_at_once = max(self.server.most_at_once, self.server.at_once)
             self.server.started.setdefault(host, []).append(time.monotonic())
             self.server.paths.append(self.path)
+        self._host: str | None = host
         try:
             self._answer()
         finally:
-            with self.server.lock:
-                self.server.in_progress[host] -= 1
-                self.server.at_once -= 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """The request stops counting as in progress: before its reply is sent (a client that has the whole reply
+        may send its next request before this thread gets to run again), or when its handler ends."""
+        if self._host is None:
+            return
+        with self.server.lock:
+            self.server.in_progress[self._host] -= 1
+            self.server.at_once -= 1
+        self._host = None
 
     def _answer(self) -> None:
         parts = urlsplit(self.path)
@@ -304,6 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(
         self, status: int, body: bytes, content_type: str = "text/plain", headers: dict[str, str] | None = None
     ) -> None:
+        self._answered()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
