@@ -75,6 +75,7 @@ class Config:
     max_inflight_bytes: int
     max_per_host: int
     host_start_concurrency: int
+    max_per_ip: int
     host_id: str
     heartbeat_ttl: int
     max_attempts: int
@@ -158,6 +159,7 @@ _NOT_NEGATIVE = (
     "redis_min_replicas",
     "max_redirects",
     "max_per_host",
+    "max_per_ip",
     "retry_backoff",
     "max_retry_after",
     "dns_cache_ttl",

@@ -111,8 +111,8 @@ def retrying(call: Callable[[], T], what: str, stop: threading.Event | None = No
         except FATAL:
             raise
         except (*RETRYABLE, redis.ResponseError) as error:
-            if isinstance(error, redis.ResponseError) and not str(error).startswith(NO_REPLICAS):
-                raise
+            if not isinstance(error, RETRYABLE) and not str(error).startswith(NO_REPLICAS):
+                raise  # a script's own error (OutOfMemoryError is a ResponseError too, and waited for)
             wait = min(delay, FAILOVER_POLL) if isinstance(error, (MasterNotFoundError, NotReplicated)) else delay
             log.warning("redis_unavailable during=%s error=%s retry_in=%.1fs", what, _one_line(error), wait)
             if stop is not None and stop.wait(wait):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import queue
@@ -117,8 +118,10 @@ def make_engine(
     done: queue.SimpleQueue[Outcome],
     resolver: Resolver | None,
     slots: FleetSlots[Parked],
+    ips: FleetSlots[Parked] | None = None,
 ) -> Engine:
-    """The download engine that ``config.engine`` names, with the process's TLS context, DNS cache and host slots."""
+    """The download engine that ``config.engine`` names, with the process's TLS context, DNS cache, host slots and
+    server address slots (max_per_ip)."""
     cache = DnsCache(config.dns_cache_ttl) if config.dns_cache_ttl > 0 else None
     tls = tls_context(config.tls_ca_file)
     if config.engine == "async":
@@ -134,13 +137,14 @@ def make_engine(
             cache,
             config.engine_loop,
             async_robots_gate(config),
+            ips,
         )
     resolver = BlockingLookups(resolver or system_resolver, config.dns_timeout, config.thread_num + SPARE_THREADS)
     if cache is not None:
         resolver = CachedResolver(resolver, cache)
     policy = fetch_policy(config, resolver)
     return ThreadEngine(
-        pipeline, policy, config.thread_num, done, slots, config.max_inflight_bytes, tls, robots_gate(config)
+        pipeline, policy, config.thread_num, done, slots, config.max_inflight_bytes, tls, robots_gate(config), ips
     )
 
 
@@ -225,7 +229,13 @@ class Worker:
         self.ledger = HostLedger(
             client, config.keys, self.identity, config.host_start_concurrency, config.max_per_host, config.heartbeat_ttl
         )
-        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver, self.slots)
+        self.ip_slots: FleetSlots[Parked] = FleetSlots(config.max_per_ip, postpone, in_flight)
+        self.ip_ledger = HostLedger(
+            client, config.keys, self.identity, config.max_per_ip, config.max_per_ip, config.heartbeat_ttl, kind="ip"
+        )
+        self.fleets = [(self.slots, self.ledger), (self.ip_slots, self.ip_ledger)]
+        """Each kind of fleet-wide slots with its ledger; a kind whose limit is 0 costs nothing."""
+        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver, self.slots, self.ip_slots)
         self.held: Counter[str] = Counter()
         self.held_count = 0
         self.kept: Counter[str] = Counter()
@@ -273,8 +283,9 @@ class Worker:
                                     "shard")  # fmt: skip
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
         self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
-        if config.max_per_host:
-            self._redis(self.ledger.drop, "host_slots")  # a predecessor's, should it have died holding some
+        for slots, ledger in self.fleets:
+            if slots.limit:
+                self._redis(ledger.drop, "host_slots")  # a predecessor's, should it have died holding some
         self.engine.start()
         try:
             self._main_loop()
@@ -346,8 +357,9 @@ class Worker:
                 self._finish_last_shards(deadline - EXIT_RESERVE)
             if self.pending:
                 self._record()
-            if self.config.max_per_host:
-                self._redis(self.ledger.drop, "retire")
+            for slots, ledger in self.fleets:
+                if slots.limit:
+                    self._redis(ledger.drop, "retire")
             returned = self._redis(self.leases.retire, "retire")
             self._acknowledge_exit()
         except IdentityLost:
@@ -405,12 +417,13 @@ class Worker:
         return len(tasks)
 
     def _sync_hosts(self, now: float) -> None:
-        """Tell the fleet's ledger what changed for this worker's web hosts; hand out the slots it grants."""
-        if not self.slots.due(now):
-            return
-        reports = self.slots.reports(now)
-        grants = self._redis(lambda: self.ledger.sync(reports), "host_slots") if reports else []
-        self.slots.apply(reports, grants, time.monotonic())
+        """Tell the fleet's ledgers what changed for this worker's web hosts and server addresses; hand out the slots
+        they grant."""
+        for slots, ledger in self.fleets:
+            if slots.due(now):
+                reports = slots.reports(now)
+                grants = self._redis(functools.partial(ledger.sync, reports), "host_slots") if reports else []
+                slots.apply(reports, grants, time.monotonic())
 
     def _collect(self, wait: float) -> None:
         """Wait ``wait`` seconds (less when stopped), then move every finished outcome into the pending batch.
@@ -455,10 +468,11 @@ class Worker:
         if self._due("heartbeat", now, ttl / 3):
             self._redis(self.leases.heartbeat, "heartbeat")
             self._heartbeat_sent(time.monotonic())
-        if self.config.max_per_host and self._due("host_reap", now, ttl / 6):
-            dropped, _ = self._redis(self.ledger.reap, "host_reap")
-            if dropped > 0:
-                log.info("host_slots_recovered worker=%s slots=%d", self.identity, dropped)
+        if self._due("host_reap", now, ttl / 6):
+            for slots, ledger in self.fleets:
+                dropped, _ = self._redis(ledger.reap, "host_reap") if slots.limit else (0, 0)
+                if dropped > 0:
+                    log.info("host_slots_recovered worker=%s kind=%s slots=%d", self.identity, ledger.kind, dropped)
         if self._due("reap", now, ttl / 2):
             self._return_strays()
             self._reap()

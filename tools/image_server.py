@@ -225,6 +225,8 @@ class _Server(ThreadingHTTPServer):
         self.sockets: set[socket.socket] = set()
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
+        self.at_once = 0  # requests in progress, all host names together
+        self.most_at_once = 0
         self.started: dict[str, list[float]] = {}
         self.overloaded: Counter[str] = Counter()
         self.busy: Counter[str] = Counter()  # requests of /busy/ not answered yet, per host
@@ -273,13 +275,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.requests += 1
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
+            self.server.at_once += 1
+            self.server.most_at_once = max(self.server.most_at_once, self.server.at_once)
             self.server.started.setdefault(host, []).append(time.monotonic())
             self.server.paths.append(self.path)
+        self._host: str | None = host
         try:
             self._answer()
         finally:
-            with self.server.lock:
-                self.server.in_progress[host] -= 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """The request stops counting as in progress: before its reply is sent (a client that has the whole reply
+        may send its next request before this thread gets to run again), or when its handler ends."""
+        if self._host is None:
+            return
+        with self.server.lock:
+            self.server.in_progress[self._host] -= 1
+            self.server.at_once -= 1
+        self._host = None
 
     def _answer(self) -> None:
         parts = urlsplit(self.path)
@@ -299,6 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(
         self, status: int, body: bytes, content_type: str = "text/plain", headers: dict[str, str] | None = None
     ) -> None:
+        self._answered()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
@@ -540,6 +555,11 @@ class ImageServer:
         """The most requests to ``host`` (the Host header's name) that were ever in progress at once."""
         with self._server.lock:
             return self._server.most_in_progress[host]
+
+    def most_at_once(self) -> int:
+        """The most requests (to any host name) that were ever in progress at once."""
+        with self._server.lock:
+            return self._server.most_at_once
 
     def started(self, host: str) -> list[float]:
         """When each request to ``host`` arrived (monotonic clock)."""
