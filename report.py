@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--presign", type=int, metavar="SECONDS",
                         help="--manifest of a bucket: print presigned https URLs valid this long instead")  # fmt: skip
     args = parser.parse_args()
+    if args.presign is not None and not args.manifest:
+        parser.error("--presign goes with --manifest")
     config = cli.load_settings(setting)
     setup("report", config.log_dir)
     if args.manifest:

@@ -150,3 +150,11 @@ def test_only_finished_shards_with_a_readable_index_are_listed(tmp_path: Path) -
     assert (tmp_path / "shards.txt").read_text() == "a.tar\nb.tar\n"
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"a.tar": 3, "b.tar": 5}
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary file left
+
+
+def test_presign_is_refused_for_a_local_store_with_one_line(env) -> None:
+    """Presigned URLs are a bucket's: for a local store_dir, --presign is one error line and exit 2."""
+    result = subprocess.run([*run_script("report.py"), "--manifest", "--presign", "600"], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "manifest_presign_refused" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
