@@ -125,6 +125,7 @@ def test_a_killed_workers_slots_come_back_within_heartbeat_ttl(redis_server, env
     wait_until(lambda: len(web_host.started("127.0.0.8")) == 2, timeout=30)  # it holds both slots, for 20 s
     queue_urls(client, [web_host.url(f"/img/w{i}.jpg") for i in range(12)])
     [waiter] = workers(env, ("1",))
+    wait_until(lambda: client.exists(KEYS.heartbeat("testhost:1")), timeout=30)  # its start is not the reaper's time
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     killed_at = time.monotonic()
@@ -134,7 +135,9 @@ def test_a_killed_workers_slots_come_back_within_heartbeat_ttl(redis_server, env
         waiter.terminate()
         waiter.communicate(timeout=60)
     first = min(t for t in web_host.started("127.0.0.8") if t > killed_at) - killed_at
-    assert first < 3 * 7 / 6 + 1, f"first request {first:.1f} s after the kill"
+    # its heartbeat expires within heartbeat_ttl (3 s), a reaper runs at most a lock's second later; then a sync
+    # (0.25 s) and the request itself, given time on a loaded machine
+    assert first < 3 + 1 + 1.5, f"first request {first:.1f} s after the kill"
 
 
 def test_redirect_targets_count_against_their_own_host(redis_server, env):
