@@ -16,6 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion5b.eventloop import loop_factory
+from laion5b.keys import Keys
+from laion5b.leases import Leases
+from laion5b.tasks import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "laion_sample_10000.parquet"
@@ -117,3 +120,13 @@ def kill_add_task_midway(env: dict[str, str], client, rows: int, file_key: str) 
     assert 0 < position < rows, "the kill must land in the middle of the file"
     assert client.llen("laion5b_task") == position
     return position
+
+
+def claimed_by_a_dead_worker(client, keys: Keys, host: str, rows: int) -> tuple[Leases, list[str]]:
+    """``rows`` tasks queued, then claimed by the worker ``<host>:dead``, which will never record them: what a test
+    of recovery starts from. Returns its leases and the tasks as claimed."""
+    tasks = [Task(f"id{row}", f"http://127.0.0.1/{row}.jpg", "sub", "p", row, "text") for row in range(rows)]
+    client.lpush(keys.task, *[task.encode() for task in tasks])
+    dead = Leases(client, keys, host, f"{host}:dead", 30)
+    dead.register()
+    return dead, dead.claim(rows)

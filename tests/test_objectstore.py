@@ -33,7 +33,15 @@ from laion5b.objectstore import READ_AHEAD, Bucket, Endpoint, Location, split_ur
 from laion5b.shards import ShardSink, recover, shard_field, shard_record
 from laion5b.stats import read_snapshot
 from laion5b.tasks import Task, decode
-from tests.helpers import engine_env, kill_add_task_midway, run_script, wait_until, webdataset_env, write_wide
+from tests.helpers import (
+    claimed_by_a_dead_worker,
+    engine_env,
+    kill_add_task_midway,
+    run_script,
+    wait_until,
+    webdataset_env,
+    write_wide,
+)
 from tests.s3_server import REGION, S3Server
 from tests.test_downloader import start_worker
 from tests.test_manifest import report_manifest
@@ -235,11 +243,7 @@ def test_a_shard_left_half_uploaded_is_recovered_once(
     abort its unfinished uploads, upload it from its local files and count it; when those are gone, they count it
     only if both objects are whole in the bucket, else remove what is there and queue its tasks again."""
     client = redis_server.client()
-    tasks = [Task(f"id{row}", f"http://127.0.0.1/{row}.jpg", "sub", "p", row, "text") for row in range(4)]
-    client.lpush(KEYS.task, *[task.encode() for task in tasks])
-    dead = Leases(client, KEYS, HOST, f"{HOST}:dead", 30)
-    dead.register()
-    claimed = dead.claim(10)
+    dead, claimed = claimed_by_a_dead_worker(client, KEYS, HOST, 4)
     env = s3_server.environ(PREFIX)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.setenv(name, env[name])

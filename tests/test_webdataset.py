@@ -33,7 +33,7 @@ from laion5b.shards import (
     tar_member,
 )
 from laion5b.tasks import Task, decode
-from tests.helpers import ENGINE_IDS, engine_env, run_script, wait_until, webdataset_env
+from tests.helpers import ENGINE_IDS, claimed_by_a_dead_worker, engine_env, run_script, wait_until, webdataset_env
 from tests.test_downloader import start_worker
 from tools.image_server import image_bytes
 
@@ -183,11 +183,7 @@ def test_a_shard_left_half_finished_is_recovered(redis_server, tmp_path: Path, w
     """A worker that dies between preparing a shard in Redis and counting it leaves it to its host's workers: they
     rename what is left and count it, or queue its tasks again when its files are gone."""
     client = redis_server.client()
-    tasks = [Task(f"id{row}", f"http://127.0.0.1/{row}.jpg", "sub", "p", row, "text") for row in range(5)]
-    client.lpush(KEYS.task, *[task.encode() for task in tasks])
-    dead = Leases(client, KEYS, HOST, f"{HOST}:dead", 30)
-    dead.register()
-    claimed = dead.claim(10)
+    dead, claimed = claimed_by_a_dead_worker(client, KEYS, HOST, 5)
     sink = ShardSink(tmp_path / "store", HOST, "dead", f"{HOST}:dead", 5, 600, dead.incarnation)
     sink.open()
     data = image_bytes("x", "jpg", 3000)
