@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import random
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +61,7 @@ ROBOTS = {
         for agent in ("Googlebot", "bingbot", "*")
     ),
 }
+CRAWL_TOLERANCE = 0.1  # seconds: the server reads a request after the client's connect and TLS handshake
 _PATH = re.compile(rb"^/(img|private)/(\d+)-(\d+)\.jpg$")
 
 
@@ -151,6 +154,101 @@ def _draw_rule(rng: random.Random) -> str:
             return rule
         draw -= share
     return ""
+
+
+# --- what the hosts saw: the request log -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    host: int
+    start: int  # ns, CLOCK_MONOTONIC
+    end: int
+    status: int  # 0: no answer (reset, or the client left)
+    kind: str  # i image, d disallowed image path, r robots.txt, o other
+    url: int
+
+
+def read_events(folder: Path, since: int, until: int) -> tuple[list[Request], list[tuple[int, int, int]]]:
+    """Requests and connections (host, start, end) that began in [since, until] ns."""
+    requests, connections = [], []
+    for path in folder.glob("*.log"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            start = int(parts[2])
+            if not since <= start <= until:
+                continue
+            if parts[0] == "r":
+                requests.append(Request(int(parts[1]), start, int(parts[3]), int(parts[4]), parts[5], int(parts[6])))
+            else:
+                connections.append((int(parts[1]), start, int(parts[3])))
+    return requests, connections
+
+
+def peak(intervals: list[tuple[int, int]]) -> int:
+    """Most intervals open at once (an interval ending when another starts does not overlap it)."""
+    marks = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = now = 0
+    for _, step in marks:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def peaks_by(keys: list, intervals: list[tuple[int, int]]) -> dict:
+    grouped: dict = defaultdict(list)
+    for key, interval in zip(keys, intervals, strict=True):
+        grouped[key].append(interval)
+    return {key: peak(group) for key, group in grouped.items()}
+
+
+def traffic(pweb: PoliteWeb, requests: list[Request], connections: list[tuple[int, int, int]]) -> dict:
+    """What the hosts' owners saw: requests, 429s, peaks, disallowed paths, Crawl-delay gaps, robots.txt fetches."""
+    hosts, manners = pweb.web.hosts, pweb.manners
+    limited = [r for r in requests if manners[r.host].capacity]
+    by_host = peaks_by([r.host for r in requests], [(r.start, r.end) for r in requests])
+    by_ip = peaks_by([hosts[r.host].address for r in requests], [(r.start, r.end) for r in requests])
+    open_peaks = peaks_by([c[0] for c in connections], [(c[1], c[2]) for c in connections])
+    busiest = max(by_host, key=by_host.get, default=-1)
+    robots = Counter(r.host for r in requests if r.kind == "r")
+    answered = Counter(r.host for r in requests if r.kind == "r" and 200 <= r.status < 500)
+    violations, shortest = crawl_delay_gaps(pweb, requests)
+    return {
+        "requests": len(requests),
+        "limited_requests": len(limited),
+        "limited_429": sum(r.status == 429 for r in limited),
+        "all_429": sum(r.status == 429 for r in requests),
+        "peak_host": by_host.get(busiest, 0),
+        "peak_host_urls": hosts[busiest].urls if busiest >= 0 else 0,
+        "peak_limited": max((n for h, n in by_host.items() if manners[h].capacity), default=0),
+        "peak_ip": max(by_ip.values(), default=0),
+        "peak_open": max(open_peaks.values(), default=0),
+        "disallowed": sum(r.kind == "d" for r in requests),
+        "crawl_violations": violations,
+        "crawl_shortest": shortest,
+        "robots_requests": sum(robots.values()),
+        "robots_hosts": len(robots),
+        "robots_most": max(answered.values(), default=0),
+        "image_requests": sum(r.kind in "id" for r in requests),
+    }
+
+
+def crawl_delay_gaps(pweb: PoliteWeb, requests: list[Request]) -> tuple[int, float | None]:
+    """Pairs of request starts (robots.txt aside) at a Crawl-delay host closer than its delay by more than
+    CRAWL_TOLERANCE, and the shortest gap ÷ delay seen (None: no host got two requests)."""
+    starts: dict[int, list[int]] = defaultdict(list)
+    for r in requests:
+        if pweb.manners[r.host].crawl_delay and r.kind != "r":
+            starts[r.host].append(r.start)
+    violations, shortest = 0, None
+    for host, times in starts.items():
+        delay = pweb.manners[host].crawl_delay
+        times.sort()
+        for before, after in itertools.pairwise(times):
+            gap = (after - before) / 1e9
+            violations += gap < delay - CRAWL_TOLERANCE
+            shortest = min(shortest if shortest is not None else math.inf, gap / delay)
+    return violations, shortest
 
 
 # --- the server -----------------------------------------------------------------------------------------------
