@@ -2,8 +2,9 @@
 TDMRep header, and a log of every request the server saw, from which ``traffic`` tells what the hosts' owners saw.
 
 The model (``polite_web``) adds ``Manners`` to each host of a ``webserve.Web`` (deterministic from the seed):
-  capacity   busy hosts (outside the 10 largest, at least max(3, N/1000) URLs, kind ok), one in two: above
-             ``capacity`` requests in progress (counted over every server process) they answer 429, Retry-After: 1
+  capacity   busy ok hosts (at least max(3, N/1000) URLs), every other one from the second largest on (the
+             largest, a CDN, is not limited): above ``capacity`` requests in progress (counted over every server
+             process) they answer 429 with Retry-After: 1 at once
   robots     small ok hosts: ``star`` disallows /private/ for ``*`` (half their URLs live there), ``token``
              disallows everything for the ``img2dataset`` token (an ai.robots.txt-style group), ``delay`` asks a
              Crawl-delay of 1-4 s (one host: 60 s), ``long`` and ``allow`` carry rules that miss the images; the
@@ -119,15 +120,16 @@ def polite_web(web: Web, capacity: int, plain: bool = False) -> PoliteWeb:
     if plain:
         return PoliteWeb(web, [Manners() for _ in web.hosts])
     rng = random.Random(web.seed * 7919 + 18)
-    busy = max(3, len(web.url_hosts) // 1000)
-    manners: dict[int, Manners] = {}
+    least = max(3, len(web.url_hosts) // 1000)
+    busy = [host for host in web.hosts[1:] if host.kind == "ok" and host.urls >= least]
+    manners = {host.index: Manners(capacity=capacity if rank % 2 == 0 else 0, rule="" if rank % 2 == 0 else "allow")
+               for rank, host in enumerate(busy)}  # fmt: skip
+    manners[0] = Manners(rule="allow")
     small = []
     for host in web.hosts:
-        if host.index < ALWAYS_OK_TOP or host.kind != "ok":
+        if host.index not in manners and (host.index < ALWAYS_OK_TOP or host.kind != "ok"):
             manners[host.index] = Manners(rule="allow" if host.index < ALWAYS_OK_TOP else "")
-        elif host.urls >= busy:
-            manners[host.index] = Manners(capacity=capacity) if rng.random() < 0.5 else Manners(rule="allow")
-        else:
+        elif host.index not in manners:
             small.append(host)
     rng.shuffle(small)
     delay = [h for h in small if DELAY_URLS[0] <= h.urls <= DELAY_URLS[1]][: DELAY_HOSTS + 1]
