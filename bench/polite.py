@@ -228,25 +228,26 @@ def part_polite(args: argparse.Namespace, ctx: dict) -> list[Run]:
     return runs
 
 
-PLAIN = {  # label -> (max_per_host, robots)
-    "on": (MAX_PER_HOST, False),
-    "off": (0, False),
-    "robots": (MAX_PER_HOST, True),
+PLAIN = {  # label -> the suite's settings of that run
+    "on": {"LAION_MAX_PER_HOST": str(MAX_PER_HOST), "LAION_ROBOTS": "0"},
+    "off": {"LAION_MAX_PER_HOST": "0", "LAION_ROBOTS": "0"},
+    "unbound": {"LAION_MAX_PER_HOST": "4096", "LAION_HOST_START_CONCURRENCY": "4096", "LAION_ROBOTS": "0"},
+    "robots": {"LAION_MAX_PER_HOST": str(MAX_PER_HOST), "LAION_ROBOTS": "1"},
 }
+"""``unbound``: the accounting runs but no host reaches its limit (the cost of the bookkeeping alone)."""
 
 
 def part_plain(args: argparse.Namespace, ctx: dict) -> list[Run]:
-    """Fleet accounting on / off and robots on, robots off otherwise, on the plain stand-in; rounds rotate."""
+    """Fleet accounting on / off / unbound and robots on, robots off otherwise, on the plain stand-in; the order
+    rotates between rounds."""
     setup, server, pweb = ctx["setup"], ctx["server"], ctx["pweb"]
-    labels = [label for label in PLAIN if label != "robots" or ctx["features"]["robots"]]
+    labels = [label for label in args.plain_runs.split(",") if label != "robots" or ctx["features"]["robots"]]
     runs = []
     for number in range(args.rounds):
         for label in labels[number % len(labels) :] + labels[: number % len(labels)]:
-            max_per_host, robots = PLAIN[label]
             extra = {
                 "LAION_CONCURRENCY": str(args.inflight),
-                "LAION_MAX_PER_HOST": str(max_per_host),
-                "LAION_ROBOTS": "1" if robots else "0",
+                **PLAIN[label],
                 "LAION_MAX_ATTEMPTS": "1",
                 "LAION_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT),
                 "LAION_READ_TIMEOUT": str(READ_TIMEOUT),
@@ -303,7 +304,7 @@ def polite_row(run: Run) -> str:
 
 def plain_row(run: Run) -> str:
     t = run.traffic
-    max_per_host, robots = PLAIN[run.label]
+    max_per_host, robots = PLAIN[run.label]["LAION_MAX_PER_HOST"], PLAIN[run.label]["LAION_ROBOTS"] == "1"
     per_image = t["requests"] / run.stored if run.stored else 0.0
     statuses = ", ".join(f"{name} {count}" for name, count in list(run.statuses.items())[:6])
     note = "; ".join(part for part in (run.books, run.note, statuses) if part)
@@ -357,10 +358,14 @@ def judge_plain(runs: list[Run]) -> list[str]:
         rounds[run.round][run.label] = run
     ratios: dict[str, list[float]] = defaultdict(list)
     for by_label in rounds.values():
-        on, off, robots = (by_label.get(name) for name in ("on", "off", "robots"))
+        on, off, unbound, robots = (by_label.get(name) for name in ("on", "off", "unbound", "robots"))
         if on and off and off.steady and off.whole:
             ratios["steady"].append(on.steady / off.steady)
             ratios["whole"].append(on.whole / off.whole)
+        if unbound and off and off.steady and off.whole:
+            ratios["unbound steady"].append(unbound.steady / off.steady)
+            ratios["unbound whole"].append(unbound.whole / off.whole)
+            ratios["unbound commands"].append(unbound.redis_commands / unbound.tasks)
         if on:
             ratios["commands"].append(on.redis_commands / on.tasks)
         if on and robots and on.steady and on.stored and robots.stored:
@@ -380,6 +385,10 @@ def judge_plain(runs: list[Run]) -> list[str]:
         ok = statistics.median(ratios["steady"]) >= 0.9
         lines.append(f"- images/s, accounting on ÷ off (≥ 0.9), steady: {show('steady')} {_verdict(ok)}; "
                      f"whole run: {show('whole')}")  # fmt: skip
+    if ratios["unbound steady"]:
+        lines.append(f"- images/s, accounting unbound (max_per_host and host_start_concurrency 4,096: the bookkeeping "
+                     f"alone) ÷ off, steady: {show('unbound steady')}; whole: {show('unbound whole')}; its Redis "
+                     f"commands per task: {show('unbound commands')}")  # fmt: skip
     if ratios["commands"]:
         ok = max(ratios["commands"]) <= 1.6
         lines.append(f"- Redis commands per task, accounting on (≤ 1.6): {show('commands')} {_verdict(ok)}")
@@ -471,6 +480,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the plain part (default 3; --quick: 1)")
     parser.add_argument("--quick", action="store_true", help="N 2000, one round, retries after 1-5 s: a few minutes")
     parser.add_argument("--parts", default="polite,plain,scale", help="comma-separated subset of polite,plain,scale")
+    parser.add_argument("--plain-runs", default=",".join(PLAIN), help=f"runs of the plain part ({','.join(PLAIN)})")
     parser.add_argument("--inflight", type=int, default=1024, help="the suite's concurrency per process (1024)")
     parser.add_argument("--img2dataset-threads", type=int, default=128, help="img2dataset threads per process")
     parser.add_argument("--capacity", type=int, default=4, help="requests in progress a capacity host takes (4)")
