@@ -113,6 +113,8 @@ class Run:
     limited_stored: int = 0
     tdm_stored: int = 0
     disallowed_stored: int = 0
+    robots_keys: int = 0
+    robots_bytes: int = 0
     note: str = ""
 
     @property
@@ -182,6 +184,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
         run.cpu[child.role] = run.cpu.get(child.role, 0.0) + child.cpu
         if child.status != 0:
             note.append(f"{child.role} exit {child.status}")
+    run.robots_keys, run.robots_bytes = robots_cache(setup.redis)
     time.sleep(0.5)  # the server flushes its log every 0.2 s
     run.traffic = traffic(pweb, *read_events(server.events, since, until))
     try:
@@ -199,6 +202,13 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     run.disallowed_stored = sum(pweb.disallowed(i) for i in urls)
     run.note = "; ".join(note)
     return run
+
+
+def robots_cache(redis_service: RedisService) -> tuple[int, int]:
+    """Keys of the fleet's robots.txt cache and their bytes (``MEMORY USAGE``, exact) in Redis."""
+    client = redis_service.client
+    keys = list(client.scan_iter(f"{speed.TASK_KEY}:robots:*", count=1000))
+    return len(keys), sum(client.memory_usage(key, samples=0) or 0 for key in keys)
 
 
 def suite_env(server: PoliteService, extra: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -340,6 +350,10 @@ def judge_polite(runs: list[Run]) -> list[str]:
         f"{_verdict(suite.limited_stored == suite.limited_held) if suite.limited_held else '(no capacity host)'}",
         f"- queue empty at the end (books): {suite.books}",
     ]
+    if suite.robots_keys:
+        per_host = suite.robots_bytes / suite.robots_keys
+        lines.append(f"- Redis memory of the robots.txt cache (≤ 300 bytes per cached host): {suite.robots_keys} "
+                     f"hosts, {per_host:.0f} bytes each (MEMORY USAGE) {_verdict(per_host <= 300)}")  # fmt: skip
     if i2d is not None:
         ti = i2d.traffic
         share_i = ti["limited_429"] / ti["limited_requests"] if ti["limited_requests"] else 0.0
@@ -372,6 +386,8 @@ def judge_plain(runs: list[Run]) -> list[str]:
             ratios["robots steady"].append(robots.steady / on.steady)
             ratios["robots whole"].append(robots.whole / on.whole)
             ratios["robots per image"].append(robots.traffic["robots_requests"] / robots.stored)
+            if robots.robots_keys:
+                ratios["robots bytes"].append(robots.robots_bytes / robots.robots_keys)
             ratios["extra per image"].append(
                 robots.traffic["requests"] / robots.stored - on.traffic["requests"] / on.stored
             )
@@ -396,6 +412,8 @@ def judge_plain(runs: list[Run]) -> list[str]:
         lines.append(f"- images/s, robots on ÷ off, steady: {show('robots steady')}; whole: {show('robots whole')}")
         lines.append(f"- robots.txt requests per image stored: {show('robots per image')}; all extra requests "
                      f"per image (requests per image, robots on − off): {show('extra per image')}")  # fmt: skip
+    if ratios["robots bytes"]:
+        lines.append(f"- Redis bytes per cached robots.txt (≤ 300): {show('robots bytes')}")
     return lines
 
 
