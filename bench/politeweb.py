@@ -213,7 +213,7 @@ def traffic(pweb: PoliteWeb, requests: list[Request], connections: list[tuple[in
     open_peaks = peaks_by([c[0] for c in connections], [(c[1], c[2]) for c in connections])
     busiest = max(by_host, key=by_host.get, default=-1)
     robots = Counter(r.host for r in requests if r.kind == "r")
-    answered = Counter(r.host for r in requests if r.kind == "r" and 200 <= r.status < 500)
+    answered = Counter(r.host for r in requests if r.kind == "r" and 200 <= r.status < 500 and r.status != 429)
     violations, shortest = crawl_delay_gaps(pweb, requests)
     return {
         "requests": len(requests),
