@@ -170,7 +170,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
         children = speed.run_suite(setup, store, log, sampler)
     else:
         children = speed.run_img2dataset(setup, store, log, sampler)
-    note: list[str] = []
+    note: list[str] = [f"load {os.getloadavg()[0]:.1f}"]
     timer = threading.Timer(timeout, stop_children, [children, note])
     timer.start()
     for child in children:
@@ -200,6 +200,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     run.limited_held, run.limited_stored = len(held), len(held & urls)
     run.tdm_stored = sum(manners[url_hosts[i]].tdm for i in urls)
     run.disallowed_stored = sum(pweb.disallowed(i) for i in urls)
+    note.append(f"server {run.per_task('server'):.2f} ms/task")
     run.note = "; ".join(note)
     return run
 
