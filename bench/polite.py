@@ -292,6 +292,11 @@ def _client_cpu(run: Run) -> float:
     return run.per_task("workers" if run.client == "suite" else "img2dataset")
 
 
+def _fleet_cpu(run: Run) -> float:
+    """CPU ms per task of the workers and Redis together."""
+    return run.per_task("workers") + run.per_task("redis")
+
+
 def _redis(run: Run) -> str:
     if run.client != "suite":
         return "-"
@@ -377,6 +382,8 @@ def judge_plain(runs: list[Run]) -> list[str]:
         if on and off and off.steady and off.whole:
             ratios["steady"].append(on.steady / off.steady)
             ratios["whole"].append(on.whole / off.whole)
+        if on and off:
+            ratios["cpu"].append(_fleet_cpu(on) / _fleet_cpu(off))
         if unbound and off and off.steady and off.whole:
             ratios["unbound steady"].append(unbound.steady / off.steady)
             ratios["unbound whole"].append(unbound.whole / off.whole)
@@ -402,6 +409,9 @@ def judge_plain(runs: list[Run]) -> list[str]:
         ok = statistics.median(ratios["steady"]) >= 0.9
         lines.append(f"- images/s, accounting on ÷ off (≥ 0.9), steady: {show('steady')} {_verdict(ok)}; "
                      f"whole run: {show('whole')}")  # fmt: skip
+    if ratios["cpu"]:
+        lines.append(f"- CPU per task of workers and Redis together, accounting on ÷ off (steadier than rates on a "
+                     f"shared machine): {show('cpu')}")  # fmt: skip
     if ratios["unbound steady"]:
         lines.append(f"- images/s, accounting unbound (max_per_host and host_start_concurrency 4,096: the bookkeeping "
                      f"alone) ÷ off, steady: {show('unbound steady')}; whole: {show('unbound whole')}; its Redis "
