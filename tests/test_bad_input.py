@@ -13,7 +13,15 @@ import pytest
 
 from laion5b.keys import Keys
 from laion5b.tasks import Task, decode
-from tests.helpers import ENGINE_IDS, engine_env, run_script, wait_until, write_original, write_wide
+from tests.helpers import (
+    ENGINE_IDS,
+    engine_env,
+    run_script,
+    start_logged_worker,
+    wait_until,
+    write_original,
+    write_wide,
+)
 from tests.redis_server import free_port
 
 KEYS = Keys()
@@ -156,10 +164,9 @@ def test_worker_waits_for_a_redis_that_is_down_at_start(tmp_path, env, image_ser
     folder.mkdir()
     late = RedisServer(folder)
     late_env = {**env, **late.environ()}
-    worker = subprocess.Popen(
-        [*run_script("downloader.py"), "0", "--until-empty"], env=late_env, stderr=subprocess.PIPE, text=True
-    )
-    time.sleep(2)
+    log = tmp_path / "worker.log"
+    worker = start_logged_worker(late_env, log, "0", "--until-empty")
+    wait_until(lambda: "redis_unavailable" in log.read_text(), timeout=30)
     assert worker.poll() is None, "a worker must wait for Redis, not exit"
     late.start()
     try:
@@ -169,7 +176,6 @@ def test_worker_waits_for_a_redis_that_is_down_at_start(tmp_path, env, image_ser
         )
         client.incr(KEYS.tongji_all)
         assert worker.wait(timeout=60) == 0
-        assert "redis_unavailable" in worker.stderr.read()
         assert int(client.get(KEYS.tongji_succ)) == 1
     finally:
         late.stop()
