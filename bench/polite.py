@@ -278,8 +278,8 @@ def part_plain(args: argparse.Namespace, ctx: dict) -> list[Run]:
 POLITE_HEADER = (
     "| client | stored/failed | s | images/s | requests | 429s on capacity hosts | most in progress: any host / "
     "capacity host / IP | most open connections | disallowed-path requests | Crawl-delay violations (shortest gap "
-    "÷ delay) | robots.txt: requests / hosts / most per host | capacity hosts' images stored / held | TDM images "
-    "stored | Redis cmds / CPU ms per task | client CPU ms/task | books, note |\n" + "|---" * 16 + "|"
+    "÷ delay) | robots.txt: requests / hosts / most per host (hosts asked again) | capacity hosts' images stored / "
+    "held | TDM images stored | Redis cmds / CPU ms per task | client CPU ms/task | books, note |\n" + "|---" * 16 + "|"
 )
 PLAIN_HEADER = (
     "| round | run | max_per_host | robots | images/s whole | images/s steady | stored/failed | requests per image "
@@ -313,7 +313,8 @@ def polite_row(run: Run) -> str:
         f"| {run.label} | {run.stored}/{run.failed} | {run.seconds:.0f} | {run.whole:.0f} | {t['requests']} "
         f"| {t['limited_429']} of {t['limited_requests']} ({share:.1f} %) | {t['peak_host']} / {t['peak_limited']} "
         f"/ {t['peak_ip']} | {t['peak_open']} | {t['disallowed']} | {t['crawl_violations']} ({shortest}) "
-        f"| {t['robots_requests']} / {t['robots_hosts']} / {t['robots_most']} | {run.limited_stored} / "
+        f"| {t['robots_requests']} / {t['robots_hosts']} / {t['robots_most']} ({t['robots_repeated']}) "
+        f"| {run.limited_stored} / "
         f"{run.limited_held} | {run.tdm_stored} | {_redis(run)} | {_client_cpu(run):.2f} | {note} |"
     )
 
@@ -349,7 +350,7 @@ def judge_polite(runs: list[Run]) -> list[str]:
         f"- Crawl-delay violations 0: {t['crawl_violations']} {_verdict(t['crawl_violations'] == 0)}",
         f"- requests to robots-disallowed paths 0: {t['disallowed']} {_verdict(t['disallowed'] == 0)}",
         f"- robots.txt at most once per host (hosts that answered it): most {t['robots_most']} "
-        f"{_verdict(0 < t['robots_most'] <= 1)}",
+        f"{_verdict(0 < t['robots_most'] <= 1)}" + "".join(f"\n  - {seen}" for seen in t["robots_repeated_seen"]),
         f"- 429s ≤ 5 % of the capacity hosts' requests: {t['limited_429']} of {t['limited_requests']}, "
         f"{100 * share:.1f} % {_verdict(share <= 0.05) if t['limited_requests'] else '(no capacity host)'}",
         f"- every image of the capacity hosts stored: {suite.limited_stored} of {suite.limited_held} "

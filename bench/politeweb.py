@@ -215,6 +215,7 @@ def traffic(pweb: PoliteWeb, requests: list[Request], connections: list[tuple[in
     robots = Counter(r.host for r in requests if r.kind == "r")
     answered = Counter(r.host for r in requests if r.kind == "r" and 200 <= r.status < 500 and r.status != 429)
     violations, shortest = crawl_delay_gaps(pweb, requests)
+    repeated = [host for host, count in answered.items() if count > 1]
     return {
         "requests": len(requests),
         "limited_requests": len(limited),
@@ -231,8 +232,19 @@ def traffic(pweb: PoliteWeb, requests: list[Request], connections: list[tuple[in
         "robots_requests": sum(robots.values()),
         "robots_hosts": len(robots),
         "robots_most": max(answered.values(), default=0),
+        "robots_repeated": len(repeated),
+        "robots_repeated_seen": [robots_history(pweb, requests, host) for host in repeated[:10]],
         "image_requests": sum(r.kind in "id" for r in requests),
     }
+
+
+def robots_history(pweb: PoliteWeb, requests: list[Request], host: int) -> str:
+    """A host's kind, its robots rule and each robots.txt request (seconds after the first, status, seconds taken)."""
+    asked = sorted((r.start, r.end, r.status) for r in requests if r.host == host and r.kind == "r")
+    first = asked[0][0]
+    seen = ", ".join(f"{(start - first) / 1e9:.1f} s: {status} in {(end - start) / 1e9:.2f} s"
+                     for start, end, status in asked)  # fmt: skip
+    return f"host {host} ({pweb.web.hosts[host].kind}, robots {pweb.manners[host].rule or 404}): {seen}"
 
 
 def crawl_delay_gaps(pweb: PoliteWeb, requests: list[Request]) -> tuple[int, float | None]:
