@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -114,6 +114,7 @@ class Run:
     tdm_stored: int = 0
     disallowed_stored: int = 0
     robots_keys: int = 0
+    redis_top: dict[str, float] = field(default_factory=dict)  # the most called commands, calls per task
     robots_bytes: int = 0
     note: str = ""
 
@@ -161,6 +162,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     setup.client_env, setup.threads = env, threads
     setup.redis.client.flushall()
     redis_cpu0, server_cpu0, commands0 = setup.redis.cpu(), server.cpu(), setup.redis.commands()
+    by_command0 = command_calls(setup.redis)
     log = setup.logs / f"{run.part}-{run.label}-{run.round}"
     log.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(store, ignore_errors=True)
@@ -180,6 +182,9 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     until = time.monotonic_ns()
     run.cpu = {"redis": setup.redis.cpu() - redis_cpu0, "server": server.cpu() - server_cpu0}
     run.redis_commands = setup.redis.commands() - commands0
+    by_command = Counter(command_calls(setup.redis))
+    by_command.subtract(by_command0)
+    run.redis_top = {name: round(calls / run.tasks, 3) for name, calls in by_command.most_common(4) if calls > 0}
     for child in children:
         run.cpu[child.role] = run.cpu.get(child.role, 0.0) + child.cpu
         if child.status != 0:
@@ -203,6 +208,12 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     note.append(f"server {run.per_task('server'):.2f} ms/task")
     run.note = "; ".join(note)
     return run
+
+
+def command_calls(redis_service: RedisService) -> dict[str, int]:
+    """Calls of each Redis command so far (INFO commandstats)."""
+    stats = redis_service.client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
 
 
 def robots_cache(redis_service: RedisService) -> tuple[int, int]:
@@ -297,6 +308,13 @@ def _fleet_cpu(run: Run) -> float:
     return run.per_task("workers") + run.per_task("redis")
 
 
+def _top(run: Run) -> str:
+    """The Redis commands called most, per task."""
+    if run.client != "suite":
+        return ""
+    return "Redis per task " + ", ".join(f"{name} {calls:.2f}" for name, calls in run.redis_top.items())
+
+
 def _redis(run: Run) -> str:
     if run.client != "suite":
         return "-"
@@ -308,7 +326,8 @@ def polite_row(run: Run) -> str:
     share = 100 * t["limited_429"] / t["limited_requests"] if t["limited_requests"] else 0.0
     shortest = "-" if t["crawl_shortest"] is None else f"{t['crawl_shortest']:.2f}"
     statuses = ", ".join(f"{name} {count}" for name, count in list(run.statuses.items())[:8])
-    note = "; ".join(part for part in (run.books if run.client == "suite" else "", run.note, statuses) if part)
+    note = "; ".join(part for part in (run.books if run.client == "suite" else "", run.note, _top(run), statuses)
+                     if part)  # fmt: skip
     return (
         f"| {run.label} | {run.stored}/{run.failed} | {run.seconds:.0f} | {run.whole:.0f} | {t['requests']} "
         f"| {t['limited_429']} of {t['limited_requests']} ({share:.1f} %) | {t['peak_host']} / {t['peak_limited']} "
@@ -324,7 +343,7 @@ def plain_row(run: Run) -> str:
     max_per_host, robots = PLAIN[run.label]["LAION_MAX_PER_HOST"], PLAIN[run.label]["LAION_ROBOTS"] == "1"
     per_image = t["requests"] / run.stored if run.stored else 0.0
     statuses = ", ".join(f"{name} {count}" for name, count in list(run.statuses.items())[:6])
-    note = "; ".join(part for part in (run.books, run.note, statuses) if part)
+    note = "; ".join(part for part in (run.books, run.note, _top(run), statuses) if part)
     return (
         f"| {run.round} | {run.label} | {max_per_host} | {'on' if robots else 'off'} | {run.whole:.0f} "
         f"| {run.steady:.0f} | {run.stored}/{run.failed} | {per_image:.3f} | {t['robots_requests']} "
