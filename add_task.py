@@ -24,6 +24,7 @@ PLAIN_PROGRESS_EVERY = 10.0
 
 
 def main() -> int:
+    cli.keep_out("pandas")  # pyarrow imports it where installed (a float column's first value): 45 MB, never used
     config = cli.load_settings(setting)
     setup("add_task", config.log_dir)
     parquet_dir = Path(config.parquet_dir)

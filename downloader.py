@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--until-empty", action="store_true", help="exit once no task remains anywhere")
     parser.add_argument("--debug", action="store_true", help="log every failed task")
     args = parser.parse_args()
+    cli.keep_out("pandas")  # pyarrow imports it where installed, at the first index: 45 MB a worker, never used
     config = cli.load_settings(setting)
     setup(f"downloader-{args.name}", config.log_dir, logging.DEBUG if args.debug else logging.INFO)
     stop = threading.Event()

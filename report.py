@@ -1,16 +1,22 @@
 """Write a status table per input part: one row per input row, in input order, with its outcome and where it is.
 
 Usage: python3 report.py [--subset S] [--part P]
+       python3 report.py --manifest [braces|list] [--subset S]
 
 Writes <status_dir>/<subset>/<part>.parquet and prints a short summary of each part. Reads only files: the input
 lists, the stored samples and the saved error files; records still in Redis are counted (when Redis answers) so that
 they can be saved first with save_error_task.py --until-empty.
+
+With --manifest (webdataset output), writes instead, beside each subset's shards, shards.txt (the finished shards)
+and sizes.json (shard -> samples) and prints the shard list for readers: a brace pattern, or with "list" open_clip's
+::-joined list.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +24,7 @@ from pathlib import Path
 import redis
 
 import setting
-from laion5b import cli, inputs, redisconn, rowstatus
+from laion5b import cli, inputs, manifest, redisconn, rowstatus
 from laion5b.config import Config
 from laion5b.inputs import Spec
 from laion5b.log import setup
@@ -35,9 +41,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", help="only the parts of this subset (e.g. laion2B-en, or default)")
     parser.add_argument("--part", help="only the parts of this name (e.g. 00000)")
+    parser.add_argument(
+        "--manifest",
+        nargs="?",
+        const="braces",
+        choices=manifest.FORMS,
+        help="write each subset's shards.txt and sizes.json and print its shards (webdataset output)",
+    )
     args = parser.parse_args()
     config = cli.load_settings(setting)
     setup("report", config.log_dir)
+    if args.manifest:
+        return write_manifests(config, args.subset, args.manifest)
     spec = Spec.of(config)
     sources = rowstatus.selected(inputs.find_files(Path(config.parquet_dir), spec.input_format), args.subset, args.part)
     if not sources:
@@ -57,6 +72,26 @@ def main() -> int:
             continue
         sys.stdout.write(rowstatus.render(summary, target))
     return 1 if failed else 0
+
+
+def write_manifests(config: Config, subset: str | None, form: str) -> int:
+    """Write the manifest of each subset (or of ``subset``) with finished shards, and print its shard list."""
+    if config.output_format != "webdataset":
+        log.error("manifest_needs_webdataset output_format=%s: only shards have a manifest", config.output_format)
+        return 1
+    store = os.path.abspath(config.store_dir)
+    written = 0
+    for name in [subset] if subset else manifest.subsets(store):
+        found = manifest.survey(f"{store}/{name}") if os.path.isdir(f"{store}/{name}") else None
+        if not found or not found.sizes:
+            log.warning("manifest_no_shards subset=%s folder=%s/%s", name, store, name)
+            continue
+        manifest.write(found)
+        shards = manifest.braces(found) if form == "braces" else manifest.joined(found)
+        sys.stdout.write(f"{name}: {len(found.sizes):,} shards, {found.samples:,} samples; wrote {found.folder}/"
+                         f"{manifest.SHARDS_FILE} and {manifest.SIZES_FILE}\n{shards}\n")  # fmt: skip
+        written += 1
+    return 0 if written else 1
 
 
 def _warn_about_unsaved_records(config: Config) -> None:

@@ -85,6 +85,9 @@ output_format = "files"  # "files" (one file per image, as the original) or "web
 #                          and metadata, see docs/output.md)
 shard_size = 10_000  # webdataset: samples per shard; a shard is also closed when the worker stops or is paused
 shard_max_seconds = 600.0  # webdataset: a shard open this long is closed even when not full
+webdataset_keep_format = False  # webdataset: keep each image's own format (.jpg, .png, .webp, ... side by side:
+#                                 the webdataset library reads them, Hugging Face datasets does not); False: images
+#                                 not in encode_format are re-encoded to it, so every sample has the same members
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)
 
 # --- image processing (between download and storage; the names and defaults of img2dataset; see docs/output.md) ---

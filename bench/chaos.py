@@ -40,11 +40,12 @@ overhead; no error record is store_error and no worker logged store_failed (a fu
 without using an attempt). It prints the figures (and writes them to bench/CHAOS.md unless --no-report) and exits 1
 on any mismatch.
 
-With --output webdataset the workers write tar shards (small ones, --shard-size, so that kills land mid-shard) and
-the audit reads every finished shard back with tarfile instead of the files: each success is exactly one sample in
-one finished shard, its image member the bytes the server sends, its .txt the row's caption, its .json's sha256 the
-image member's and its key, id, url and caption the row's; each shard is whole tar blocks with the end marker, and
-its .parquet index lists exactly its keys and member names. No sample may be left open (<host>:open), no shard left
+With --output webdataset the workers write tar shards (small ones, --shard-size, so that kills land mid-shard;
+webdataset_keep_format on, so that every image is stored as served) and the audit reads every finished shard back
+with tarfile instead of the files: each success is exactly one sample in one finished shard, its image member the
+bytes the server sends, its .txt the row's caption, its .json's sha256 the image member's and its key, id, url and
+caption the row's; each shard is whole tar blocks with the end marker, and its .parquet index lists exactly its keys
+and member names. No sample may be left open (<host>:open), no shard left
 being finished, no list of kept tasks left in Redis.
 """
 
@@ -631,6 +632,8 @@ class Chaos:
         }
         if args.output == "webdataset":
             self.settings["LAION_SHARD_SIZE"] = str(args.shard_size)
+            # the audit compares each stored image with the bytes served, of every format (HEIC included)
+            self.settings["LAION_WEBDATASET_KEEP_FORMAT"] = "true"
             self.settings["LAION_SHARD_MAX_SECONDS"] = f"{args.shard_seconds:g}"
         self.env.update(self.settings, PYTHONPATH=str(ROOT))
 

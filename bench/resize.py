@@ -4,6 +4,8 @@
                                 [--size 256] [--contenders threads,async,img2dataset]
     python3 bench/resize.py bombs
     python3 bench/resize.py stage [--n 400] [--threads 1,2] [--img2dataset]
+    python3 bench/resize.py formats [--per-format 60] [--runs 3]
+    python3 bench/resize.py formats-e2e [--n 4000] [--photos 400] [--runs 3] [--workers 2] [--threads 64]
 
 Photos: 500-2,000 pixels a side (80 % JPEG of quality 75-95, 10 % PNG, 10 % WebP; gradients, shapes and grain, so
 that they cost what photos cost to decode), generated once into bench/work/resize-corpus-N/.
@@ -20,26 +22,42 @@ bombs: in a fresh process, the time and peak-RSS growth of refusing a 1 MB PNG a
 50,000 pixels (center_crop 256), with a control that decodes a 3,000 x 3,000 PNG (it must show, or RSS is blind).
 
 stage: ``process`` alone against img2dataset's ``Resizer`` on the same files, in threads; nothing downloaded.
+
+formats: what one image format per webdataset run costs (``webdataset_keep_format = false``, the default, against
+true): ``process`` on one thread with the policy of each, per format, on photos of 200-1,000 pixels a side generated
+in each format, weighted by the share of each format among the URLs of the LAION sample (tests/data, by the URL's
+extension; URLs without one are left out). Prints CPU ms per image and images/s per core, medians of the runs.
+
+formats-e2e: the same two settings end to end: photos of 200-1,000 pixels a side in the sample's mix of formats,
+served from loopback (bench/imgserve.py), N URLs cycling over them, add_task.py + W x downloader.py --until-empty
+(async engine, webdataset output on tmpfs), keep_format and the default in turn; images/s and worker CPU per image,
+then the medians and the default's ratios to keep_format within each run. Every shard is checked (one image
+extension per sample by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
+import itertools
 import json
 import os
+import posixpath
 import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +139,10 @@ def corpus(n: int, seed: int = 12) -> Path:
 
 
 def run_suite(folder: Path, policy: ProcessPolicy, threads: int) -> dict[str, float]:
-    images = [(path.read_bytes(), path.suffix[1:]) for path in sorted(folder.iterdir())]
+    return run_images([(path.read_bytes(), path.suffix[1:]) for path in sorted(folder.iterdir())], policy, threads)
+
+
+def run_images(images: list[tuple[bytes, str]], policy: ProcessPolicy, threads: int) -> dict[str, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
         statuses = Counter(result.status for result in pool.map(lambda item: process(*item, policy), images))
@@ -139,6 +160,170 @@ def line(name: str, threads: int, n: int, figures: dict[str, float]) -> str:
     cpu_ms = 1000 * figures["cpu"] / n
     ok = int(figures["ok"])
     return f"{name:<12} threads={threads:<2} ok={ok:>5}/{n}  {rate:8.1f} images/s  {cpu_ms:6.2f} CPU ms/image"
+
+
+# --- one image format per webdataset run ---------------------------------------------------------------------
+
+LAION_SAMPLE = ROOT / "tests" / "data" / "laion_sample_10000.parquet"
+URL_FORMATS = {"jpg": "jpg", "jpeg": "jpg", "jpe": "jpg", "png": "png", "webp": "webp", "gif": "gif", "tif": "tiff",
+               "tiff": "tiff", "bmp": "bmp"}  # fmt: skip
+"""A URL's extension -> the format it names."""
+SAVE_AS = {"jpg": ("JPEG", {"quality": 90}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 80}),
+           "gif": ("GIF", {}), "tiff": ("TIFF", {"compression": "tiff_deflate"}), "bmp": ("BMP", {})}  # fmt: skip
+KEEP_FORMAT = ProcessPolicy()  # what the pipeline runs with webdataset_keep_format = true: header sizes and hashes
+ONE_FORMAT = ProcessPolicy(one_format=True)  # the default: other formats re-encoded to jpg, quality 95
+
+
+def url_formats(sample: Path) -> tuple[Counter[str], int]:
+    """How many of the sample's URLs name each image format by their extension, and how many URLs there are."""
+    urls = pq.read_table(sample, columns=["URL"])["URL"].to_pylist()
+    found: Counter[str] = Counter()
+    for url in urls:
+        extension = posixpath.splitext(url.split("?")[0].split("#")[0])[1][1:].lower()
+        if extension in URL_FORMATS:
+            found[URL_FORMATS[extension]] += 1
+    return found, len(urls)
+
+
+def format_corpus(per_format: int, seed: int = 13) -> dict[str, list[bytes]]:
+    """``per_format`` photos of 200-1,000 pixels a side in each format (GIF: an adaptive palette of 256)."""
+    rng = random.Random(seed)
+    images: dict[str, list[bytes]] = {}
+    for extension, (name, options) in SAVE_AS.items():
+        for _ in range(per_format):
+            image = photo(rng, rng.randrange(200, 1001), rng.randrange(200, 1001))
+            if extension == "gif":
+                image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+            buffer = io.BytesIO()
+            image.save(buffer, name, **options)
+            images.setdefault(extension, []).append(buffer.getvalue())
+    return images
+
+
+def formats(args: argparse.Namespace) -> int:
+    found, urls = url_formats(LAION_SAMPLE)
+    named = sum(found.values())
+    print(f"command: `python3 bench/resize.py {' '.join(sys.argv[1:])}`\n\nmachine: {machine()}\n")
+    print(f"{urls:,} URLs in {LAION_SAMPLE.name}, {named:,} naming an image format by their extension\n")
+    corpus_images = format_corpus(args.per_format)
+    for extension, images in corpus_images.items():  # load every decoder and encoder before measuring
+        run_images([(images[0], extension)], ONE_FORMAT, 1)
+    print("| format | share of the sample | KB (mean) | keep_format CPU ms/image | default CPU ms/image | "
+          "default images/s per core |\n|---|---|---|---|---|---|")  # fmt: skip
+    weighted = {"keep": 0.0, "one": 0.0}
+    for extension, images in corpus_images.items():
+        cost = {}
+        for name, policy in (("keep", KEEP_FORMAT), ("one", ONE_FORMAT)):
+            runs = [run_images([(data, extension) for data in images], policy, 1) for _ in range(args.runs)]
+            assert all(run["ok"] == len(images) for run in runs), f"{extension}: not every image was stored"
+            cost[name] = statistics.median(1000 * run["cpu"] / len(images) for run in runs)
+        share = found[extension] / named
+        for name in weighted:
+            weighted[name] += share * cost[name]
+        kilobytes = statistics.mean(len(data) for data in images) / 1000
+        print(f"| {extension} | {100 * share:.2f} % | {kilobytes:.0f} | {cost['keep']:.3f} | {cost['one']:.2f} | "
+              f"{1000 / cost['one']:.0f} |")  # fmt: skip
+    keep, one = weighted["keep"], weighted["one"]
+    print(f"| **the sample's mix** | 100 % | | **{keep:.3f}** | **{one:.3f}** | **{1000 / one:.0f}** "
+          f"(keep_format: {1000 / keep:.0f}) |")  # fmt: skip
+    return 0
+
+
+def mix_corpus(photos: int, shares: dict[str, float], seed: int = 14) -> Path:
+    """The folder of ``photos`` photos of 200-1,000 pixels a side, their formats in ``shares``, made on first use."""
+    folder = WORK / f"format-corpus-{photos}"
+    if folder.is_dir() and len(list(folder.iterdir())) == photos:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    bounds = list(itertools.accumulate(shares.values()))
+    for index in range(photos):
+        extension = list(shares)[min(bisect.bisect(bounds, (index + 0.5) / photos), len(bounds) - 1)]
+        image = photo(rng, rng.randrange(200, 1001), rng.randrange(200, 1001))
+        if extension == "gif":
+            image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+        name, options = SAVE_AS[extension]
+        image.save(folder / f"{index:05d}.{extension}", name, **options)
+    return folder
+
+
+def formats_end_to_end(args: argparse.Namespace) -> int:
+    found, _ = url_formats(LAION_SAMPLE)
+    shares = {extension: count / sum(found.values()) for extension, count in found.most_common()}
+    folder = mix_corpus(args.photos, shares)
+    names = sorted(path.name for path in folder.iterdir())
+    spread = Counter(name.rpartition(".")[2] for name in names)
+    temp = Path(tempfile.mkdtemp(prefix="formats-", dir=WORK))
+    (temp / "redis").mkdir()
+    redis_service = RedisService(temp / "redis")
+    server = ImageService(args.server_procs, folder)
+    root = Path("/dev/shm") / f"laion5b-formats-{os.getpid()}"
+    print(f"command: `python3 bench/resize.py {' '.join(sys.argv[1:])}`\n\nmachine: {machine()}\n")
+    print(f"N={args.n} URLs over {len(names)} photos ({', '.join(f'{k} {v}' for k, v in spread.most_common())}), "
+          f"{args.workers} workers x {args.threads} in flight (async engine), webdataset on tmpfs\n")  # fmt: skip
+    print("| setting | run | images/s | worker CPU ms/image | stored/failed | shards checked | load |\n"
+          "|---|---|---|---|---|---|---|")  # fmt: skip
+    variants = {"keep_format": "true", "default": "false"}
+    results: dict[tuple[str, int], Result] = {}
+    try:
+        urls = [f"http://127.0.0.1:{server.port}/file/{names[i % len(names)]}" for i in range(args.n)]
+        parquet_dir, parquet, tsv = write_url_inputs(temp, urls)
+        setup = Setup(args.n, args.workers, args.threads, 32 * 2**20, False, parquet_dir, parquet, tsv,
+                      redis_service, server, None, temp / "logs")  # fmt: skip
+        for run in range(args.runs):
+            order = list(variants) if run % 2 == 0 else list(reversed(variants))
+            for variant in order:
+                store = root / f"{variant}-{run}"
+                setup.client_env["suite"] = {"LAION_OUTPUT_FORMAT": "webdataset", "LAION_ENGINE": "async",
+                                             "LAION_CONCURRENCY": str(args.threads),
+                                             "LAION_WEBDATASET_KEEP_FORMAT": variants[variant]}  # fmt: skip
+                shutil.rmtree(store, ignore_errors=True)
+                try:
+                    result = measure(setup, "suite", variant, run, store)
+                    note = check_members(store, one_format=variant == "default")
+                finally:
+                    shutil.rmtree(store, ignore_errors=True)
+                results[variant, run] = result
+                print(f"| {variant} | {run} | {result.images_per_s:.0f} | {result.cpu_ms_per_image('workers'):.2f} | "
+                      f"{result.stored}/{result.failed} | {note} {result.note}| {os.getloadavg()[0]:.1f} |",
+                      flush=True)  # fmt: skip
+        print(formats_summary(results, args.runs))
+    finally:
+        server.stop()
+        redis_service.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
+    return 0
+
+
+def check_members(store: Path, one_format: bool) -> str:
+    """How many shards were read, and a note when a sample's image member is not .jpg while ``one_format``."""
+    tars = [path for path in store.rglob("*.tar") if ".tmp" not in path.parts]
+    extensions: Counter[str] = Counter()
+    for path in tars:
+        with tarfile.open(path) as archive:
+            extensions.update(name.partition(".")[2] for name in archive.getnames())
+    images = {extension: count for extension, count in extensions.items() if extension not in ("txt", "json")}
+    wrong = sum(count for extension, count in images.items() if extension != "jpg") if one_format else 0
+    kinds = ", ".join(f"{extension} {count}" for extension, count in sorted(images.items()))
+    return f"{len(tars)} ({kinds}){'; NOT ONE FORMAT' if wrong else ''}"
+
+
+def formats_summary(results: dict[tuple[str, int], Result], runs: int) -> str:
+    lines = ["", "| setting | images/s (median) | worker CPU ms/image (median) |", "|---|---|---|"]
+    for variant in ("keep_format", "default"):
+        group = [results[variant, run] for run in range(runs)]
+        rate = statistics.median(result.images_per_s for result in group)
+        cpu = statistics.median(result.cpu_ms_per_image("workers") for result in group)
+        lines.append(f"| {variant} | {rate:.0f} | {cpu:.2f} |")
+    speed = [results["default", run].images_per_s / results["keep_format", run].images_per_s for run in range(runs)]
+    cpu = [
+        results["default", run].cpu_ms_per_image("workers") / results["keep_format", run].cpu_ms_per_image("workers")
+        for run in range(runs)
+    ]
+    lines.append(f"\n- default ÷ keep_format: images/s median **{statistics.median(speed):.2f}** ({_list(speed)}); "
+                 f"worker CPU per image median **{statistics.median(cpu):.2f}** ({_list(cpu)})")  # fmt: skip
+    return "\n".join(lines)
 
 
 # --- end to end -----------------------------------------------------------------------------------------------
@@ -351,6 +536,16 @@ def main() -> int:
     alone.add_argument("--n", type=int, default=400, help="photos in the corpus (default 400)")
     alone.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     alone.add_argument("--img2dataset", action="store_true", help="also run img2dataset's Resizer (bench venv)")
+    one_format = commands.add_parser("formats", help="cost of one image format per webdataset run, on LAION's mix")
+    one_format.add_argument("--per-format", type=int, default=60, help="photos of each format (default 60)")
+    one_format.add_argument("--runs", type=int, default=3, help="runs; medians (default 3)")
+    mix = commands.add_parser("formats-e2e", help="one image format per webdataset run against keep_format, end to end")
+    mix.add_argument("--n", type=int, default=4000, help="URLs per run (default 4000)")
+    mix.add_argument("--photos", type=int, default=400, help="distinct photos the URLs cycle over (default 400)")
+    mix.add_argument("--runs", type=int, default=3, help="runs of each setting, alternating (default 3)")
+    mix.add_argument("--workers", type=int, default=2, help="downloader.py processes (default 2)")
+    mix.add_argument("--threads", type=int, default=64, help="async concurrency per process (default 64)")
+    mix.add_argument("--server-procs", type=int, default=2, help="image server processes (default 2)")
     for command in (e2e, alone):
         command.add_argument("--mode", default="center_crop", help="resize_mode (default center_crop)")
         command.add_argument("--size", type=int, default=256, help="image_size (default 256)")
@@ -360,6 +555,10 @@ def main() -> int:
         return end_to_end(args)
     if args.command == "bombs":
         return bombs()
+    if args.command == "formats":
+        return formats(args)
+    if args.command == "formats-e2e":
+        return formats_end_to_end(args)
     return stage(args)
 
 

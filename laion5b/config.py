@@ -85,6 +85,7 @@ class Config:
     output_format: str
     shard_size: int
     shard_max_seconds: float
+    webdataset_keep_format: bool
     log_dir: str
     resize_mode: str
     image_size: int

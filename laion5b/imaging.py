@@ -86,6 +86,7 @@ class ProcessPolicy:
     min_image_size: int = 0  # 0: off
     max_aspect_ratio: float = 0.0  # 0: off
     max_image_area: int = 0  # 0: PILLOW_MAX_PIXELS when pixels are decoded, off with resize_mode "no"
+    one_format: bool = False  # resize_mode "no": images not in encode_format are re-encoded to it, the others kept
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -107,8 +108,8 @@ class ProcessPolicy:
 
     @property
     def active(self) -> bool:
-        """Whether images go through ``process`` at all: a resize, or a filter set explicitly."""
-        return self.resize_mode != "no" or self.filtered
+        """Whether images go through ``process`` at all: a resize, a filter set explicitly, or one format."""
+        return self.resize_mode != "no" or self.filtered or self.one_format
 
     @property
     def filtered(self) -> bool:
@@ -135,6 +136,8 @@ class Processed:
     original_height: int | None = None
     original_sha256: str = ""
     sha256: str = ""
+    original_format: str = ""
+    """The extension of the image as downloaded ('' where it was not processed)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def process_policy(config: Config) -> ProcessPolicy:
         min_image_size=config.min_image_size,
         max_aspect_ratio=config.max_aspect_ratio,
         max_image_area=config.max_image_area,
+        one_format=config.output_format == "webdataset" and not config.webdataset_keep_format,
     )
 
 
@@ -186,7 +190,10 @@ def process(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
 
 
 def _as_downloaded(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
-    """The bytes as downloaded; only the filters set explicitly apply, to the size the header gives."""
+    """The bytes as downloaded; only the filters set explicitly apply, to the size the header gives. With
+    ``one_format``, an image in another format than ``encode_format`` is re-encoded to it instead."""
+    if policy.one_format and extension != policy.encode_format:
+        return _converted(data, extension, policy)
     try:
         image = _open(data, extension)
         size = _upright_size(image.size, _orientation(image))
@@ -198,7 +205,17 @@ def _as_downloaded(data: bytes, extension: str, policy: ProcessPolicy) -> Proces
         _check(size, policy, policy.max_image_area)
     width, height = size or (None, None)
     digest = hashlib.sha256(data).hexdigest()
-    return Processed(data, extension, None, "", width, height, width, height, digest, digest)
+    return Processed(data, extension, None, "", width, height, width, height, digest, digest, extension)
+
+
+def _converted(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
+    """The image at its size, upright, transparency on white, encoded to ``encode_format``."""
+    image = _open(data, extension)
+    orientation = _orientation(image)
+    size = _upright_size(image.size, orientation)
+    _check(size, policy, policy.decode_area_limit)
+    whole = _Plan(size, (0, 0, *size), size, False, False)
+    return _encoded(image, orientation, size, whole, data, extension, policy)
 
 
 def _reencoded(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
@@ -209,14 +226,26 @@ def _reencoded(data: bytes, extension: str, policy: ProcessPolicy) -> Processed:
     plan = _plan(original, policy)
     if plan.canvas[0] * plan.canvas[1] > max(policy.max_image_area, PILLOW_MAX_PIXELS):  # an upscale of a thin image
         raise _Refused("too_many_pixels", f"output of {plan.canvas[0]} x {plan.canvas[1]} pixels is over the limit")
-    digest = hashlib.sha256(data).hexdigest()
     if policy.skip_reencode and _keeps_its_bytes(image, extension, orientation, plan, policy):
-        return Processed(data, extension, None, "", *original, *original, digest, digest)
+        digest = hashlib.sha256(data).hexdigest()
+        return Processed(data, extension, None, "", *original, *original, digest, digest, extension)
+    return _encoded(image, orientation, original, plan, data, extension, policy)
+
+
+def _encoded(
+    image: ImageFile.ImageFile,
+    orientation: int,
+    original: Size,
+    plan: _Plan,
+    data: bytes,
+    extension: str,
+    policy: ProcessPolicy,
+) -> Processed:
+    """The image as the plan makes it, encoded to ``encode_format``; ``data`` and ``extension`` as downloaded."""
     upright = _pixels(image, orientation, original, plan)
     encoded = _encode(upright, policy)
-    return Processed(
-        encoded, policy.encode_format, None, "", *upright.size, *original, digest, hashlib.sha256(encoded).hexdigest()
-    )
+    digest, new_digest = hashlib.sha256(data).hexdigest(), hashlib.sha256(encoded).hexdigest()
+    return Processed(encoded, policy.encode_format, None, "", *upright.size, *original, digest, new_digest, extension)
 
 
 def _open(data: bytes, extension: str) -> ImageFile.ImageFile:

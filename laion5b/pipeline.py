@@ -88,7 +88,8 @@ class Pipeline:
     """The stages of a task before and after its fetch: ``begin`` (decode, already stored?) and ``finish`` (process,
     store, or classify the failure). Thread-safe: engines call it from many threads or from their event loop.
 
-    ``processing`` is skipped entirely when it asks for nothing (``resize_mode`` "no" and no filter set); otherwise
+    ``processing`` is skipped entirely when it asks for nothing (``resize_mode`` "no", no filter set, images kept in
+    their own format: see ``ProcessPolicy.active``); otherwise
     at most one image per core is processed at once: more would not go faster, and each holds an image's pixels.
     """
 

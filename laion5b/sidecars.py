@@ -33,6 +33,7 @@ def sample_metadata(task: Task, image: Processed, final_url: str | None, host_id
         original_width=image.original_width,
         original_height=image.original_height,
         original_sha256=image.original_sha256,
+        original_format=image.original_format or image.extension,
         downloaded_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         host_id=host_id,
         worker=worker,

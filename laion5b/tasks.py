@@ -23,7 +23,7 @@ HASH_DIGITS = {"sha256": 64, "md5": 32}
 """Content hashes a task may carry to be checked (``verify_hash``), with the hex digits of each."""
 METADATA_FIELDS = frozenset(
     {"key", "id", "url", "caption", "final_url", "ext", "bytes", "sha256", "width", "height", "downloaded_at"}
-    | {"host_id", "worker", "attempts", "original_width", "original_height", "original_sha256"}
+    | {"host_id", "worker", "attempts", "original_width", "original_height", "original_sha256", "original_format"}
 )
 """Names of a sample's metadata fields: a ``save_columns`` name must be none of them."""
 BAD_URL = "bad_url"

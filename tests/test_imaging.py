@@ -295,6 +295,49 @@ def test_heic_is_a_decode_error_when_pixels_are_needed() -> None:
     assert run(data, "heic").data is data
 
 
+# --- one format (webdataset output with resize_mode "no") ---
+
+
+@pytest.mark.parametrize("extension", ["png", "gif", "webp", "bmp", "tiff", "avif"])
+def test_one_format_reencodes_other_formats_at_their_size(extension: str) -> None:
+    data = (ASSETS / f"tiny.{extension}").read_bytes()
+    original = Image.open(io.BytesIO(data))
+    result = run(data, extension, one_format=True)
+    assert (result.extension, image_extension(result.data), result.original_format) == ("jpg", "jpg", extension)
+    assert (result.width, result.height) == (result.original_width, result.original_height) == original.size
+    assert result.sha256 == hashlib.sha256(result.data).hexdigest() != result.original_sha256
+    assert result.original_sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_one_format_keeps_the_bytes_of_images_already_in_it() -> None:
+    data = with_orientation(framed_quadrants(), 6)  # kept as it is, orientation tag and all
+    result = run(data, "jpg", one_format=True)
+    assert (result.data, result.extension, result.original_format) == (data, "jpg", "jpg")
+    assert (result.width, result.height) == (400, 200)  # upright
+    as_png = run(data, "jpg", one_format=True, **PNG)
+    assert (as_png.extension, as_png.original_format, opened(as_png).size) == ("png", "jpg", (400, 200))
+
+
+def test_one_format_turns_images_upright_and_lays_transparency_on_white() -> None:
+    stored = framed_quadrants().transpose(INVERSE[8])
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    image = opened(run(encoded(stored, "WEBP", lossless=True, exif=exif), "webp", one_format=True, **PNG))
+    assert image.size == (400, 200) and near(image.getpixel((150, 50)), GREEN)
+    clear = opened(run(encoded(Image.new("RGBA", (10, 10), (0, 0, 0, 0)), "PNG"), "png", one_format=True))
+    assert near(clear.getpixel((5, 5)), WHITE)
+
+
+def test_one_format_refuses_what_it_cannot_convert() -> None:
+    heic = (ASSETS / "tiny.heic").read_bytes()
+    assert process(heic, "heic", ProcessPolicy(one_format=True)).status == "decode_error"
+    garbage = b"\x89PNG\r\n\x1a\n" + b"not really a png"
+    assert process(garbage, "png", ProcessPolicy(one_format=True)).status == "decode_error"
+    assert run(b"\xff\xd8\xff" + b"not really a jpeg", "jpg", one_format=True).width is None  # kept: no filter
+    bomb = png_bomb()
+    assert process(bomb, "png", ProcessPolicy(one_format=True)).status == "too_many_pixels"
+
+
 # --- encoding ---
 
 
@@ -384,6 +427,7 @@ def test_every_status_is_permanent() -> None:
         ({"min_image_size": 10}, True),
         ({"max_aspect_ratio": 3.0}, True),
         ({"max_image_area": 10**6}, True),
+        ({"one_format": True}, True),
     ],
 )
 def test_the_worker_skips_processing_only_when_nothing_is_asked(settings: dict, active: bool) -> None:
@@ -541,6 +585,18 @@ def test_settings_build_the_policy() -> None:
 
 def test_default_settings_keep_the_downloaded_bytes() -> None:
     assert process_policy(config.load(setting, {})) == ProcessPolicy()
+
+
+@pytest.mark.parametrize(
+    ("environ", "one_format"),
+    [
+        ({"LAION_OUTPUT_FORMAT": "webdataset"}, True),
+        ({"LAION_OUTPUT_FORMAT": "webdataset", "LAION_WEBDATASET_KEEP_FORMAT": "true"}, False),
+        ({"LAION_OUTPUT_FORMAT": "files"}, False),
+    ],
+)
+def test_webdataset_output_asks_for_one_image_format_by_default(environ: dict[str, str], one_format: bool) -> None:
+    assert process_policy(config.load(setting, environ)).one_format is one_format
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ killed workers, and every crash window of a shard's finish recovered with exact 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import re
@@ -299,3 +300,20 @@ def test_a_shard_that_cannot_be_renamed_is_finished_after_the_worker_exits(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shard_recovered" in result.stderr, result.stderr
     assert len(assert_exact_books(client, tmp_path / "images", tasks)) == 7
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="pandas is not installed: nothing to keep out")
+def test_a_worker_keeps_pandas_out_where_it_is_installed(env, redis_server, image_server, tmp_path: Path) -> None:
+    """pyarrow imports pandas, when installed, to build a shard's index: 45 MB a worker; the worker refuses it."""
+    client = redis_server.client()
+    queue(client, [image_server.url(f"/img/p{row}.jpg") for row in range(2)])
+    env["LAION_SHARD_SIZE"] = "2"
+    worker = start_worker(env, "w")  # it waits for more tasks until SIGTERM
+    try:
+        wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) == 2)  # a shard and its index are written
+        assert "/pandas/" not in Path(f"/proc/{worker.pid}/maps").read_text()
+        (tar,) = finished_shards(tmp_path / "images")
+        assert pq.read_schema(tar.with_suffix(".parquet")).field("key").type == "string"  # pyarrow took it as absent
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
