@@ -62,7 +62,7 @@ _URL_INDEX = re.compile(r"/(?:img|private)/(\d+)-\d+\.jpg$")
 class PoliteService(speed.ServerProcess):
     """bench/politeweb.py on one free port for every host address, logging to ``folder``/events."""
 
-    def __init__(self, pweb: PoliteWeb, folder: Path, procs: int) -> None:
+    def __init__(self, pweb: PoliteWeb, folder: Path, procs: int, retry_after: int) -> None:
         web = pweb.web
         self.ca_file, certs, _ = ensure_tls(TLS_DIR, [host.address for host in web.hosts if host.https])
         self.events = folder / "events"
@@ -75,6 +75,7 @@ class PoliteService(speed.ServerProcess):
                 "hosts": [[h.address, h.https, h.kind, str(certs.get(h.address, ""))] for h in web.hosts],
                 "manners": [m.__dict__ for m in pweb.manners],
                 "events": str(self.events),
+                "ratelimit_retry_after": retry_after,
             }
             spec_file = folder / "web.json"
             spec_file.write_text(json.dumps(spec))
@@ -500,7 +501,7 @@ def run_part(args: argparse.Namespace, part: str, temp: Path, venv_python: Path 
     folder = temp / part
     (folder / "redis").mkdir(parents=True)
     redis_service = RedisService(folder / "redis")
-    server = PoliteService(pweb, folder, args.server_procs)
+    server = PoliteService(pweb, folder, args.server_procs, args.ratelimit_retry_after)
     root = Path("/dev/shm") / f"laion5b-polite-{os.getpid()}"
     try:
         parquet_dir, parquet, tsv = speed.write_url_inputs(folder, server.urls)
@@ -533,6 +534,8 @@ def main() -> int:
     parser.add_argument("--inflight", type=int, default=1024, help="the suite's concurrency per process (1024)")
     parser.add_argument("--img2dataset-threads", type=int, default=128, help="img2dataset threads per process")
     parser.add_argument("--capacity", type=int, default=4, help="requests in progress a capacity host takes (4)")
+    parser.add_argument("--ratelimit-retry-after", type=int, default=10,
+                        help="Retry-After of the always-429 hosts, seconds (10; openweb.py's: 120)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800, help="seconds after which a run is stopped")
     parser.add_argument("--seed", type=int, default=1, help="seed of the web")
     parser.add_argument("--sample", default=str(SAMPLE), help="LAION parquet whose host structure is replayed")

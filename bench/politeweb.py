@@ -10,7 +10,9 @@ The model (``polite_web``) adds ``Manners`` to each host of a ``webserve.Web`` (
              Crawl-delay of 1-4 s (one host: 60 s), ``long`` and ``allow`` carry rules that miss the images; the
              rest answer 404 (allow all); other kinds answer /robots.txt as they answer anything
   tdm        a few small ok hosts send ``tdm-reservation: 1`` with their images
-``plain=True`` keeps the web of openweb.py as it is (no capacity, no rules) but still logs the traffic.
+``plain=True`` keeps the web of openweb.py as it is (no capacity, no rules) but still logs the traffic. In both, the
+``ratelimit`` hosts (always 429) say ``Retry-After: <ratelimit_retry_after>`` of the spec (webserve's 120 s when
+absent): a fleet that honours it sends such a host one request per pause, so 120 s would hold a run for many minutes.
 
 The server (``python3 bench/politeweb.py --spec SPEC.json --procs 2``) is webserve.py's with these manners. Each
 process appends one line per request (``r host start_ns end_ns status class url``; class i = image, d = image path
@@ -293,9 +295,10 @@ class EventLog:
 class _Polite(webserve._Http):
     """webserve's connection with the host's manners, logging each request and the connection."""
 
-    def __init__(self, host: int, kind: str, seed: int, manners: Manners, inflight, log: EventLog) -> None:
-        super().__init__(kind, seed)
+    def __init__(self, host: int, kind: str, spec: dict, manners: Manners, inflight, log: EventLog) -> None:
+        super().__init__(kind, spec["seed"])
         self.host, self.manners, self.inflight, self.log = host, manners, inflight, log
+        self.retry_after = spec.get("ratelimit_retry_after", webserve.RETRY_AFTER)
         self.opened = time.monotonic_ns()
         self.current: tuple[int, str, int, bool] | None = None  # start ns, class, URL index, counted
 
@@ -388,6 +391,9 @@ class _Polite(webserve._Http):
             data = image_bytes(match.group(2).decode(), "jpg", int(match.group(3)))
             extra = b"tdm-reservation: 1\r\n" if self.manners.tdm else b""
             return 200, _response(b"200 OK", b"image/jpeg", data, close, extra)
+        if self.kind == "ratelimit":
+            extra = b"Retry-After: %d\r\n" % self.retry_after
+            return 429, _response(b"429 Too Many Requests", b"text/plain", b"rate limited\n", close, extra)
         data = self._body(path, close)
         return int(data[9:12]), data
 
@@ -395,7 +401,6 @@ class _Polite(webserve._Http):
 def serve(listeners: list[tuple[int, webserve.Listener]], spec: dict, inflight, folder: Path) -> None:
     """Accept on every listener in one asyncio loop until SIGTERM, logging to ``folder``."""
     manners = [Manners(**m) for m in spec["manners"]]
-    seed = spec["seed"]
 
     async def main() -> None:
         import signal
@@ -408,7 +413,7 @@ def serve(listeners: list[tuple[int, webserve.Listener]], spec: dict, inflight, 
             kind = listener.kind
 
             def factory(host: int = host, kind: str = kind) -> _Polite:
-                return _Polite(host, kind, seed, manners[host], inflight, log)
+                return _Polite(host, kind, spec, manners[host], inflight, log)
 
             servers.append(await loop.create_server(factory, sock=listener.sock, ssl=listener.tls, backlog=4096))
         stop = asyncio.Event()

@@ -32,6 +32,8 @@ politeweb = _load("politeweb")
 
 SAMPLE = [("cdn.example", 300, 300), *((f"b{i}.example", 12, 0) for i in range(20)),
           *((f"s{i}.example", 2, 0) for i in range(60)), *((f"o{i}.example", 1, 0) for i in range(400))]  # fmt: skip
+SERVED = [politeweb.Manners(capacity=2), politeweb.Manners(rule="token"),
+          politeweb.Manners(rule="delay", crawl_delay=1.0), politeweb.Manners()]  # fmt: skip
 
 
 def test_manners_are_drawn_as_stated() -> None:
@@ -53,9 +55,9 @@ def test_manners_are_drawn_as_stated() -> None:
 
 @pytest.fixture
 def polite_server(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
-    """bench/politeweb.py with three ok hosts: capacity 2, robots.txt shutting out img2dataset, Crawl-delay 1 s."""
-    manners = [politeweb.Manners(capacity=2), politeweb.Manners(rule="token"),
-               politeweb.Manners(rule="delay", crawl_delay=1.0)]  # fmt: skip
+    """bench/politeweb.py with three ok hosts (capacity 2, robots.txt shutting out img2dataset, Crawl-delay 1 s) and
+    an always-429 one."""
+    manners, kinds = SERVED, ["ok", "ok", "ok", "ratelimit"]
     addresses = [webserve._address(6000 + index) for index in range(len(manners))]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -64,16 +66,17 @@ def polite_server(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
         "seed": 1,
         "http_port": port,
         "https_port": port,
-        "hosts": [[address, False, "ok", ""] for address in addresses],
+        "hosts": [[address, False, kind, ""] for address, kind in zip(addresses, kinds, strict=True)],
         "manners": [m.__dict__ for m in manners],
         "events": str(tmp_path / "events"),
+        "ratelimit_retry_after": 10,
     }
     (tmp_path / "web.json").write_text(json.dumps(spec))
     command = [sys.executable, str(ROOT / "bench" / "politeweb.py"), "--spec", str(tmp_path / "web.json"),
                "--procs", "2"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
-        assert process.stdout is not None and process.stdout.readline().startswith("ready listeners=3")
+        assert process.stdout is not None and process.stdout.readline().startswith("ready listeners=4")
         yield [f"http://{address}:{port}" for address in addresses], tmp_path / "events"
     finally:
         process.terminate()
@@ -81,7 +84,7 @@ def polite_server(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
 
 
 def test_the_log_measures_capacity_robots_and_crawl_delay(polite_server: tuple[list[str], Path]) -> None:
-    (limited, token, delay), events = polite_server
+    (limited, token, delay, ratelimit), events = polite_server
     since = time.monotonic_ns()
     with ThreadPoolExecutor(6) as pool:  # six at once on separate connections, over both server processes
         statuses = list(pool.map(lambda i: requests.get(f"{limited}/img/{i}-2000.jpg", timeout=5), range(6)))
@@ -93,11 +96,11 @@ def test_the_log_measures_capacity_robots_and_crawl_delay(polite_server: tuple[l
     assert "Crawl-delay: 1" in requests.get(f"{delay}/robots.txt", timeout=5).text
     requests.get(f"{delay}/img/8-2000.jpg", timeout=5)
     requests.get(f"{delay}/img/9-2000.jpg", timeout=5)  # about 0.15 s after the first: a violation
+    assert requests.get(f"{ratelimit}/img/1-2000.jpg", timeout=5).headers["Retry-After"] == "10"
     time.sleep(0.5)  # the server writes its log every 0.2 s
     web = webserve.Web([webserve.Host(i, f"h{i}", a, False, "ok", 1) for i, a in enumerate(
-        url.split("//")[1].split(":")[0] for url in (limited, token, delay))], [0, 1, 2], [1, 1, 1], 1)  # fmt: skip
-    pweb = politeweb.PoliteWeb(web, [politeweb.Manners(capacity=2), politeweb.Manners(rule="token"),
-                                     politeweb.Manners(rule="delay", crawl_delay=1.0)])  # fmt: skip
+        url.split("//")[1].split(":")[0] for url in polite_server[0])], [0, 1, 2, 3], [1] * 4, 1)  # fmt: skip
+    pweb = politeweb.PoliteWeb(web, SERVED)
     seen = politeweb.traffic(pweb, *politeweb.read_events(events, since, time.monotonic_ns()))
     assert seen["limited_requests"] == 6
     assert seen["limited_429"] == [r.status_code for r in statuses].count(429)
