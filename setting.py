@@ -74,6 +74,12 @@ user_agent = ""  # HTTP User-Agent sent as is (empty: laion5b-downloader/<versio
 disallowed_header_directives = ["noai", "noimageai", "noindex", "noimageindex"]  # X-Robots-Tag opt-outs
 honour_tdm_reservation = True  # an image served with the W3C TDMRep header tdm-reservation: 1 is not stored
 #                                 (disallowed)
+robots = True  # obey robots.txt (RFC 9309) for every token of robots_agents, fetched once per site for the fleet
+robots_agents = ["laion5b-downloader", "img2dataset"]  # robots.txt tokens that must all be allowed a URL (each
+#                                                        obeys its own group, else the * group)
+robots_ttl = 86400  # seconds a site's robots.txt is kept in Redis before it is fetched again
+max_crawl_delay = 30.0  # longest robots.txt Crawl-delay honoured, in seconds; a site asking more is
+#                         crawl_delay_too_long
 dns_cache_ttl = 300.0  # seconds a DNS answer is reused in a process (failed look-ups: 5 s; 0: no cache)
 dns_timeout = 10.0  # seconds a DNS look-up may take before it counts as failed (dns); the next try looks up again
 tls_ca_file = ""  # CA bundle that image servers' certificates are checked against (empty: the bundle requests ships)

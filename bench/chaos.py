@@ -1139,7 +1139,9 @@ class Chaos:
         if not self.producer_done:
             self.fail("add_task.py did not finish")
         for name in sorted(self.workers):
-            self.terminate(self.workers.pop(name), timeout=DOWNLOAD_TIMEOUT + 30)
+            proc = self.workers.pop(name)
+            self.wait_logging(proc)  # a worker started a moment ago may still be importing: SIGTERM would end it
+            self.terminate(proc, timeout=DOWNLOAD_TIMEOUT + 30)
 
     def final_passes(self) -> None:
         """downloader.py --until-empty, then save_error_task.py --until-empty, then add_task.py once more."""

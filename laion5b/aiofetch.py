@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextvars
+import functools
 import socket
 import ssl
 import time
 import zlib
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -41,6 +43,7 @@ from laion5b.fetchpolicy import (
 )
 from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
 from laion5b.limits import AsyncByteBudget
+from laion5b.robots import ROBOTS_REDIRECTS, AsyncRobotsGate, RobotsText, Turn
 
 IDLE_CONNECTION_SECONDS = 15.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 MAX_IDLE_CONNECTIONS = 256
@@ -57,6 +60,8 @@ C), whose 256 KiB read buffer per connection is malloc'ed, not zero-filled: its 
 one socket read fills them (worker peak RSS at 1,024 in flight: 256 MB on uvloop, 185 MB on asyncio's loop,
 bench/RESULTS.md). It is compiled in: setting asyncio's class attribute leaves uvloop alone."""
 asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BYTES
+Final = Callable[[aiohttp.ClientResponse, str], Coroutine[Any, Any, Fetched]]
+"""What turns the final response of a request (after its redirects) into its outcome: an image, or a robots.txt."""
 _URL_ERRORS = (aiohttp.InvalidURL, urllib3.exceptions.LocationParseError, UnicodeError, ValueError)
 _TIMEOUT_ERRORS = (TimeoutError, aiohttp.ServerTimeoutError)
 _SSL_ERRORS = (aiohttp.ClientSSLError, ssl.SSLError, ssl.CertificateError)
@@ -126,9 +131,11 @@ class AsyncFetcher:
         dns_cache: DnsCache | None = None,
         max_idle: int = MAX_IDLE_CONNECTIONS,
         dns_threads: int = DNS_THREADS,
+        robots: AsyncRobotsGate | None = None,
     ) -> None:
         self._policy = policy
         self._budget = budget
+        self._robots = robots
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout, dns_threads)
         lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
@@ -156,27 +163,28 @@ class AsyncFetcher:
     async def fetch(self, url: str) -> Fetched:
         """Download one image; every per-URL problem comes back as a status, never as an exception.
 
-        With a byte budget, the image's bytes stay reserved until ``release(fetched)`` is called.
+        With a byte budget, the image's bytes stay reserved until ``release(fetched)`` is called. With a robots.txt
+        gate, each URL (redirect hops included) is checked first; the first one before the download's time starts.
         """
+        try:
+            turn = await self._enter(url)
+        except FetchFailure as exc:
+            return failed(exc, url)
         deadline = time.monotonic() + self._policy.download_timeout
         body = Body(self._policy.max_bytes, deadline)
-        resolving: list[str] = []
-        _RESOLVING.set(resolving)
-        try:
-            async with asyncio.timeout(self._policy.download_timeout):
-                fetched = await self._follow(url, deadline, body)
-        except FetchFailure as exc:
-            fetched = failed(exc, url)
-        except BlockedAddress as exc:
-            fetched = Fetched(None, None, "blocked_address", one_line(str(exc), url))
-        except TimeoutError:
-            fetched = self._timed_out(body, resolving)
-        except _EXPECTED_ERRORS as exc:
-            fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
+        image = functools.partial(self._image, body=body)
+        fetched = await self._attempt(url, self._follow(url, deadline, image, turn), body)
         fetched = pressed(fetched, body, self._policy.download_timeout)
         if fetched.data is None and self._budget is not None:
             self._budget.give(body.reserved)
         return fetched
+
+    async def fetch_robots(self, url: str) -> Fetched:
+        """A robots.txt: its first ROBOTS_BYTES bytes as ``data`` (status None) once up to 5 redirects are followed,
+        or the status that ended it; with the same guard, timeouts and limits as an image."""
+        deadline = time.monotonic() + self._policy.download_timeout
+        text = functools.partial(self._robots_text, deadline=deadline)
+        return await self._attempt(url, self._follow(url, deadline, text, None, ROBOTS_REDIRECTS), None)
 
     def release(self, fetched: Fetched) -> None:
         """Give the bytes of a fetched image back to the budget (once the image is stored)."""
@@ -186,20 +194,55 @@ class AsyncFetcher:
     async def close(self) -> None:
         await self._session.close()
         self._lookups.close()
+        if self._robots is not None:
+            await self._robots.close()
 
-    async def _follow(self, url: str, deadline: float, body: Body) -> Fetched:
-        """Request ``url`` and follow its redirects by hand, each target checked like the first URL."""
+    async def _attempt(self, url: str, follow: Coroutine[Any, Any, Fetched], body: Body | None) -> Fetched:
+        """Await ``follow`` for at most download_timeout; every per-URL problem becomes a status."""
+        resolving: list[str] = []
+        context = _RESOLVING.set(resolving)
+        try:
+            async with asyncio.timeout(self._policy.download_timeout):
+                return await follow
+        except FetchFailure as exc:
+            return failed(exc, url)
+        except BlockedAddress as exc:
+            return Fetched(None, None, "blocked_address", one_line(str(exc), url))
+        except TimeoutError:
+            return self._timed_out(body, resolving)
+        except _EXPECTED_ERRORS as exc:
+            return Fetched(None, None, _status_word(exc), _describe(exc, url))
+        finally:
+            _RESOLVING.reset(context)
+
+    async def _follow(
+        self, url: str, deadline: float, final: Final, turn: Turn | None, max_redirects: int | None = None
+    ) -> Fetched:
+        """Request ``url`` and follow its redirects by hand, each target checked like the first URL (whose robots.txt
+        ``turn`` is already taken; robots.txt requests pass ``max_redirects`` and are not checked)."""
         seen = {url}
+        gated = max_redirects is None
         while True:
-            check_url(url, deadline, self._policy)
-            async with self._session.get(url, allow_redirects=False) as response:
-                location = redirect_location(response.status, response.headers)
-                if not location:
-                    return await self._image(response, body, url)
-                await self._drain(response, deadline)
-            url = redirect_target(url, location, seen, self._policy.max_redirects)
+            try:
+                check_url(url, deadline, self._policy)
+                async with self._session.get(url, allow_redirects=False) as response:
+                    location = redirect_location(response.status, response.headers)
+                    if not location:
+                        return await final(response, url)
+                    await self._drain(response, deadline)
+            finally:
+                await self._leave(turn)
+            url = redirect_target(url, location, seen, self._policy.max_redirects if gated else max_redirects)
+            turn = await self._enter(url) if gated else None
 
-    async def _image(self, response: aiohttp.ClientResponse, body: Body, url: str) -> Fetched:
+    async def _enter(self, url: str) -> Turn | None:
+        return await self._robots.enter(url, self.fetch_robots) if self._robots is not None else None
+
+    async def _leave(self, turn: Turn | None) -> None:
+        if self._robots is not None:
+            await self._robots.leave(turn)
+
+    async def _image(self, response: aiohttp.ClientResponse, url: str, body: Body) -> Fetched:
         try:
             check_final(response.status, response.reason, response.headers, self._policy)
         except FetchFailure:
@@ -207,6 +250,20 @@ class AsyncFetcher:
             raise
         await _read_body(response, body, self._budget)
         return body.image(url)
+
+    async def _robots_text(self, response: aiohttp.ClientResponse, url: str, deadline: float) -> Fetched:
+        """A final response to a robots.txt request: its status, or the first ROBOTS_BYTES bytes of its body."""
+        if response.status >= 300:
+            await self._drain(response, deadline)
+            return Fetched(None, None, response.status, f"HTTP {response.status}", final_url=url)
+        text = RobotsText(deadline)
+        decoder = Decoder(response.headers.get("content-encoding", ""))
+        while raw := await response.content.read(CHUNK):
+            if not all(text.add(chunk) for chunk in decoder.decode(raw)):
+                response.close()
+                return text.fetched(url)
+        decoder.finish()
+        return text.fetched(url)
 
     async def _drain(self, response: aiohttp.ClientResponse, deadline: float) -> None:
         """Read a small unwanted body so that its connection can be reused; anything else closes it."""
@@ -220,10 +277,10 @@ class AsyncFetcher:
         except (FetchFailure, TimeoutError, *_EXPECTED_ERRORS):
             response.close()
 
-    def _timed_out(self, body: Body, resolving: list[str]) -> Fetched:
+    def _timed_out(self, body: Body | None, resolving: list[str]) -> Fetched:
         """The outcome of a download whose deadline passed: local pressure when it was waiting for byte budget or
         for a DNS look-up thread, else a timeout."""
-        if body.waiting:
+        if body is not None and body.waiting:
             return Fetched(None, None, GAVE_WAY, f"{BUDGET_MESSAGE} (waited until the deadline)")
         if resolving and self._lookups.queued[resolving[0]]:
             return Fetched(None, None, GAVE_WAY, f"waited for a DNS look-up thread for {resolving[0]}")

@@ -26,6 +26,7 @@ from laion5b.eventloop import loop_factory
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import AsyncByteBudget, HostSlots
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
+from laion5b.robots import AsyncRobotsGate
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class AsyncEngine:
         tls: ssl.SSLContext,
         dns_cache: DnsCache | None,
         engine_loop: str = "asyncio",
+        robots: AsyncRobotsGate | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.policy = policy
@@ -94,6 +96,7 @@ class AsyncEngine:
         self.max_inflight_bytes = max_inflight_bytes
         self.tls = tls
         self.dns_cache = dns_cache
+        self.robots = robots
         self.loop_name, new_loop = loop_factory(engine_loop)
         self._loop = new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="async-engine", daemon=True)
@@ -139,7 +142,7 @@ class AsyncEngine:
 
     async def _open(self) -> None:
         budget = AsyncByteBudget(self.max_inflight_bytes)
-        self._fetcher = AsyncFetcher(self.policy, self.tls, budget, self.dns_cache)
+        self._fetcher = AsyncFetcher(self.policy, self.tls, budget, self.dns_cache, robots=self.robots)
 
     def _accept(self, raws: list[str]) -> None:
         self._waiting.extend(raws)

@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
 import types
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ OUTPUT_FORMATS = ("files", "webdataset")
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "txt")
+_ROBOTS_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 QUALITY_RANGES = {"jpg": (0, 100), "png": (0, 9), "webp": (0, 100)}  # png: zlib compression level, as img2dataset
 
 
@@ -75,6 +77,10 @@ class Config:
     user_agent_contact: str
     disallowed_header_directives: list[str]
     honour_tdm_reservation: bool
+    robots: bool
+    robots_agents: list[str]
+    robots_ttl: int
+    max_crawl_delay: float
     dns_cache_ttl: float
     dns_timeout: float
     tls_ca_file: str
@@ -124,6 +130,7 @@ _AT_LEAST_ONE = (
     "image_size",
     "history_days",
     "shard_size",
+    "robots_ttl",
 )
 _POSITIVE = (
     "connect_timeout",
@@ -146,6 +153,7 @@ _NOT_NEGATIVE = (
     "min_image_size",
     "max_aspect_ratio",
     "max_image_area",
+    "max_crawl_delay",
 )
 
 
@@ -171,7 +179,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{_named('allowed_networks')}: {network!r} is not a network such as 127.0.0.0/8"
             ) from None
-    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl", "dns_timeout"):
+    for name in ("retry_backoff", "max_retry_after", "dns_cache_ttl", "dns_timeout", "max_crawl_delay"):
         if not math.isfinite(getattr(config, name)):
             raise ConfigError(f"{_named(name)} must be a finite number, got {getattr(config, name)!r}")
     if config.engine not in ENGINES:
@@ -197,6 +205,7 @@ def _validate(config: Config) -> None:
         if not getattr(config, name):
             raise ConfigError(f"{_named(name)} must not be empty")
     _validate_user_agent(config)
+    _validate_robots(config)
 
 
 def _validate_user_agent(config: Config) -> None:
@@ -209,6 +218,14 @@ def _validate_user_agent(config: Config) -> None:
             f"{_named('user_agent_contact')} is not sent while {_named('user_agent')} is set: "
             "empty user_agent, or put the contact in it"
         )
+
+
+def _validate_robots(config: Config) -> None:
+    if config.robots and not config.robots_agents:
+        raise ConfigError(f"{_named('robots_agents')} must name at least one token while robots is on")
+    for token in config.robots_agents:
+        if not _ROBOTS_TOKEN.fullmatch(token):
+            raise ConfigError(f"{_named('robots_agents')}: {token!r} is not a token (letters, digits, _ and -)")
 
 
 def _validate_processing(config: Config) -> None:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import socket
 import ssl
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import requests
 import urllib3.exceptions
@@ -39,7 +40,10 @@ from laion5b.fetchpolicy import (
 )
 from laion5b.guard import DEADLINE, AddressGuard, BlockedAddress, GuardedAdapter, system_resolver
 from laion5b.limits import ByteBudget
+from laion5b.robots import ROBOTS_REDIRECTS, RobotsGate, RobotsText, Turn
 
+Final = Callable[[requests.Response, str], Fetched]
+"""What turns the final response of a request (after its redirects) into its outcome: an image, or a robots.txt."""
 _TIMEOUT_ERRORS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
 _SSL_ERRORS = (requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError, ssl.CertificateError)
 _URL_ERRORS = (
@@ -66,10 +70,15 @@ class Fetcher:
     process's, shared by its threads."""
 
     def __init__(
-        self, policy: FetchPolicy, tls: ssl.SSLContext | None = None, budget: ByteBudget | None = None
+        self,
+        policy: FetchPolicy,
+        tls: ssl.SSLContext | None = None,
+        budget: ByteBudget | None = None,
+        robots: RobotsGate | None = None,
     ) -> None:
         self._policy = policy
         self._budget = budget
+        self._robots = robots
         guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         adapter = GuardedAdapter(guard, tls or tls_context(policy.tls_ca_file))
         self._session = requests.Session()
@@ -81,43 +90,76 @@ class Fetcher:
     def fetch(self, url: str) -> Fetched:
         """Download one image; every per-URL problem comes back as a status, never as an exception.
 
-        With a byte budget, the image's bytes stay reserved until ``release(fetched)`` is called.
+        With a byte budget, the image's bytes stay reserved until ``release(fetched)`` is called. With a robots.txt
+        gate, each URL (redirect hops included) is checked first; the first one before the download's time starts.
         """
-        deadline = time.monotonic() + self._policy.download_timeout
-        DEADLINE.value = deadline
-        body = Body(self._policy.max_bytes, deadline)
         try:
-            fetched = self._follow(url, deadline, body)
+            turn = self._enter(url)
         except FetchFailure as exc:
-            fetched = failed(exc, url)
-        except BlockedAddress as exc:
-            fetched = Fetched(None, None, "blocked_address", one_line(str(exc), url))
-        except _EXPECTED_ERRORS as exc:
-            fetched = Fetched(None, None, _status_word(exc), _describe(exc, url))
-        finally:
-            DEADLINE.value = None
+            return failed(exc, url)
+        deadline = time.monotonic() + self._policy.download_timeout
+        body = Body(self._policy.max_bytes, deadline)
+        image = functools.partial(self._image, body=body)
+        fetched = self._attempt(url, deadline, lambda: self._follow(url, deadline, image, turn))
         fetched = pressed(fetched, body, self._policy.download_timeout)
         if fetched.data is None and self._budget is not None:
             self._budget.give(body.reserved)
         return fetched
 
+    def fetch_robots(self, url: str) -> Fetched:
+        """A robots.txt: its first ROBOTS_BYTES bytes as ``data`` (status None) once up to 5 redirects are followed,
+        or the status that ended it; with the same guard, timeouts and limits as an image."""
+        deadline = time.monotonic() + self._policy.download_timeout
+        text = functools.partial(self._robots_text, deadline=deadline)
+        return self._attempt(url, deadline, lambda: self._follow(url, deadline, text, None, ROBOTS_REDIRECTS))
+
     def close(self) -> None:
         """Close every pooled connection."""
         self._session.close()
 
-    def _follow(self, url: str, deadline: float, body: Body) -> Fetched:
-        """Request ``url`` and follow its redirects by hand, each target checked like the first URL."""
+    def _attempt(self, url: str, deadline: float, follow: Callable[[], Fetched]) -> Fetched:
+        """Run ``follow`` under ``deadline``; every per-URL problem becomes a status."""
+        outer = getattr(DEADLINE, "value", None)
+        DEADLINE.value = deadline
+        try:
+            return follow()
+        except FetchFailure as exc:
+            return failed(exc, url)
+        except BlockedAddress as exc:
+            return Fetched(None, None, "blocked_address", one_line(str(exc), url))
+        except _EXPECTED_ERRORS as exc:
+            return Fetched(None, None, _status_word(exc), _describe(exc, url))
+        finally:
+            DEADLINE.value = outer
+
+    def _follow(
+        self, url: str, deadline: float, final: Final, turn: Turn | None, max_redirects: int | None = None
+    ) -> Fetched:
+        """Request ``url`` and follow its redirects by hand, each target checked like the first URL (whose robots.txt
+        ``turn`` is already taken; robots.txt requests pass ``max_redirects`` and are not checked)."""
         seen = {url}
+        gated = max_redirects is None
         while True:
-            response = self._send(url, deadline)
             try:
-                location = redirect_location(response.status_code, response.headers)
-                if not location:
-                    return self._image(response, body, url)
-                self._drain(response, deadline)
+                response = self._send(url, deadline)
+                try:
+                    location = redirect_location(response.status_code, response.headers)
+                    if not location:
+                        return final(response, url)
+                    self._drain(response, deadline)
+                finally:
+                    response.close()
             finally:
-                response.close()
-            url = redirect_target(url, location, seen, self._policy.max_redirects)
+                self._leave(turn)
+            url = redirect_target(url, location, seen, self._policy.max_redirects if gated else max_redirects)
+            turn = self._enter(url) if gated else None
+
+    def _enter(self, url: str) -> Turn | None:
+        return self._robots.enter(url, self.fetch_robots) if self._robots is not None else None
+
+    def _leave(self, turn: Turn | None) -> None:
+        if self._robots is not None:
+            self._robots.leave(turn)
 
     def _send(self, url: str, deadline: float) -> requests.Response:
         """Send one GET without following redirects; the response body is left unread."""
@@ -128,7 +170,7 @@ class Fetcher:
         adapter = self._session.get_adapter(request.url)
         return adapter.send(request, stream=True, timeout=timeout, verify=True, cert=None, proxies={})
 
-    def _image(self, response: requests.Response, body: Body, url: str) -> Fetched:
+    def _image(self, response: requests.Response, url: str, body: Body) -> Fetched:
         """Turn a final response into a Fetched: check status, opt-out and size, then read and identify the body."""
         try:
             check_final(response.status_code, response.reason, response.headers, self._policy)
@@ -137,6 +179,19 @@ class Fetcher:
             raise
         _read_body(response.raw, body, self._budget)
         return body.image(url)
+
+    def _robots_text(self, response: requests.Response, url: str, deadline: float) -> Fetched:
+        """A final response to a robots.txt request: its status, or the first ROBOTS_BYTES bytes of its body."""
+        if response.status_code >= 300:
+            self._drain(response, deadline)
+            return Fetched(None, None, response.status_code, f"HTTP {response.status_code}", final_url=url)
+        text = RobotsText(deadline)
+        decoder = Decoder(response.raw.headers.get("content-encoding", ""))
+        while data := response.raw.read1(CHUNK, decode_content=False):
+            if not all(text.add(chunk) for chunk in decoder.decode(data)):
+                return text.fetched(url)
+        decoder.finish()
+        return text.fetched(url)
 
     def _drain(self, response: requests.Response, deadline: float) -> None:
         """Read a small unwanted body so that its connection can be reused; anything else is left to close()."""

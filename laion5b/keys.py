@@ -162,6 +162,18 @@ class Keys:
         """Set: hosts that have a history."""
         return f"{self.task}:history_hosts"
 
+    def robots(self, origin: str) -> str:
+        """String with a TTL: the compact rules of a site's robots.txt for our agents (``laion5b.robots``)."""
+        return f"{self.task}:robots:{origin}"
+
+    def robots_lock(self, origin: str) -> str:
+        """Short lock taken by the worker that fetches a site's robots.txt."""
+        return f"{self.task}:robots_lock:{origin}"
+
+    def crawl(self, origin: str) -> str:
+        """Hash with a TTL: the Crawl-delay turns of a site that asks for one (next start, request in flight)."""
+        return f"{self.task}:crawl:{origin}"
+
     @property
     def requeued(self) -> str:
         """Hash: ``<host_id>:<error file path>`` -> JSON ``{selector: byte offset}`` of what requeue handled."""

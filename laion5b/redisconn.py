@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -29,19 +29,27 @@ def connect(config: Config, timeout: float = 30.0, encoding_errors: str = "stric
     ``encoding_errors="surrogateescape"`` reads values that are not UTF-8 as text that writes back as the same bytes
     (a worker must be able to claim, record and remove any queued entry)."""
     return redis.Redis(
-        host=config.redis_ip,
-        port=config.redis_port,
-        db=config.redis_db,
-        password=config.redis_pass or None,
-        ssl=config.redis_tls,
-        ssl_ca_certs=config.redis_tls_ca or None,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 5.0),
-        health_check_interval=30,
+        **client_options(config, timeout),
         decode_responses=True,
         encoding_errors=encoding_errors,
         retry=Retry(NoBackoff(), 0),
     )
+
+
+def client_options(config: Config, timeout: float) -> dict[str, Any]:
+    """Where the configured Redis is and how long to wait for it: the options any client of it (blocking or
+    redis.asyncio) is made with."""
+    return {
+        "host": config.redis_ip,
+        "port": config.redis_port,
+        "db": config.redis_db,
+        "password": config.redis_pass or None,
+        "ssl": config.redis_tls,
+        "ssl_ca_certs": config.redis_tls_ca or None,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": min(timeout, 5.0),
+        "health_check_interval": 30,
+    }
 
 
 def describe(config: Config) -> str:

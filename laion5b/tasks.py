@@ -17,7 +17,7 @@ MAX_ID_BYTES = 200
 """File names are limited to 255 bytes: an id whose UTF-8 form is longer than this is hashed too."""
 HASHED_PREFIX = "sha1-"
 MAX_URL_CHARS = 4096
-TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns", "truncated"})
+TRANSIENT_WORDS = frozenset({"timeout", "connection", "dns", "truncated", "robots_unavailable"})
 TRANSIENT_CODES = frozenset({408, 429})
 HASH_DIGITS = {"sha256": 64, "md5": 32}
 """Content hashes a task may carry to be checked (``verify_hash``), with the hex digits of each."""

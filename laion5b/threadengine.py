@@ -11,6 +11,7 @@ from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
 from laion5b.limits import ByteBudget, HostSlots
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
+from laion5b.robots import RobotsGate
 from laion5b.tasks import Task
 
 
@@ -26,6 +27,7 @@ class ThreadEngine:
         max_per_host: int,
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
+        robots: RobotsGate | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.policy = policy
@@ -34,6 +36,7 @@ class ThreadEngine:
         self.slots: HostSlots[Parked] = HostSlots(max_per_host)
         self.budget = ByteBudget(max_inflight_bytes)
         self.tls = tls
+        self.robots = robots
         self._todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
@@ -71,7 +74,7 @@ class ThreadEngine:
         return unstarted
 
     def _download_loop(self) -> None:
-        fetcher = Fetcher(self.policy, self.tls, self.budget)
+        fetcher = Fetcher(self.policy, self.tls, self.budget, self.robots)
         try:
             while (raw := self._todo.get()) is not None:
                 self._run(raw, fetcher)

@@ -26,6 +26,7 @@ from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Le
 from laion5b.limits import raise_open_files_limit
 from laion5b.pipeline import Outcome, Pipeline, Sink
 from laion5b.redisconn import retrying
+from laion5b.robots import async_robots_gate, robots_gate
 from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
@@ -110,12 +111,22 @@ def make_engine(
             tls,
             cache,
             config.engine_loop,
+            async_robots_gate(config),
         )
     resolver = BlockingLookups(resolver or system_resolver, config.dns_timeout, config.thread_num + SPARE_THREADS)
     if cache is not None:
         resolver = CachedResolver(resolver, cache)
     policy = fetch_policy(config, resolver)
-    return ThreadEngine(pipeline, policy, config.thread_num, done, config.max_per_host, config.max_inflight_bytes, tls)
+    return ThreadEngine(
+        pipeline,
+        policy,
+        config.thread_num,
+        done,
+        config.max_per_host,
+        config.max_inflight_bytes,
+        tls,
+        robots_gate(config),
+    )
 
 
 @dataclass

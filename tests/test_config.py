@@ -95,6 +95,10 @@ def test_environment_overrides(variable, value, field, expected):
         ("LAION_USER_AGENT_CONTACT", "ops@x.org\r\nX-Evil: 1", "user_agent_contact (LAION_USER_AGENT_CONTACT) must be"),
         ("LAION_USER_AGENT", "bot/1 ♥", "user_agent (LAION_USER_AGENT) must be printable ASCII on one line"),
         ("LAION_ENGINE_LOOP", "trio", "engine_loop (LAION_ENGINE_LOOP) must be one of uvloop, asyncio, got 'trio'"),
+        ("LAION_ROBOTS_AGENTS", "", "robots_agents (LAION_ROBOTS_AGENTS) must name at least one token"),
+        ("LAION_ROBOTS_AGENTS", "img2dataset,my bot", "robots_agents (LAION_ROBOTS_AGENTS): 'my bot' is not a token"),
+        ("LAION_ROBOTS_TTL", "0", "robots_ttl (LAION_ROBOTS_TTL) must be at least 1"),
+        ("LAION_MAX_CRAWL_DELAY", "-1", "max_crawl_delay (LAION_MAX_CRAWL_DELAY) must not be negative"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):

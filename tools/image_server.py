@@ -34,7 +34,10 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
   /gzip/<name>.<ext>[?cut=1]     200, Content-Encoding: gzip: the image gzipped; with cut=1 cut in the middle of
                                  its stream (no end, no trailer), with a Content-Length that matches the cut body
   /notimage                      200 image/jpeg, 4096 deterministic bytes that are no image
-Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen.
+  /robots.txt                    ``ImageServer.robots`` (status, body) when set, else 404; after
+                                 ``ImageServer.robots_hops`` redirects (302 to /robots-hop/<n>) when that is set
+Anything else is 404. ``ImageServer.requests`` and ``.connections`` count what the server has seen, ``.paths`` lists
+the paths asked.
 """
 
 from __future__ import annotations
@@ -222,6 +225,9 @@ class _Server(ThreadingHTTPServer):
         self.most_in_progress: Counter[str] = Counter()
         self.started: dict[str, list[float]] = {}
         self.user_agents: dict[str, str] = {}
+        self.paths: list[str] = []
+        self.robots: tuple[int, str] | None = None
+        self.robots_hops = 0
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -264,6 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
             self.server.started.setdefault(host, []).append(time.monotonic())
+            self.server.paths.append(self.path)
         try:
             self._answer()
         finally:
@@ -444,6 +451,17 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: len(body) // 2]
         self._reply(200, body, FORMATS[ext], {"Content-Encoding": "gzip"})
 
+    def route_robots(self, rest: str, query: dict[str, str]) -> None:
+        self.route_robots_hop(str(self.server.robots_hops), query)
+
+    def route_robots_hop(self, rest: str, query: dict[str, str]) -> None:
+        if int(rest) > 0:
+            self._reply(302, b"redirect\n", headers={"Location": f"/robots-hop/{int(rest) - 1}"})
+        elif self.server.robots is None:
+            self._reply(404, b"not found\n")
+        else:
+            self._reply(self.server.robots[0], self.server.robots[1].encode())
+
     def route_notimage(self, rest: str, query: dict[str, str]) -> None:
         self._reply(200, b"NOTIMAGE" + random.Random(rest).randbytes(4088), "image/jpeg")
 
@@ -472,6 +490,8 @@ _ROUTES = {
     "badgzip": _Handler.route_badgzip,
     "notimage": _Handler.route_notimage,
     "gzip": _Handler.route_gzip,
+    "robots.txt": _Handler.route_robots,
+    "robots-hop": _Handler.route_robots_hop,
 }
 
 
@@ -503,6 +523,18 @@ class ImageServer:
         """When each request to ``host`` arrived (monotonic clock)."""
         with self._server.lock:
             return list(self._server.started.get(host, []))
+
+    @property
+    def paths(self) -> list[str]:
+        """Every path asked so far (with its query), in order."""
+        with self._server.lock:
+            return list(self._server.paths)
+
+    def serve_robots(self, status: int, body: str, hops: int = 0) -> None:
+        """Answer /robots.txt with ``status`` and ``body``, after ``hops`` redirects."""
+        with self._server.lock:
+            self._server.robots = (status, body)
+            self._server.robots_hops = hops
 
     def user_agent(self, name: str) -> str | None:
         """The User-Agent of the last request of /agent/<name>.<ext>, None if there was none."""
