@@ -149,7 +149,7 @@ def _index(url: str) -> int:
 
 
 def stop_children(children: list[speed.Child], note: list[str]) -> None:
-    """SIGTERM every child still running (the run's time is up)."""
+    """SIGTERM every child still running (the run's time is up, or the benchmark is stopped)."""
     note.append("timed out, stopped")
     for child in children:
         if child.process.poll() is None:
@@ -175,10 +175,14 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
         children = speed.run_img2dataset(setup, store, log, sampler)
     note: list[str] = [f"load {os.getloadavg()[0]:.1f}"]
     timer = threading.Timer(timeout, stop_children, [children, note])
+    timer.daemon = True
     timer.start()
-    for child in children:
-        speed.wait_child(child)
-    timer.cancel()
+    try:
+        for child in children:
+            speed.wait_child(child)
+    finally:
+        timer.cancel()
+        stop_children([child for child in children if child.process.returncode is None], [])
     run.seconds = time.monotonic() - started
     until = time.monotonic_ns()
     run.cpu = {"redis": setup.redis.cpu() - redis_cpu0, "server": server.cpu() - server_cpu0}
