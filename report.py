@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -29,12 +28,10 @@ from laion5b.config import Config
 from laion5b.inputs import Spec
 from laion5b.log import setup
 from laion5b.rows import InputError
-from laion5b.shardlocator import ShardLocator
+from laion5b.shardlocator import LOCATORS
 
 log = logging.getLogger("report")
 REDIS_TIMEOUT = 3.0
-LOCATORS: dict[str, Callable[[str], rowstatus.Locator]] = {"files": rowstatus.FileLocator, "webdataset": ShardLocator}
-"""The locator of each ``output_format``: where its stored samples are found."""
 
 
 def main() -> int:

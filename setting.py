@@ -56,7 +56,9 @@ engine_loop = "asyncio"  # event loop of engine "async": "asyncio" (the standard
 #                          uvloop is not installed)
 concurrency = 512  # downloads in flight per downloader process (engine "async")
 max_inflight_bytes = 1024 * 1024 * 1024  # body bytes one process may hold in memory; a download waits for budget
-max_per_host = 16  # downloads in progress to one URL host name per process (0: no limit)
+max_per_host = 16  # downloads in progress to one URL host name by all workers together (0: no limit, no Redis cost)
+host_start_concurrency = 4  # a host's fleet-wide limit at first; grows by 1 per window of good answers up to
+#                             max_per_host, halves on a 429/503 or a burst of timeouts
 host_id = ""  # name of this machine in Redis (empty: the hostname); must differ between machines
 heartbeat_ttl = 30  # seconds after which a silent worker counts as dead and its tasks return to the queue
 max_attempts = 3  # tries of a task that fails transiently (timeout, connection, dns, 5xx, 408, 429)

@@ -13,7 +13,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import urllib3.exceptions
@@ -44,6 +44,9 @@ from laion5b.fetchpolicy import (
 from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
 from laion5b.limits import AsyncByteBudget
 from laion5b.robots import ROBOTS_REDIRECTS, AsyncRobotsGate, RobotsText, Turn
+
+if TYPE_CHECKING:
+    from laion5b.hops import AsyncHops
 
 IDLE_CONNECTION_SECONDS = 15.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 MAX_IDLE_CONNECTIONS = 256
@@ -132,10 +135,12 @@ class AsyncFetcher:
         max_idle: int = MAX_IDLE_CONNECTIONS,
         dns_threads: int = DNS_THREADS,
         robots: AsyncRobotsGate | None = None,
+        hops: AsyncHops | None = None,
     ) -> None:
         self._policy = policy
         self._budget = budget
         self._robots = robots
+        self._hops = hops
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout, dns_threads)
         lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
@@ -233,6 +238,8 @@ class AsyncFetcher:
             finally:
                 await self._leave(turn)
             url = redirect_target(url, location, seen, self._policy.max_redirects if gated else max_redirects)
+            if gated and self._hops is not None:  # the target's host counts too
+                await self._hops.enter(url, deadline)
             turn = await self._enter(url) if gated else None
 
     async def _enter(self, url: str) -> Turn | None:

@@ -24,7 +24,9 @@ from laion5b.aiofetch import AsyncFetcher
 from laion5b.dnscache import DnsCache
 from laion5b.eventloop import loop_factory
 from laion5b.fetchpolicy import Fetched, FetchPolicy
-from laion5b.limits import AsyncByteBudget, HostSlots
+from laion5b.fleetslots import FleetSlots
+from laion5b.hops import AsyncHops
+from laion5b.limits import AsyncByteBudget
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.robots import AsyncRobotsGate
 from laion5b.tasks import Task
@@ -81,7 +83,7 @@ class AsyncEngine:
         policy: FetchPolicy,
         concurrency: int,
         done: queue.SimpleQueue[Outcome],
-        max_per_host: int,
+        slots: FleetSlots[Parked],
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
         dns_cache: DnsCache | None,
@@ -92,7 +94,9 @@ class AsyncEngine:
         self.policy = policy
         self.capacity = concurrency
         self.done = done
-        self.slots: HostSlots[Parked] = HostSlots(max_per_host)
+        self.slots = slots
+        slots.start = self._granted_elsewhere
+        self.hops = AsyncHops(slots)
         self.max_inflight_bytes = max_inflight_bytes
         self.tls = tls
         self.dns_cache = dns_cache
@@ -101,6 +105,8 @@ class AsyncEngine:
         self._loop = new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="async-engine", daemon=True)
         self._waiting: deque[str] = deque()
+        self._ready: deque[tuple[str, Parked]] = deque()
+        """Parked tasks granted a slot of their host by the main thread's sync, to start first."""
         self._running: set[asyncio.Task[None]] = set()
         self._finishing: set[asyncio.Future[None]] = set()
         """Tasks fetched and handed to the pool, not finished yet (they hold no download slot)."""
@@ -142,15 +148,31 @@ class AsyncEngine:
 
     async def _open(self) -> None:
         budget = AsyncByteBudget(self.max_inflight_bytes)
-        self._fetcher = AsyncFetcher(self.policy, self.tls, budget, self.dns_cache, robots=self.robots)
+        self._fetcher = AsyncFetcher(self.policy, self.tls, budget, self.dns_cache, robots=self.robots, hops=self.hops)
 
     def _accept(self, raws: list[str]) -> None:
         self._waiting.extend(raws)
         self._start_waiting()
 
+    def _granted_elsewhere(self, granted: list[tuple[str, Parked]]) -> None:
+        """From the main thread: parked tasks that now hold a slot of their host."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            self._loop.call_soon_threadsafe(self._granted, granted)
+
+    def _granted(self, granted: list[tuple[str, Parked]]) -> None:
+        if self._stopping:
+            for host, _ in granted:
+                self.slots.give_back(host)
+            return
+        self._ready.extend(granted)
+        self._start_waiting()
+
     def _start_waiting(self) -> None:
-        while self._waiting and len(self._running) < self.capacity and not self._stopping:
-            task = self._loop.create_task(self._run(self._waiting.popleft()))
+        while (self._ready or self._waiting) and len(self._running) < self.capacity and not self._stopping:
+            if self._ready:
+                task = self._loop.create_task(self._turns(*self._ready.popleft()))
+            else:
+                task = self._loop.create_task(self._run(self._waiting.popleft()))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
@@ -162,29 +184,36 @@ class AsyncEngine:
         """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
         ends as exactly one outcome, whatever raises."""
         admitted = admit(self.pipeline, self.slots, self.done, raw)
-        if admitted is None:
-            return
-        host, first = admitted
-        turn: Parked | None = first
+        if admitted is not None:
+            await self._turns(*admitted)
+
+    async def _turns(self, host: str, turn: Parked | None) -> None:
+        """Download ``turn``, holding a slot of ``host``, then each task parked behind it that the slot passes to."""
         while turn is not None:
+            fetched = None
             try:
-                await self._download(*turn)
+                fetched = await self._download(host, *turn)
             except Exception as error:  # one task's exception is its outcome
                 self.done.put(self.pipeline.crashed(turn[1], turn[0], error))
-            turn = next_turn(self.slots, host, self.done)
+            turn = next_turn(self.slots, host, self.done, fetched)
 
-    async def _download(self, raw: str, task: Task) -> None:
+    async def _download(self, host: str, raw: str, task: Task) -> Fetched | None:
         """Fetch on the loop, then hand the task to the pool, which puts its outcome on ``done``: the download slot
         is free at once, so a store that does not answer holds the pool's threads, not the downloads."""
         assert self._fetcher is not None
+        fetched = None
+        self.hops.begin(host)
         try:
             fetched = await self._fetcher.fetch(task.url)
         except Exception as error:
             self.done.put(self.pipeline.crashed(task, raw, error))
-            return
+            return None
+        finally:
+            self.hops.end(fetched)
         finished = self._loop.create_future()
         self._finishing.add(finished)
         self._finishers.submit(functools.partial(self._finish, raw, task, fetched, finished))
+        return fetched
 
     def _finish(self, raw: str, task: Task, fetched: Fetched, finished: asyncio.Future[None]) -> None:
         """In the pool: process and store a fetched image, report its outcome, then give its bytes back on the loop."""
@@ -205,6 +234,10 @@ class AsyncEngine:
     async def _take_unstarted(self) -> list[str]:
         unstarted = list(self._waiting)
         self._waiting.clear()
+        for host, (raw, _) in self._ready:
+            self.slots.give_back(host)
+            unstarted.append(raw)
+        self._ready.clear()
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
         return unstarted
 

@@ -63,6 +63,7 @@ class Config:
     concurrency: int
     max_inflight_bytes: int
     max_per_host: int
+    host_start_concurrency: int
     host_id: str
     heartbeat_ttl: int
     max_attempts: int
@@ -131,6 +132,7 @@ _AT_LEAST_ONE = (
     "history_days",
     "shard_size",
     "robots_ttl",
+    "host_start_concurrency",
 )
 _POSITIVE = (
     "connect_timeout",

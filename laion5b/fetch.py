@@ -11,6 +11,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import requests
 import urllib3.exceptions
@@ -41,6 +42,9 @@ from laion5b.fetchpolicy import (
 from laion5b.guard import DEADLINE, AddressGuard, BlockedAddress, GuardedAdapter, system_resolver
 from laion5b.limits import ByteBudget
 from laion5b.robots import ROBOTS_REDIRECTS, RobotsGate, RobotsText, Turn
+
+if TYPE_CHECKING:
+    from laion5b.hops import ThreadHops
 
 Final = Callable[[requests.Response, str], Fetched]
 """What turns the final response of a request (after its redirects) into its outcome: an image, or a robots.txt."""
@@ -75,10 +79,12 @@ class Fetcher:
         tls: ssl.SSLContext | None = None,
         budget: ByteBudget | None = None,
         robots: RobotsGate | None = None,
+        hops: ThreadHops | None = None,
     ) -> None:
         self._policy = policy
         self._budget = budget
         self._robots = robots
+        self._hops = hops
         guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         adapter = GuardedAdapter(guard, tls or tls_context(policy.tls_ca_file))
         self._session = requests.Session()
@@ -152,6 +158,8 @@ class Fetcher:
             finally:
                 self._leave(turn)
             url = redirect_target(url, location, seen, self._policy.max_redirects if gated else max_redirects)
+            if gated and self._hops is not None:  # the target's host counts too
+                self._hops.enter(url, deadline)
             turn = self._enter(url) if gated else None
 
     def _enter(self, url: str) -> Turn | None:

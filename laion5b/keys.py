@@ -175,6 +175,36 @@ class Keys:
         return f"{self.task}:crawl:{origin}"
 
     @property
+    def web_hosts(self) -> str:
+        """Hash: web host name -> its fleet-wide state (slots held, AIMD limit, pause; laion5b/hostledger.py), only
+        for hosts that hold a slot or left their start state."""
+        return f"{self.task}:web:hosts"
+
+    def web_holds(self, worker: str) -> str:
+        """Hash: web host name -> download slots of that host one worker holds (dropped when the worker dies)."""
+        return f"{self.task}:web:holds:{worker}"
+
+    @property
+    def web_holders(self) -> str:
+        """Set: workers that may hold web host slots (checked for a live heartbeat by the ledger's reaper)."""
+        return f"{self.task}:web:holders"
+
+    @property
+    def web_expiry(self) -> str:
+        """Sorted set: web host -> Redis time its throttled state is forgotten (bounds ``web_hosts``)."""
+        return f"{self.task}:web:expiry"
+
+    @property
+    def web_throttled(self) -> str:
+        """Sorted set: web host -> times it answered 429/503 or timed out in bursts; the most throttled, trimmed."""
+        return f"{self.task}:web:throttled"
+
+    @property
+    def web_reap_lock(self) -> str:
+        """Short lock taken by the worker that drops dead workers' web host slots and forgets expired states."""
+        return f"{self.task}:web:reap_lock"
+
+    @property
     def requeued(self) -> str:
         """Hash: ``<host_id>:<error file path>`` -> JSON ``{selector: byte offset}`` of what requeue handled."""
         return f"{self.error}:requeued"

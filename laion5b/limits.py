@@ -1,4 +1,5 @@
-"""Per-process bounds shared by both download engines: downloads per host, body bytes in memory, open files."""
+"""Per-process bounds shared by both download engines: body bytes in memory, open files (downloads per host are the
+fleet's: laion5b/fleetslots.py)."""
 
 from __future__ import annotations
 
@@ -7,64 +8,6 @@ import resource
 import threading
 import time
 from collections import deque
-from typing import Generic, TypeVar
-
-Item = TypeVar("Item")
-
-
-class HostSlots(Generic[Item]):
-    """At most ``limit`` downloads in progress per host name; the others wait here, in order, without blocking the
-    engine: whoever releases a host's slot is handed its next waiting item. ``limit`` 0 means no limit.
-
-    Thread-safe; the async engine calls it from its one event-loop thread.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._busy: dict[str, int] = {}
-        self._waiting: dict[str, deque[Item]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, host: str, item: Item) -> bool:
-        """Take a slot of ``host`` for ``item`` (True), or park ``item`` until a slot frees (False)."""
-        if not self.limit:
-            return True
-        with self._lock:
-            busy = self._busy.get(host, 0)
-            if busy < self.limit:
-                self._busy[host] = busy + 1
-                return True
-            self._waiting.setdefault(host, deque()).append(item)
-            return False
-
-    def release(self, host: str) -> Item | None:
-        """Give the slot of ``host`` back; return the next item parked for it, which now holds the slot."""
-        if not self.limit:
-            return None
-        with self._lock:
-            waiting = self._waiting.get(host)
-            if waiting:
-                item = waiting.popleft()
-                if not waiting:
-                    del self._waiting[host]
-                return item
-            busy = self._busy[host] - 1
-            if busy:
-                self._busy[host] = busy
-            else:
-                del self._busy[host]
-            return None
-
-    def take_waiting(self) -> list[Item]:
-        """Remove and return every parked item (when the worker stops: they were never started)."""
-        with self._lock:
-            items = [item for waiting in self._waiting.values() for item in waiting]
-            self._waiting.clear()
-            return items
-
-    def waiting(self) -> int:
-        with self._lock:
-            return sum(len(waiting) for waiting in self._waiting.values())
 
 
 class ByteBudget:

@@ -39,6 +39,28 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         failures.add_metric([status], count)
     yield failures
     yield from _control_families(snapshot)
+    yield from _throttled_families(snapshot)
+
+
+def _throttled_families(snapshot: Snapshot) -> Iterator[Metric]:
+    """The most throttled web hosts (at most 20): their 429/503s, fleet-wide limit and pause."""
+    label = ["web_host"]
+    throttles = GaugeMetricFamily(
+        "laion5b_web_host_throttles", "429/503 answers and timeout bursts of a most throttled web host.", labels=label
+    )
+    limit = GaugeMetricFamily(
+        "laion5b_web_host_limit", "Downloads the whole fleet may have in progress to that web host now.", labels=label
+    )
+    paused = GaugeMetricFamily(
+        "laion5b_web_host_paused_seconds", "Seconds its Retry-After pause still lasts for the fleet.", labels=label
+    )
+    for host in snapshot.throttled:
+        throttles.add_metric([host.host], host.throttles)
+        limit.add_metric([host.host], host.limit)
+        paused.add_metric([host.host], host.paused)
+    yield throttles
+    yield limit
+    yield paused
 
 
 def _host_families(snapshot: Snapshot) -> Iterator[Metric]:

@@ -10,9 +10,9 @@ import threading
 from urllib.parse import urlsplit
 
 from laion5b.fetchpolicy import GAVE_WAY, POSTPONED, Fetched
+from laion5b.fleetslots import FleetSlots
 from laion5b.imaging import Processed, ProcessPolicy, process
 from laion5b.leases import RETURN, STORED, failed_outcome, retry_outcome
-from laion5b.limits import HostSlots
 from laion5b.retry import retry_delay
 from laion5b.shards import ShardSink
 from laion5b.store import Store
@@ -53,11 +53,11 @@ def host_key(url: str) -> str:
 
 
 def admit(
-    pipeline: Pipeline, slots: HostSlots[Parked], done: queue.SimpleQueue[Outcome], raw: str
+    pipeline: Pipeline, slots: FleetSlots[Parked], done: queue.SimpleQueue[Outcome], raw: str
 ) -> tuple[str, Parked] | None:
     """Begin a task in an engine: its outcome goes to ``done`` when there is nothing to download, it is parked when its
-    host is busy; otherwise return (host, task to download), holding a slot of that host. Whatever raises, the entry
-    ends as exactly one outcome or one turn to download."""
+    host is busy (postponed when its host is paused); otherwise return (host, task to download), holding a slot of
+    that host. Whatever raises, the entry ends as exactly one outcome or one turn to download."""
     try:
         begun = pipeline.begin(raw)
         if isinstance(begun, tuple):
@@ -72,10 +72,15 @@ def admit(
     return host, (raw, begun)
 
 
-def next_turn(slots: HostSlots[Parked], host: str, done: queue.SimpleQueue[Outcome]) -> Parked | None:
-    """Give the slot of ``host`` back and return the task parked for it next, which now holds the slot. Should the
-    slots fail, every parked task goes back to the queue, so that none is left waiting."""
+def next_turn(
+    slots: FleetSlots[Parked], host: str, done: queue.SimpleQueue[Outcome], fetched: Fetched | None
+) -> Parked | None:
+    """Report what ``host`` answered (``fetched``), give its slot back and return the task parked for it next, which
+    now holds the slot. Should the slots fail, every parked task goes back to the queue, so that none is left
+    waiting."""
     try:
+        if fetched is not None:
+            slots.report(host, fetched.status, fetched.retry_after)
         return slots.release(host)
     except Exception:  # parked tasks must still end
         log.exception("host_slots_failed host=%s: parked tasks are queued again", host)

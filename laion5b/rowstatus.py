@@ -61,9 +61,22 @@ class Locator(Protocol):
 
     def locate(self, task: Task) -> Location | None: ...
 
+    def locate_all(self, task: Task) -> list[Location]:
+        """Every stored copy of the row's sample, the one ``locate`` finds first."""
+        ...
+
+    def copies(self, task: Task) -> int:
+        """How many stored copies the row's sample has (quicker than ``locate_all``)."""
+        ...
+
+    by_id: bool
+    """Whether a task's ``id`` is needed to find its sample (else its subset, part and row are enough)."""
+
 
 class FileLocator:
     """Stored files under ``store_dir``, found by listing each image folder once (rows come in order)."""
+
+    by_id = True
 
     def __init__(self, store_dir: str) -> None:
         self.store_dir = store_dir
@@ -72,6 +85,11 @@ class FileLocator:
         self._names: set[str] = set()
 
     def locate(self, task: Task) -> Location | None:
+        found = self.locate_all(task)
+        return found[0] if found else None
+
+    def locate_all(self, task: Task) -> list[Location]:
+        """The row's image files: one per image extension found under its id (more than one is a duplicate)."""
         folder = image_folder(self.store_dir, task)
         if folder != self._folder:
             self._folder = folder
@@ -79,11 +97,10 @@ class FileLocator:
                 self._names = set(os.listdir(folder))
             except (FileNotFoundError, NotADirectoryError):
                 self._names = set()
-        for extension in EXTENSIONS:
-            name = f"{task.id}.{extension}"
-            if name in self._names:
-                return Location(path=f"{folder}/{name}")
-        return None
+        return [Location(path=f"{folder}/{task.id}.{ext}") for ext in EXTENSIONS if f"{task.id}.{ext}" in self._names]
+
+    def copies(self, task: Task) -> int:
+        return len(self.locate_all(task))
 
 
 class Outcome(NamedTuple):

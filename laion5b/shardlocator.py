@@ -7,14 +7,15 @@ from __future__ import annotations
 import logging
 import os
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from laion5b.rowstatus import Location
+from laion5b.rowstatus import FileLocator, Location, Locator
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ShardLocator:
     stored samples (31 bytes each, 90 while they are read and sorted: 0.6 GB, 1.6 at the peak, for an 18M-row part),
     never a whole subset's."""
 
+    by_id = False
+
     def __init__(self, store_dir: str) -> None:
         self.store_dir = store_dir
         self.duplicates = 0
@@ -57,16 +60,36 @@ class ShardLocator:
         self._repeated: set[int] = set()
 
     def locate(self, task: Task) -> Location | None:
+        found = self.locate_all(task)
+        if len(found) > 1:
+            self.duplicates += 1
+        return found[0] if found else None
+
+    def copies(self, task: Task) -> int:
+        """How many samples of the row the shards hold (two searches, no sample read)."""
+        if self._loaded != (task.subset, task.part):
+            self._load(task.subset, task.part)
+        first = bisect_left(self._rows, task.row)
+        if first == len(self._rows) or self._rows[first] != task.row:
+            return 0
+        return bisect_right(self._rows, task.row, first) - first if task.row in self._repeated else 1
+
+    def locate_all(self, task: Task) -> list[Location]:
+        """Every sample of the row, in shard name order (more than one is a duplicate)."""
         if self._loaded != (task.subset, task.part):
             self._load(task.subset, task.part)
         i = bisect_left(self._rows, task.row)
         if i == len(self._rows) or self._rows[i] != task.row:
-            return None
-        if task.row in self._repeated:
-            self.duplicates += 1
+            return []
         survey = self._surveys[task.subset]
-        name = survey.names[self._shards[i].as_py()]
-        return Location(shard=f"{survey.folder}/{name}.tar", member=self._keys[i].as_py())
+        found = []
+        while i < len(self._rows) and self._rows[i] == task.row:
+            name = survey.names[self._shards[i].as_py()]
+            found.append(Location(shard=f"{survey.folder}/{name}.tar", member=self._keys[i].as_py()))
+            if task.row not in self._repeated:
+                break
+            i += 1
+        return found
 
     def _load(self, subset: str, part: str) -> None:
         """Read the samples of one part from the shards that hold some; keep them sorted by row, then shard."""
@@ -144,3 +167,7 @@ def _int64s(values: pa.Array) -> array:
     start = values.offset * flat.itemsize
     flat.frombytes(values.buffers()[1][start : start + len(values) * flat.itemsize])
     return flat
+
+
+LOCATORS: dict[str, Callable[[str], Locator]] = {"files": FileLocator, "webdataset": ShardLocator}
+"""The locator of each ``output_format``: where its stored samples are found (report.py, reconcile.py)."""

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from laion5b import control
+from laion5b.hostledger import ThrottledHost, read_throttled
 from laion5b.keys import Keys
 from laion5b.leases import Owner
 from laion5b.monitor import RECORD_TTL_INTERVALS, HostSample
@@ -88,6 +89,8 @@ class Snapshot:
     acks: dict[str, str] = field(default_factory=dict)
     stores: dict[str, dict[str, str]] = field(default_factory=dict)
     """Worker identity -> its store problem (``store``: store_failing or store_stalled, ``errno``, ``path``)."""
+    throttled: list[ThrottledHost] = field(default_factory=list)
+    """The web hosts that answered 429/503 or timed out in bursts most often, with their fleet-wide limit and pause."""
 
     @property
     def in_shards(self) -> int:
@@ -116,7 +119,7 @@ class Rates:
 
 
 def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_interval: int) -> Snapshot:
-    """Read the whole state in three round trips; raise redis errors as they come."""
+    """Read the whole state in five round trips; raise redis errors as they come."""
     pipe = client.pipeline(transaction=True)
     for key in (keys.tongji_all, keys.tongji_succ, keys.tongji_error, keys.tongji_bytes, keys.tongji_total):
         pipe.get(key)
@@ -165,6 +168,7 @@ def read_snapshot(client: redis.Redis, keys: Keys, heartbeat_ttl: int, monitor_i
         control=requests,
         acks={identity: str(record.get("state", "?")) for identity, record in records.items()},
         stores=stores,
+        throttled=read_throttled(client, keys),
     )
 
 
@@ -356,6 +360,7 @@ def to_json(snapshot: Snapshot) -> dict[str, Any]:
         "failures_by_status": snapshot.failures,
         "requeued": snapshot.requeued,
         "control": control_json(snapshot),
+        "throttled_hosts": [host.to_json() for host in snapshot.throttled],
     }
 
 
@@ -428,6 +433,8 @@ def render(snapshot: Snapshot, before: Snapshot | None, min_success_ratio: float
     lines += _control_lines(snapshot)
     if snapshot.hosts:
         lines += ["", _hosts_table(snapshot, host_rates(before, snapshot))]
+    if snapshot.throttled:
+        lines += ["", "most throttled web hosts (fleet-wide limit, slots held, pause):", _throttled_table(snapshot)]
     return "\n".join(lines) + "\n"
 
 
@@ -470,6 +477,19 @@ def _hosts_table(snapshot: Snapshot, rates: dict[str, float]) -> str:
         for host in snapshot.hosts
     ]
     return table(header, rows, right=(1, 2, 3, 4, 5, 6, 7))
+
+
+def _throttled_table(snapshot: Snapshot) -> str:
+    header = ["web host", "429/503", "limit", "held", "paused"]
+    rows = [
+        [host.host, f"{host.throttles:,}", f"{host.limit}", f"{host.held}", _paused(host.paused)]
+        for host in snapshot.throttled
+    ]
+    return table(header, rows, right=(1, 2, 3, 4))
+
+
+def _paused(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds > 0 else "-"
 
 
 def _gb(value: float | None) -> str:

@@ -6,13 +6,19 @@ import queue
 import ssl
 import threading
 import time
+from collections import deque
 
 from laion5b.fetch import Fetcher
 from laion5b.fetchpolicy import Fetched, FetchPolicy
-from laion5b.limits import ByteBudget, HostSlots
+from laion5b.fleetslots import FleetSlots
+from laion5b.hops import ThreadHops
+from laion5b.limits import ByteBudget
 from laion5b.pipeline import Outcome, Parked, Pipeline, admit, next_turn
 from laion5b.robots import RobotsGate
 from laion5b.tasks import Task
+
+WAKE = "\0wake"
+"""A mark on the task queue that wakes a thread to run the parked tasks just granted a slot."""
 
 
 class ThreadEngine:
@@ -24,7 +30,7 @@ class ThreadEngine:
         policy: FetchPolicy,
         threads: int,
         done: queue.SimpleQueue[Outcome],
-        max_per_host: int,
+        slots: FleetSlots[Parked],
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
         robots: RobotsGate | None = None,
@@ -33,11 +39,16 @@ class ThreadEngine:
         self.policy = policy
         self.capacity = threads
         self.done = done
-        self.slots: HostSlots[Parked] = HostSlots(max_per_host)
+        self.slots = slots
+        slots.start = self._granted
+        self.hops = ThreadHops(slots)
         self.budget = ByteBudget(max_inflight_bytes)
         self.tls = tls
         self.robots = robots
         self._todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        """Tasks submitted, WAKE marks and the threads' stop marks (None)."""
+        self._ready: deque[tuple[str, Parked]] = deque()
+        """Parked tasks granted a slot of their host: run before any task submitted (the slot is held meanwhile)."""
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -50,16 +61,28 @@ class ThreadEngine:
         for raw in raws:
             self._todo.put(raw)
 
+    def _granted(self, granted: list[tuple[str, Parked]]) -> None:
+        self._ready.extend(granted)
+        for _ in granted:
+            self._todo.put(WAKE)
+
     def drain_unstarted(self) -> list[str]:
         """Take back every submitted task not started yet (waiting for a thread, or parked behind its host)."""
         unstarted = []
         while True:
             try:
-                raw = self._todo.get_nowait()
+                entry = self._todo.get_nowait()
             except queue.Empty:
                 break
-            if raw is not None:
-                unstarted.append(raw)
+            if entry is not None and entry is not WAKE:
+                unstarted.append(entry)
+        while True:
+            try:
+                host, (raw, _) = self._ready.popleft()
+            except IndexError:
+                break
+            self.slots.give_back(host)
+            unstarted.append(raw)
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
         return unstarted
 
@@ -74,36 +97,52 @@ class ThreadEngine:
         return unstarted
 
     def _download_loop(self) -> None:
-        fetcher = Fetcher(self.policy, self.tls, self.budget, self.robots)
+        fetcher = Fetcher(self.policy, self.tls, self.budget, self.robots, self.hops)
         try:
-            while (raw := self._todo.get()) is not None:
-                self._run(raw, fetcher)
+            while (entry := self._todo.get()) is not None:
+                self._run_ready(fetcher)
+                if entry is not WAKE:
+                    self._run(entry, fetcher)
         finally:
             fetcher.close()
+
+    def _run_ready(self, fetcher: Fetcher) -> None:
+        while True:
+            try:
+                host, turn = self._ready.popleft()
+            except IndexError:
+                return
+            self._turns(host, turn, fetcher)
 
     def _run(self, raw: str, fetcher: Fetcher) -> None:
         """Handle one task; while its host has tasks parked behind it, handle those too (the slot passes on). Each
         ends as exactly one outcome, whatever raises."""
         admitted = admit(self.pipeline, self.slots, self.done, raw)
-        if admitted is None:
-            return
-        host, first = admitted
-        turn: Parked | None = first
+        if admitted is not None:
+            self._turns(*admitted, fetcher)
+
+    def _turns(self, host: str, turn: Parked | None, fetcher: Fetcher) -> None:
+        """Download ``turn``, holding a slot of ``host``, then each task parked behind it that the slot passes to."""
         while turn is not None:
+            fetched: Fetched | None = None
             try:
-                outcome = self._download(*turn, fetcher)
+                outcome, fetched = self._download(host, *turn, fetcher)
             except Exception as error:  # one task's exception is its outcome
                 outcome = self.pipeline.crashed(turn[1], turn[0], error)
             self.done.put(outcome)
-            turn = next_turn(self.slots, host, self.done)
+            turn = next_turn(self.slots, host, self.done, fetched)
 
-    def _download(self, raw: str, task: Task, fetcher: Fetcher) -> Outcome:
+    def _download(self, host: str, raw: str, task: Task, fetcher: Fetcher) -> tuple[Outcome, Fetched | None]:
         fetched: Fetched | None = None
         try:
-            fetched = fetcher.fetch(task.url)
-            return self.pipeline.finish(task, raw, fetched)
+            self.hops.begin(host)
+            try:
+                fetched = fetcher.fetch(task.url)
+            finally:
+                self.hops.end(fetched)
+            return self.pipeline.finish(task, raw, fetched), fetched
         except Exception as error:
-            return self.pipeline.crashed(task, raw, error)
+            return self.pipeline.crashed(task, raw, error), fetched
         finally:
             if fetched is not None:
                 fetcher.release(fetched)

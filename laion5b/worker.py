@@ -20,11 +20,13 @@ from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerC
 from laion5b.disk import DiskGuard
 from laion5b.dnscache import SPARE_THREADS, BlockingLookups, CachedResolver, DnsCache
 from laion5b.fetchpolicy import FetchPolicy, tls_context, user_agent_of
+from laion5b.fleetslots import FleetSlots
 from laion5b.guard import IDLE_PER_THREAD, Resolver, system_resolver
+from laion5b.hostledger import HostLedger
 from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
 from laion5b.limits import raise_open_files_limit
-from laion5b.pipeline import Outcome, Pipeline, Sink
+from laion5b.pipeline import Outcome, Parked, Pipeline, Sink
 from laion5b.redisconn import retrying
 from laion5b.robots import async_robots_gate, robots_gate
 from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
@@ -94,9 +96,13 @@ def fetch_policy(config: Config, resolver: Resolver | None = None) -> FetchPolic
 
 
 def make_engine(
-    config: Config, pipeline: Pipeline, done: queue.SimpleQueue[Outcome], resolver: Resolver | None
+    config: Config,
+    pipeline: Pipeline,
+    done: queue.SimpleQueue[Outcome],
+    resolver: Resolver | None,
+    slots: FleetSlots[Parked],
 ) -> Engine:
-    """The download engine that ``config.engine`` names, with the process's TLS context and DNS cache."""
+    """The download engine that ``config.engine`` names, with the process's TLS context, DNS cache and host slots."""
     cache = DnsCache(config.dns_cache_ttl) if config.dns_cache_ttl > 0 else None
     tls = tls_context(config.tls_ca_file)
     if config.engine == "async":
@@ -106,7 +112,7 @@ def make_engine(
             policy,
             config.concurrency,
             done,
-            config.max_per_host,
+            slots,
             config.max_inflight_bytes,
             tls,
             cache,
@@ -118,15 +124,18 @@ def make_engine(
         resolver = CachedResolver(resolver, cache)
     policy = fetch_policy(config, resolver)
     return ThreadEngine(
-        pipeline,
-        policy,
-        config.thread_num,
-        done,
-        config.max_per_host,
-        config.max_inflight_bytes,
-        tls,
-        robots_gate(config),
+        pipeline, policy, config.thread_num, done, slots, config.max_inflight_bytes, tls, robots_gate(config)
     )
+
+
+def postponer(pipeline: Pipeline, done: queue.SimpleQueue[Outcome]):
+    """How parked tasks are postponed (their host paused, or busy too long): an outcome on ``done``."""
+
+    def postpone(parked: Parked, delay: float, reason: str) -> None:
+        raw, task = parked
+        done.put(pipeline.postpone(task, raw, delay, reason))
+
+    return postpone
 
 
 @dataclass
@@ -192,7 +201,13 @@ class Worker:
             process_policy(config),
         )
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver)
+        in_flight = config.concurrency if config.engine == "async" else config.thread_num
+        postpone = postponer(self.pipeline, self.done)
+        self.slots: FleetSlots[Parked] = FleetSlots(config.max_per_host, postpone, in_flight, config.max_retry_after)
+        self.ledger = HostLedger(
+            client, config.keys, self.identity, config.host_start_concurrency, config.max_per_host, config.heartbeat_ttl
+        )
+        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver, self.slots)
         self.held: Counter[str] = Counter()
         self.held_count = 0
         self.kept: Counter[str] = Counter()
@@ -235,6 +250,8 @@ class Worker:
             recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
         self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
+        if config.max_per_host:
+            self._redis(self.ledger.drop, "host_slots")  # a predecessor's, should it have died holding some
         self.engine.start()
         try:
             self._main_loop()
@@ -250,6 +267,7 @@ class Worker:
         while not self.stop.is_set():
             now = time.monotonic()
             self._periodic(now)
+            self._sync_hosts(now)
             if self.shards is not None:
                 self._finish_shards()
             # Tasks not yet finished: in flight, or waiting in the engine. Keep 2 x its capacity of them, topping up
@@ -291,6 +309,8 @@ class Worker:
                 self._finish_last_shards(deadline - EXIT_RESERVE)
             if self.pending:
                 self._record()
+            if self.config.max_per_host:
+                self._redis(self.ledger.drop, "retire")
             returned = self._redis(self.leases.retire, "retire")
             self._acknowledge_exit()
         except IdentityLost:
@@ -341,6 +361,14 @@ class Worker:
         self.held_count += len(tasks)
         return len(tasks)
 
+    def _sync_hosts(self, now: float) -> None:
+        """Tell the fleet's ledger what changed for this worker's web hosts; hand out the slots it grants."""
+        if not self.slots.due(now):
+            return
+        reports = self.slots.reports(now)
+        grants = self._redis(lambda: self.ledger.sync(reports), "host_slots") if reports else []
+        self.slots.apply(reports, grants, time.monotonic())
+
     def _collect(self, wait: float) -> None:
         """Wait ``wait`` seconds (less when stopped), then move every finished outcome into the pending batch.
 
@@ -384,6 +412,10 @@ class Worker:
         if self._due("heartbeat", now, ttl / 3):
             self._redis(self.leases.heartbeat, "heartbeat")
             self._heartbeat_sent(time.monotonic())
+        if self.config.max_per_host and self._due("host_reap", now, ttl / 6):
+            dropped, _ = self._redis(self.ledger.reap, "host_reap")
+            if dropped > 0:
+                log.info("host_slots_recovered worker=%s slots=%d", self.identity, dropped)
         if self._due("reap", now, ttl / 2):
             self._return_strays()
             self._reap()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.error
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from laion5b.hostledger import HostLedger, HostReport
 from laion5b.keys import Keys
 from tests.redis_server import free_port
 from tools.liverun import LiveRun, browser, chart_points, chromium_missing, get_json, script, wait_until, write_urls
@@ -73,6 +75,7 @@ def test_the_page_in_chromium_shows_the_run(live, redis_server):
     live.start_workers(2)
     live.start("monitor", "monitor_disk.py")
     base = live.serve(free_port())
+    HostLedger(client, KEYS, "testhost:9", 4, 16, 3).sync([HostReport("busy.test", throttles=2, retry_after=600)])
     wait_until(lambda: int(client.get(KEYS.tongji_succ) or 0) >= 50, 60)
     driver = browser()
     try:
@@ -89,6 +92,7 @@ def test_the_page_in_chromium_shows_the_run(live, redis_server):
         assert "PAUSED: run" in driver.find_element("id", "state").text
         assert "testhost" in driver.find_element("id", "hosts").text
         assert "404" in driver.find_element("id", "failures").text
+        assert re.search(r"busy\.test 2 2 0 5\d\d s", driver.find_element("id", "throttled").text)  # paused ~600 s
         width = driver.execute_script("return document.documentElement.scrollWidth")
         assert width <= 1366, "no sideways scrolling on a laptop screen"
     finally:
@@ -98,6 +102,7 @@ def test_the_page_in_chromium_shows_the_run(live, redis_server):
 def test_metrics_equal_redis_and_api_status_has_history(live, redis_server):
     client = redis_server.client()
     base = live.serve(free_port())
+    HostLedger(client, KEYS, "testhost:9", 4, 16, 3).sync([HostReport("busy.test", throttles=2, retry_after=600)])
     assert live.run("downloader.py", "0", "--until-empty", env={"LAION_THREAD_NUM": "64"}).returncode == 0
     assert live.run("monitor_disk.py", "--once").returncode == 0
     found = metrics(base)
@@ -115,6 +120,9 @@ def test_metrics_equal_redis_and_api_status_has_history(live, redis_server):
     assert found["laion5b_failures", (("status", "not_image"),)] == 10
     assert found["laion5b_paused", (("scope", "run"),)] == 0
     assert found["laion5b_host_disk_free_gb", host] > 0
+    web_host = (("web_host", "busy.test"),)
+    assert found["laion5b_web_host_throttles", web_host] == 2 and found["laion5b_web_host_limit", web_host] == 2
+    assert 500 < found["laion5b_web_host_paused_seconds", web_host] <= 600
     gauges = {name: found[f"laion5b_{name}", ()] for name in ("queued", "delayed", "in_flight", "error_queue")}
     assert gauges == {"queued": 0, "delayed": 0, "in_flight": 0, "error_queue": 50}
     document = get_json(base + "/api/status?since=1h")

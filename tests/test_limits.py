@@ -1,4 +1,4 @@
-"""Per-process limits (host slots, byte budgets, open files) and the DNS cache, as units."""
+"""Per-process limits (host slots as this worker sees them, byte budgets, open files) and the DNS cache, as units."""
 
 from __future__ import annotations
 
@@ -13,28 +13,49 @@ import time
 import pytest
 
 from laion5b.dnscache import AsyncCachedResolver, CachedResolver, DnsCache
-from laion5b.limits import AsyncByteBudget, ByteBudget, HostSlots
+from laion5b.fleetslots import FleetSlots
+from laion5b.hostledger import HostGrant
+from laion5b.limits import AsyncByteBudget, ByteBudget
 from tests.helpers import ROOT, run_script
 
 
-def test_host_slots_park_and_hand_over_in_order() -> None:
-    slots: HostSlots[str] = HostSlots(2)
-    assert slots.acquire("a.test", "a1") and slots.acquire("a.test", "a2")
-    assert not slots.acquire("a.test", "a3") and not slots.acquire("a.test", "a4")
-    assert slots.acquire("b.test", "b1")  # another host is not held up
-    assert slots.waiting() == 2
-    assert slots.release("a.test") == "a3"  # the slot passes to the next parked item
-    assert slots.release("a.test") == "a4"
+def test_fleet_slots_park_until_granted_then_pass_locally_in_order() -> None:
+    postponed: list[tuple[str, float, str]] = []
+    started: list[tuple[str, str]] = []
+    slots: FleetSlots[str] = FleetSlots(4, lambda item, delay, reason: postponed.append((item, delay, reason)))
+    slots.start = started.extend
+    assert not slots.acquire("a.test", "a1") and not slots.acquire("a.test", "a2") and not slots.acquire("a.test", "a3")
+    now = time.monotonic()
+    [report] = slots.reports(now)
+    assert (report.host, report.held, report.want) == ("a.test", 0, 3)
+    slots.apply([report], [HostGrant(granted=2, keep=-1, limit=4, pause=0.0)], now)
+    assert started == [("a.test", "a1"), ("a.test", "a2")] and slots.waiting() == 1
+    slots.report("a.test", 404, None)  # an answer (not the URL's image) while a task waits: the host copes
+    assert slots.release("a.test") == "a3"  # the slot passes to the parked item, no Redis call
     assert slots.release("a.test") is None
-    assert slots.release("a.test") is None
-    assert slots.acquire("a.test", "a5") and slots.acquire("a.test", "a6") and not slots.acquire("a.test", "a7")
-    assert slots.take_waiting() == ["a7"] and slots.waiting() == 0
+    [report] = slots.reports(time.monotonic())
+    assert (report.held, report.want, report.good) == (1, 0, 1)  # one slot went back
 
 
-def test_host_slots_zero_means_no_limit() -> None:
-    slots: HostSlots[int] = HostSlots(0)
-    assert all(slots.acquire("a.test", number) for number in range(1000))
-    assert slots.release("a.test") is None
+def test_fleet_slots_postpone_a_paused_hosts_tasks_and_zero_means_no_limit() -> None:
+    postponed: list[tuple[str, float, str]] = []
+    slots: FleetSlots[str] = FleetSlots(4, lambda item, delay, reason: postponed.append((item, delay, reason)))
+    assert not slots.acquire("p.test", "p1")
+    now = time.monotonic()
+    reports = slots.reports(now)
+    slots.apply(reports, [HostGrant(granted=0, keep=-1, limit=2, pause=3.0)], now)
+    assert not slots.acquire("p.test", "p2")
+    assert [item for item, _, _ in postponed] == ["p1", "p2"]
+    assert all(3.0 <= delay <= 4.0 for _, delay, _ in postponed)
+    capped: FleetSlots[str] = FleetSlots(4, lambda item, delay, reason: None, max_pause=60.0)
+    capped.acquire("c.test", "c1")
+    now = time.monotonic()
+    capped.apply(capped.reports(now), [HostGrant(granted=1, keep=-1, limit=4, pause=0.0)], now)
+    capped.report("c.test", 429, 86400.0)  # a day asked: the fleet pauses max_retry_after at most
+    assert capped.reports(now)[0].retry_after == 60.0
+    unlimited: FleetSlots[int] = FleetSlots(0, lambda item, delay, reason: None)
+    assert all(unlimited.acquire("a.test", number) for number in range(1000))
+    assert unlimited.release("a.test") is None and not unlimited.due(now + 10)
 
 
 def test_byte_budget_waits_for_bytes_given_back() -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from laion5b import stats
+from laion5b.hostledger import HostLedger, HostReport
 from laion5b.keys import Keys
 from laion5b.leases import FAILED, STORED, Leases, retry_outcome
 from laion5b.tasks import Task, decode
@@ -82,6 +83,23 @@ def test_json_figures_of_a_real_run(redis_server, script_env, image_server):
     once = speed(env, "--once").stdout
     assert "succeeded 12 | failed 5" in once and "ETA 00:00:00 for 0 tasks left" in once
     assert "testhost" in once and "idle" in once
+
+
+def test_the_most_throttled_web_hosts_of_a_real_run(redis_server, script_env, image_server):
+    paths = ["/status/429?retry_after=1", "/status/503"] + [f"/img/t{i}.jpg" for i in range(6)]
+    write_wide(Path(script_env["LAION_PARQUET_DIR"]) / "s" / "a.parquet", [image_server.url(p) for p in paths])
+    env = {**script_env, "LAION_ALLOWED_NETWORKS": "127.0.0.0/8", "LAION_MAX_PER_HOST": "4", "LAION_MAX_ATTEMPTS": "2"}
+    assert subprocess.run(run_script("add_task.py"), env=env, capture_output=True, timeout=60).returncode == 0
+    result = subprocess.run([*run_script("downloader.py"), "0", "--until-empty"], env=env, capture_output=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    HostLedger(redis_server.client(), KEYS, "h9:0", 4, 16, 3).sync([HostReport("calm.test", throttles=1)])
+    throttled = speed_json(env)["throttled_hosts"]
+    assert [host["host"] for host in throttled] == ["127.0.0.1", "calm.test"]  # the most throttled first
+    loopback = throttled[0]
+    assert loopback["throttles"] >= 3 and loopback["limit"] < 4 and loopback["held"] == 0
+    once = speed(env, "--once").stdout
+    assert "most throttled web hosts" in once and "calm.test" in once
 
 
 def test_held_tasks_and_dead_workers(redis_server, script_env):

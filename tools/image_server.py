@@ -14,6 +14,8 @@ Paths (``<name>`` may hold any characters, percent-decoded; ``<ext>`` is one of 
                                  when value is ``-``); later ones: the image. ``ImageServer.asked(name)`` tells when
                                  each request for ``name`` arrived
   /slow/<seconds>/<name>.<ext>   sleeps, then serves the image
+  /busy/<capacity>/<seconds>/<name>.<ext>  503 when more than <capacity> requests to this host name are in progress
+                                 (``ImageServer.overloaded(host)`` counts them), else as /slow
   /trickle                       200 image/jpeg, a JPEG header, then 1 byte every 0.5 s until the client leaves
   /trickle_headers               a status line, then one byte of a header every 0.3 s, never ending the headers
   /endless                       200 image/jpeg, a JPEG header, then zeros as fast as possible, no end
@@ -224,6 +226,8 @@ class _Server(ThreadingHTTPServer):
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
         self.started: dict[str, list[float]] = {}
+        self.overloaded: Counter[str] = Counter()
+        self.busy: Counter[str] = Counter()  # requests of /busy/ not answered yet, per host
         self.user_agents: dict[str, str] = {}
         self.paths: list[str] = []
         self.robots: tuple[int, str] | None = None
@@ -359,6 +363,23 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.stopping.wait(float(seconds)):
             self._image(image, query)
 
+    def route_busy(self, rest: str, query: dict[str, str]) -> None:
+        capacity, _, slow = rest.partition("/")
+        seconds, _, image = slow.partition("/")
+        host = (self.headers.get("Host") or "").rpartition(":")[0]
+        with self.server.lock:  # counted until the answer is ready: a client never sees a request end before
+            over = self.server.busy[host] >= int(capacity)
+            self.server.overloaded[host] += over
+            self.server.busy[host] += not over
+        if over:
+            self._reply(503, b"status 503\n")
+            return
+        stopping = self.server.stopping.wait(float(seconds))
+        with self.server.lock:
+            self.server.busy[host] -= 1
+        if not stopping:
+            self._image(image, query)
+
     def route_trickle(self, rest: str, query: dict[str, str]) -> None:
         self.close_connection = True
         self._stream_start({"Connection": "close"})
@@ -472,6 +493,7 @@ _ROUTES = {
     "status": _Handler.route_status,
     "retry-after": _Handler.route_retry_after,
     "slow": _Handler.route_slow,
+    "busy": _Handler.route_busy,
     "trickle_headers": _Handler.route_trickle_headers,
     "trickle": _Handler.route_trickle,
     "endless": _Handler.route_endless,
@@ -535,6 +557,11 @@ class ImageServer:
         with self._server.lock:
             self._server.robots = (status, body)
             self._server.robots_hops = hops
+
+    def overloaded(self, host: str) -> int:
+        """Requests to ``host`` that /busy/ answered 503 because more than its capacity were in progress."""
+        with self._server.lock:
+            return self._server.overloaded[host]
 
     def user_agent(self, name: str) -> str | None:
         """The User-Agent of the last request of /agent/<name>.<ext>, None if there was none."""
