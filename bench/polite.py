@@ -560,8 +560,9 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     found = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in features().items())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    print(f"# polite run {stamp}{' (quick check)' if args.quick else ''}\n\ncommand: `python3 bench/polite.py "
-          f"{' '.join(sys.argv[1:])}`\n\ncode: {commit.stdout.strip()} (settings present: {found})\n\nmachine: "
+    command = " ".join(["python3 bench/polite.py", *sys.argv[1:]])
+    print(f"# polite run {stamp}{' (quick check)' if args.quick else ''}\n\ncommand: `{command}`\n\ncode: "
+          f"{commit.stdout.strip()} (settings present: {found})\n\nmachine: "
           f"{speed.machine()}; load average at the start {os.getloadavg()[0]:.1f}\n", flush=True)  # fmt: skip
     temp = Path(tempfile.mkdtemp(prefix="polite-", dir=WORK))
     runs: list[Run] = []
