@@ -116,6 +116,7 @@ class Run:
     disallowed_stored: int = 0
     robots_keys: int = 0
     redis_top: dict[str, float] = field(default_factory=dict)  # the most called commands, calls per task
+    redis_connections: int = 0  # connections Redis accepted during the run
     robots_bytes: int = 0
     note: str = ""
 
@@ -164,6 +165,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     setup.redis.client.flushall()
     redis_cpu0, server_cpu0, commands0 = setup.redis.cpu(), server.cpu(), setup.redis.commands()
     by_command0 = command_calls(setup.redis)
+    connections0 = setup.redis.client.info("stats")["total_connections_received"]
     log = setup.logs / f"{run.part}-{run.label}-{run.round}"
     log.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(store, ignore_errors=True)
@@ -190,6 +192,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     by_command = Counter(command_calls(setup.redis))
     by_command.subtract(by_command0)
     run.redis_top = {name: round(calls / run.tasks, 3) for name, calls in by_command.most_common(4) if calls > 0}
+    run.redis_connections = setup.redis.client.info("stats")["total_connections_received"] - connections0 - 1
     for child in children:
         run.cpu[child.role] = run.cpu.get(child.role, 0.0) + child.cpu
         if child.status != 0:
@@ -317,7 +320,8 @@ def _top(run: Run) -> str:
     """The Redis commands called most, per task."""
     if run.client != "suite":
         return ""
-    return "Redis per task " + ", ".join(f"{name} {calls:.2f}" for name, calls in run.redis_top.items())
+    top = ", ".join(f"{name} {calls:.2f}" for name, calls in run.redis_top.items())
+    return f"Redis per task {top}; Redis connections {run.redis_connections}"
 
 
 def _redis(run: Run) -> str:
