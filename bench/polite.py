@@ -192,7 +192,7 @@ def measure(setup: Setup, server: PoliteService, pweb: PoliteWeb, run: Run, env:
     by_command = Counter(command_calls(setup.redis))
     by_command.subtract(by_command0)
     run.redis_top = {name: round(calls / run.tasks, 3) for name, calls in by_command.most_common(4) if calls > 0}
-    run.redis_connections = setup.redis.client.info("stats")["total_connections_received"] - connections0 - 1
+    run.redis_connections = setup.redis.client.info("stats")["total_connections_received"] - connections0
     for child in children:
         run.cpu[child.role] = run.cpu.get(child.role, 0.0) + child.cpu
         if child.status != 0:
