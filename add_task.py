@@ -17,6 +17,7 @@ import setting
 from laion5b import cli, redisconn
 from laion5b.inputs import SourceFile, Spec
 from laion5b.log import setup
+from laion5b.objectstore import bucket_of
 from laion5b.producer import Producer, Progress, show_progress
 
 log = logging.getLogger("add_task")
@@ -27,8 +28,9 @@ def main() -> int:
     cli.keep_out("pandas")  # pyarrow imports it where installed (a float column's first value): 45 MB, never used
     config = cli.load_settings(setting)
     setup("add_task", config.log_dir)
-    parquet_dir = Path(config.parquet_dir)
-    if not parquet_dir.is_dir():
+    bucket = bucket_of(config, config.parquet_dir)
+    parquet_dir = config.parquet_dir if bucket is not None else Path(config.parquet_dir)
+    if bucket is None and not Path(parquet_dir).is_dir():
         log.error("parquet_dir_missing path=%s", parquet_dir)
         return 1
     client = redisconn.connect(config)
@@ -44,6 +46,8 @@ def main() -> int:
         spec=Spec.of(config),
         stop=stop,
         on_batch=show_progress if sys.stderr.isatty() else _plain_progress(),
+        min_replicas=config.redis_min_replicas,
+        bucket=bucket,
     )
     try:
         redisconn.retrying(client.ping, "connect", stop)

@@ -18,7 +18,7 @@ from laion5b.control import EXIT_DRAINED
 from laion5b.leases import IdentityInUse, IdentityLost
 from laion5b.limits import OpenFilesTooLow
 from laion5b.log import setup
-from laion5b.worker import Worker
+from laion5b.worker import StoreRefused, Worker
 
 log = logging.getLogger("downloader")
 
@@ -42,6 +42,9 @@ def main() -> int:
         worker.run()
     except IdentityInUse as error:
         log.error("identity_in_use %s", error)
+        return 2
+    except StoreRefused as error:
+        log.error("store_refused %s", error)
         return 2
     except OpenFilesTooLow as error:
         log.error("open_files_too_low %s", error)

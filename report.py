@@ -27,8 +27,9 @@ from laion5b import cli, inputs, manifest, redisconn, rowstatus
 from laion5b.config import Config
 from laion5b.inputs import Spec
 from laion5b.log import setup
+from laion5b.objectstore import bucket_of
 from laion5b.rows import InputError
-from laion5b.shardlocator import LOCATORS
+from laion5b.shardlocator import LOCATORS, ShardLocator
 
 log = logging.getLogger("report")
 REDIS_TIMEOUT = 3.0
@@ -51,13 +52,20 @@ def main() -> int:
     if args.manifest:
         return write_manifests(config, args.subset, args.manifest)
     spec = Spec.of(config)
-    sources = rowstatus.selected(inputs.find_files(Path(config.parquet_dir), spec.input_format), args.subset, args.part)
+    parquet_bucket = bucket_of(config, config.parquet_dir)
+    parquet_dir = config.parquet_dir if parquet_bucket is not None else Path(config.parquet_dir)
+    found = inputs.find_files(parquet_dir, spec.input_format, parquet_bucket)
+    sources = rowstatus.selected(found, args.subset, args.part)
     if not sources:
         log.error("no_input_parts parquet_dir=%s subset=%s part=%s", config.parquet_dir, args.subset, args.part)
         return 1
     _warn_about_unsaved_records(config)
     errors = rowstatus.saved_errors(Path(config.store_error_dir), {(s.subset, s.part) for s in sources})
-    locator = LOCATORS[config.output_format](config.store_dir)
+    bucket = bucket_of(config)
+    if bucket is not None and config.output_format == "webdataset":
+        locator = ShardLocator(config.store_dir, bucket)
+    else:
+        locator = LOCATORS[config.output_format](config.store_dir)
     failed = 0
     for source in sources:
         target = Path(config.status_dir) / source.subset / f"{source.part}.parquet"

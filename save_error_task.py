@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _save(client: redis.Redis, config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
     name = f"{config.host_id}:{args.name}" if args.name else config.host_id
-    saver = Saver(client, config.keys, Path(config.store_error_dir), config.host_id, name, max(1, args.batch), stop)
+    folder, batch = Path(config.store_error_dir), max(1, args.batch)
+    saver = Saver(
+        client, config.keys, folder, config.host_id, name, batch, stop, min_replicas=config.redis_min_replicas
+    )
     try:
         saver.acquire()
     except NameInUse as error:

@@ -13,6 +13,11 @@ redis_db = 0  # Redis database number
 redis_pass = ""  # Redis password, never printed or logged; set LAION_REDIS_PASS instead of writing it here
 redis_tls = False  # connect to Redis over TLS
 redis_tls_ca = ""  # CA bundle that signs the Redis server's certificate (empty: the system's)
+redis_sentinels = []  # Sentinels (host:port, comma-separated) that find the master and follow its failovers; empty:
+#                       connect to redis_ip:redis_port directly. Password and TLS apply to them too (docs/deploy.md)
+redis_master_name = "laion5b"  # name under which the sentinels monitor the master (their "sentinel monitor" line)
+redis_min_replicas = 0  # replicas that must hold a count, a shard's commit and a producer batch before anything
+#                         depends on it (WAIT; 0: do not wait): a failover then loses none of them (docs/guarantees.md)
 
 
 class RedisKey:
@@ -27,7 +32,8 @@ class RedisKey:
 
 
 # --- add_task.py: the producer ---
-parquet_dir = "./parquet"  # folder holding the URL lists: parquet, CSV, TSV, JSON lines, ... (searched recursively)
+parquet_dir = "./parquet"  # folder holding the URL lists: parquet, CSV, TSV, JSON lines, ... (searched recursively);
+#                            also s3://bucket/prefix, read through the s3_* settings below (docs/input.md)
 addtask_threshold = 5_000_000  # keep the queue at or under this many tasks
 addtask_batch = 10_000  # rows pushed to Redis in one transaction
 done_path = "./done_part.txt"  # URL list files fully queued, one path a line
@@ -47,7 +53,8 @@ save_columns = []  # further columns carried with each task (its "meta") into th
 status_dir = "./status"  # report.py writes <status_dir>/<subset>/<part>.parquet here
 
 # --- downloader.py: the workers ---
-store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>
+store_dir = "./images"  # images are stored under store_dir/<subset>/<part>/<shard>/<id>.<ext>; also
+#                        s3://bucket/prefix (object storage: webdataset output recommended, see docs/output.md)
 engine = "threads"  # how a worker downloads: "threads" (a requests thread pool) or "async" (one asyncio event loop)
 thread_num = 32  # download threads per downloader process (engine "threads")
 engine_loop = "asyncio"  # event loop of engine "async": "asyncio" (the standard library's) or "uvloop" (about 1.2 x
@@ -59,6 +66,8 @@ max_inflight_bytes = 1024 * 1024 * 1024  # body bytes one process may hold in me
 max_per_host = 16  # downloads in progress to one URL host name by all workers together (0: no limit, no Redis cost)
 host_start_concurrency = 4  # a host's fleet-wide limit at first; grows by 1 per window of good answers up to
 #                             max_per_host, halves on a 429/503 or a burst of timeouts
+max_per_ip = 0  # downloads in progress to one server IP address by all workers together (0: off, no cost); for many
+#                host names on one small server, not for CDNs (one address serves thousands of unrelated sites)
 host_id = ""  # name of this machine in Redis (empty: the hostname); must differ between machines
 heartbeat_ttl = 30  # seconds after which a silent worker counts as dead and its tasks return to the queue
 max_attempts = 3  # tries of a task that fails transiently (timeout, connection, dns, 5xx, 408, 429)
@@ -96,6 +105,14 @@ shard_max_seconds = 600.0  # webdataset: a shard open this long is closed even w
 webdataset_keep_format = False  # webdataset: keep each image's own format (.jpg, .png, .webp, ... side by side:
 #                                 the webdataset library reads them, Hugging Face datasets does not); False: images
 #                                 not in encode_format are re-encoded to it, so every sample has the same members
+staging_dir = "./staging"  # s3:// store_dir: local folder where shards are written and sealed before their upload
+#                            (point monitor_disk at its disk: a full staging area pauses claiming)
+s3_endpoint_url = ""  # s3:// store_dir: URL of the S3 API (empty: AWS; e.g. https://storage.googleapis.com for GCS,
+#                       your MinIO, Ceph RGW or R2 endpoint); credentials come from the AWS_* environment variables,
+#                       ~/.aws files or an instance role, never from this file
+s3_region = ""  # s3:// store_dir: region of the bucket (empty: AWS_REGION or ~/.aws/config)
+s3_addressing = "path"  # s3:// store_dir: "path" (endpoint/bucket/key) or "virtual" (bucket.endpoint/key)
+s3_part_mb = 64  # s3:// store_dir: a shard larger than this many MB is uploaded in parts of this size (5-5120)
 log_dir = "./logs"  # rotating log file per process (empty: stderr only)
 
 # --- image processing (between download and storage; the names and defaults of img2dataset; see docs/output.md) ---

@@ -1,6 +1,6 @@
 """A benchmark that looks like the web: every client against a loopback stand-in of thousands of hosts.
 
-    python3 bench/openweb.py [--n 20000] [--best-runs 3] [--dns] [--quick]
+    python3 bench/openweb.py [--n 20000] [--best-runs 3] [--dns] [--quick] [--replicas N --min-replicas M]
 
 Builds a web from the host structure of a LAION sample (bench/webserve.py: one 127.x.y.z address per host, https
 with a throwaway test CA, log-normal waits, slow / never-answering / resetting / refusing / 404 / HTML / 429 hosts),
@@ -335,6 +335,10 @@ def run_benchmark(args: argparse.Namespace, by_name: bool) -> int:
     temp = Path(tempfile.mkdtemp(prefix="openweb-", dir=WORK))
     (temp / "redis").mkdir()
     redis_service = RedisService(temp / "redis")
+    replicas = []
+    for number in range(args.replicas):
+        (temp / f"replica{number}").mkdir()
+        replicas.append(RedisService(temp / f"replica{number}", replica_of=redis_service.port))
     server = WebService(web, by_name, temp, args.server_procs)
     root = Path("/dev/shm") / f"laion5b-openweb-{os.getpid()}"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -342,7 +346,8 @@ def run_benchmark(args: argparse.Namespace, by_name: bool) -> int:
     print(f"# openweb run {stamp}{' (quick check)' if args.quick else ''}\n\ncommand: `{command}`\n")
     print(f"machine: {speed.machine()}\n\n{describe_web(web, server, by_name)}\n")
     print(f"2 processes per client, connect {CONNECT_TIMEOUT} s / read {READ_TIMEOUT} s, one try per URL, store on "
-          f"tmpfs; suite max_per_host {args.max_per_host}\n")  # fmt: skip
+          f"tmpfs; suite max_per_host {args.max_per_host}; Redis replicas {args.replicas}, suite redis_min_replicas "
+          f"{args.min_replicas}\n")  # fmt: skip
     points: list[Point] = []
     try:
         parquet_dir, parquet, tsv = speed.write_url_inputs(temp, server.urls)
@@ -357,6 +362,7 @@ def run_benchmark(args: argparse.Namespace, by_name: bool) -> int:
                 "LAION_RETRY_BACKOFF": "0.5",
                 "LAION_TLS_CA_FILE": ca,
                 "LAION_MAX_PER_HOST": str(args.max_per_host),
+                "LAION_REDIS_MIN_REPLICAS": str(args.min_replicas),
             },
             "img2dataset": {"SSL_CERT_FILE": ca, "NO_ALBUMENTATIONS_UPDATE": "1"},
         }
@@ -382,6 +388,8 @@ def run_benchmark(args: argparse.Namespace, by_name: bool) -> int:
         print("\n".join(judge(points, phase)), flush=True)
     finally:
         server.stop()
+        for replica in replicas:
+            replica.stop()
         redis_service.stop()
         shutil.rmtree(root, ignore_errors=True)
         out = WORK / f"openweb-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
@@ -497,6 +505,8 @@ def main() -> int:
     parser.add_argument("--max-per-host", type=int, default=16, help="the suite's max_per_host (default 16)")
     parser.add_argument("--max-bytes", type=int, default=4 * 2**20, help="body cap of every client (4 MiB)")
     parser.add_argument("--server-procs", type=int, default=2, help="web server processes (default 2)")
+    parser.add_argument("--replicas", type=int, default=0, help="replicas of the bench's Redis (default 0)")
+    parser.add_argument("--min-replicas", type=int, default=0, help="the suite's redis_min_replicas (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep logs (bench/work/openweb-*)")
     parser.add_argument("--profile", action="store_true", help="run suite worker 0 under py-spy (bench/work/profile-*)")
     parser.add_argument("--inside-namespace", action="store_true", help=argparse.SUPPRESS)

@@ -62,13 +62,16 @@ def free_port() -> int:
 
 
 class RedisService:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, replica_of: int | None = None) -> None:
+        """A redis-server with AOF in ``folder``; a replica of the one on port ``replica_of`` when it is given."""
         self.port = free_port()
         command = [
             REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-            "--logfile", str(folder / "redis.log"),
+            "--logfile", str(folder / "redis.log"), "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
+        if replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
         deadline = time.monotonic() + 10

@@ -10,6 +10,9 @@ A redis-server and a multi-process image server (bench/imgserve.py) on loopback,
   files            output_format=files (one file per image, no caption, no metadata)
   files+sidecars   output_format=files with save_caption and save_metadata (the information a shard holds)
   webdataset       output_format=webdataset, shard_size S (image + .txt + .json per sample, a parquet per shard)
+  webdataset-s3    the same to an s3:// store_dir on a local S3 server (moto's server mode, as the tests start it:
+                   a Python server, its CPU shown apart), shards staged in the store folder and uploaded; also
+                   compared with webdataset
 With --web the server is bench/openweb.py's stand-in for the open web instead (thousands of loopback hosts with
 the host spread of the LAION sample, latencies, TLS, failures; N URLs), and runs use its timeouts and one try per URL.
 Every store is checked (files counted, or the samples of every shard's index) against the images counted in Redis,
@@ -30,9 +33,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from openweb import CONNECT_TIMEOUT, READ_TIMEOUT, SAMPLE, WebService
 from webserve import SIZE_MEDIAN, SIZE_RANGE, SIZE_SIGMA, build_web, sample_hosts
@@ -50,12 +55,15 @@ from speed import (
     row,
     write_url_inputs,
 )
+from tests.s3_server import S3Server
 
 OUTPUTS = {
     "files": {"LAION_OUTPUT_FORMAT": "files"},
     "files+sidecars": {"LAION_OUTPUT_FORMAT": "files", "LAION_SAVE_CAPTION": "1", "LAION_SAVE_METADATA": "1"},
     "webdataset": {"LAION_OUTPUT_FORMAT": "webdataset"},
+    "webdataset-s3": {"LAION_OUTPUT_FORMAT": "webdataset"},
 }
+S3_OUTPUT = "webdataset-s3"
 
 
 def image_urls(n: int, port: int, seed: int) -> list[str]:
@@ -65,6 +73,22 @@ def image_urls(n: int, port: int, seed: int) -> list[str]:
         min(max(rng.lognormvariate(0.0, SIZE_SIGMA) * SIZE_MEDIAN, SIZE_RANGE[0]), SIZE_RANGE[1]) for _ in range(n)
     )
     return [f"http://127.0.0.1:{port}/img/b{i}.jpg?size={int(size)}" for i, size in enumerate(sizes)]
+
+
+def check_bucket(s3: S3Server, prefix: str, stored: int) -> tuple[str, int]:
+    """``check_store`` of the bucket: samples in the indexes under ``prefix``, then every object there deleted (the
+    server keeps them in memory)."""
+    client, keys = s3.client(), s3.objects(f"{prefix}/")
+    tars = [key for key in keys if key.endswith(".tar")]
+    samples = 0
+    for tar in tars:
+        index = client.get_object(Bucket=s3.bucket, Key=tar[:-4] + ".parquet")["Body"].read()
+        samples += pq.read_metadata(pa.BufferReader(index)).num_rows
+    for key in keys:
+        client.delete_object(Bucket=s3.bucket, Key=key)
+    unfinished = len(s3.unfinished_uploads())
+    note = f"{samples} samples in shards for {stored} stored; " if samples != stored else ""
+    return note + (f"{unfinished} unfinished uploads; " if unfinished else ""), len(tars)
 
 
 def check_store(output: str, store: Path, stored: int) -> tuple[str, int]:
@@ -81,13 +105,24 @@ def check_store(output: str, store: Path, stored: int) -> tuple[str, int]:
     return (f"{samples} samples in shards for {stored} stored; " if samples != stored else ""), len(tars)
 
 
-def run_one(setup: Setup, output: str, engine: str, mode: str, run: int, store: Path, extra: dict[str, str]) -> Result:
+def run_one(setup: Setup, output: str, engine: str, mode: str, run: int, store: Path, extra: dict[str, str],
+            s3: S3Server | None = None) -> Result:  # fmt: skip
     """One measured run of the suite with this output and engine; the store removed and synced afterwards."""
     setup.client_env["suite"] = {**OUTPUTS[output], **extra, "LAION_ENGINE": engine}
+    if output == S3_OUTPUT:
+        assert s3 is not None
+        setup.client_env["suite"].update(s3.environ(store.name), LAION_STAGING_DIR=str(store))
     shutil.rmtree(store, ignore_errors=True)
     try:
+        cpu0 = s3.cpu() if s3 is not None else 0.0
         result = measure(setup, "suite", mode, run, store)
-        note, shards = check_store(output, store, result.stored)
+        if output == S3_OUTPUT:
+            assert s3 is not None
+            result.cpu["s3 server"] = s3.cpu() - cpu0
+            note, shards = check_bucket(s3, store.name, result.stored)
+            note += f"S3 server CPU {result.cpu_ms_per_image('s3 server'):.2f} ms/image; "
+        else:
+            note, shards = check_store(output, store, result.stored)
     finally:
         shutil.rmtree(store, ignore_errors=True)
         os.sync()  # the next run must not pay for this one's write-back
@@ -95,23 +130,23 @@ def run_one(setup: Setup, output: str, engine: str, mode: str, run: int, store: 
     return result
 
 
-def ratios(results: list[Result], outputs: list[str]) -> list[str]:
-    """Per round, each output's images/s and worker CPU per image against files'; then the medians."""
+def ratios(results: list[Result], outputs: list[str], base_output: str = "files") -> list[str]:
+    """Per round, each output's images/s and worker CPU per image against ``base_output``'s; then the medians."""
     lines = []
     rounds = sorted({result.run for result in results})
-    for other in (name for name in outputs if name != "files"):
+    for other in (name for name in outputs if name != base_output):
         speed, cpu = [], []
         for run in rounds:
             by_output = {output_of(result): result for result in results if result.run == run}
-            base, this = by_output.get("files"), by_output.get(other)
+            base, this = by_output.get(base_output), by_output.get(other)
             if base is None or this is None or not base.images_per_s:
                 continue
             speed.append(this.images_per_s / base.images_per_s)
             cpu.append(this.cpu_ms_per_image("workers") / base.cpu_ms_per_image("workers"))
         if speed:
             lines.append(
-                f"- {other} ÷ files: images/s median **{statistics.median(speed):.3f}** ({_list(speed)}; spread "
-                f"{max(speed) - min(speed):.3f}); worker CPU/image median **{statistics.median(cpu):.3f}** "
+                f"- {other} ÷ {base_output}: images/s median **{statistics.median(speed):.3f}** ({_list(speed)}; "
+                f"spread {max(speed) - min(speed):.3f}); worker CPU/image median **{statistics.median(cpu):.3f}** "
                 f"({_list(cpu)})"
             )
     return lines
@@ -128,8 +163,8 @@ def medians(results: list[Result], outputs: list[str]) -> list[str]:
 
 
 def output_of(result: Result) -> str:
-    """The output of a run, the last word of its mode (``<mode>-<engine>-<output>``)."""
-    return result.mode.rsplit("-", 1)[1]
+    """The output of a run, the part of its mode after the engine (``<mode>-<engine>-<output>``)."""
+    return result.mode.split("-", 2)[2]
 
 
 def _list(values: list[float]) -> str:
@@ -181,6 +216,11 @@ def main() -> int:
                      LAION_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT), LAION_READ_TIMEOUT=str(READ_TIMEOUT))  # fmt: skip
     else:
         server = ImageService(args.server_procs)
+    s3 = None
+    if S3_OUTPUT in outputs:
+        (temp / "s3").mkdir()
+        s3 = S3Server(temp / "s3")
+        s3.start()
     print(f"command: `python3 bench/webdataset.py {' '.join(sys.argv[1:])}`\n\nmachine: {machine()}\n")
     roots: list[Path] = []
     try:
@@ -205,13 +245,18 @@ def main() -> int:
                     shift = run % len(outputs)
                     for output in outputs[shift:] + outputs[:shift]:
                         store = root / f"{output}-{run}"
-                        result = run_one(setup, output, engine, f"{mode}-{engine}-{output}", run, store, extra)
+                        result = run_one(setup, output, engine, f"{mode}-{engine}-{output}", run, store, extra, s3)
                         results.append(result)
                         print(row(result).replace("| suite |", f"| {output} |", 1), flush=True)
-                print("\n".join([*medians(results, outputs), "", *ratios(results, outputs)]), flush=True)
+                lines = [*medians(results, outputs), "", *ratios(results, outputs)]
+                if S3_OUTPUT in outputs and "webdataset" in outputs:
+                    lines += ratios(results, ["webdataset", S3_OUTPUT], "webdataset")
+                print("\n".join(lines), flush=True)
     finally:
         server.stop()
         redis_service.stop()
+        if s3 is not None:
+            s3.stop()
         for root in roots:
             if root.is_relative_to("/dev/shm"):
                 shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,7 @@ import asyncio
 import asyncio.sslproto
 import contextvars
 import functools
+import ipaddress
 import socket
 import ssl
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import urllib3.exceptions
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from laion5b.dnscache import DNS_THREADS, AsyncCachedResolver, DnsCache, LookupPool
@@ -41,7 +43,7 @@ from laion5b.fetchpolicy import (
     redirect_target,
     tls_context,
 )
-from laion5b.guard import AddressGuard, BlockedAddress, check_host_name, system_resolver
+from laion5b.guard import AddressGuard, BlockedAddress, bare_host, check_host_name, system_resolver
 from laion5b.limits import AsyncByteBudget
 from laion5b.robots import ROBOTS_REDIRECTS, AsyncRobotsGate, RobotsText, Turn
 
@@ -74,6 +76,9 @@ _EXPECTED_ERRORS = (aiohttp.ClientError, OSError, ValueError, zlib.error)
 _RESOLVING: contextvars.ContextVar[list[str]] = contextvars.ContextVar("resolving")
 """The name a download is resolving now (a list of at most one, set by ``fetch``): if its deadline passes while
 that name waits for a look-up thread, the download gave way to local pressure."""
+_PINNED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("pinned", default=None)
+"""(bare host, address) that the download's request in progress must connect to (max_per_ip: the address whose fleet
+slot it holds), or None."""
 
 
 class _GuardedResolver(AbstractResolver):
@@ -84,6 +89,9 @@ class _GuardedResolver(AbstractResolver):
         self._lookup = lookup
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        pinned = _PINNED.get()
+        if pinned is not None and pinned[0] == bare_host(host):
+            return [_resolved(host, pinned[1], port)]  # resolved and allowed for this request already
         check_host_name(host)
         resolving = _RESOLVING.get([])
         resolving[:] = [host]  # kept when the deadline cancels the look-up: fetch then reads it
@@ -117,6 +125,26 @@ class _BoundedIdleConnector(aiohttp.TCPConnector):
     def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
         super()._release(key, protocol, should_close=should_close or self.idle() >= self.max_idle)
 
+    def _get(self, key: Any, *args: Any) -> Any:
+        """A kept-alive connection, but none to another address than the one pinned for the request (the host's
+        DNS answer changed since): those are closed, so that the request connects to the pinned address. (Returns
+        what aiohttp's returns, a coroutine in current versions.)"""
+        pinned = _PINNED.get()
+        idle = self._conns.get(key) if pinned is not None else None
+        if idle:
+            for entry in [entry for entry in idle if _peer(entry[0]) != pinned[1]]:
+                idle.remove(entry)
+                entry[0].close()
+            if not idle:
+                del self._conns[key]
+        return super()._get(key, *args)
+
+
+def _peer(protocol: Any) -> str | None:
+    """The normalised address a kept-alive connection is connected to (None: closed)."""
+    peer = protocol.transport.get_extra_info("peername") if protocol.transport is not None else None
+    return str(ipaddress.ip_address(peer[0])) if peer else None
+
 
 def _resolved(host: str, address: str, port: int) -> ResolveResult:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -144,9 +172,10 @@ class AsyncFetcher:
         self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
         self._lookups = LookupPool(policy.resolver or system_resolver, policy.dns_timeout, dns_threads)
         lookup = AsyncCachedResolver(self._lookups, dns_cache or DnsCache(0, 0))
+        self._resolver = _GuardedResolver(self._guard, lookup)
         self.connector = _BoundedIdleConnector(
             max_idle,
-            resolver=_GuardedResolver(self._guard, lookup),
+            resolver=self._resolver,
             use_dns_cache=False,
             ssl=tls or tls_context(policy.tls_ca_file),
             limit=0,
@@ -228,19 +257,43 @@ class AsyncFetcher:
         seen = {url}
         gated = max_redirects is None
         while True:
+            address = None
             try:
                 check_url(url, deadline, self._policy)
+                address = await self._reach(url, deadline) if gated else None
                 async with self._session.get(url, allow_redirects=False) as response:
                     location = redirect_location(response.status, response.headers)
                     if not location:
                         return await final(response, url)
                     await self._drain(response, deadline)
             finally:
+                self._part(address)
                 await self._leave(turn)
             url = redirect_target(url, location, seen, self._policy.max_redirects if gated else max_redirects)
             if gated and self._hops is not None:  # the target's host counts too
                 await self._hops.enter(url, deadline)
             turn = await self._enter(url) if gated else None
+
+    async def _reach(self, url: str, deadline: float) -> str | None:
+        """With max_per_ip: resolve the host of ``url`` once (through the DNS cache), hold a fleet slot of its first
+        allowed address and pin the request's connection to it; return that address."""
+        if self._hops is None or self._hops.ips is None:
+            return None
+        target = yarl.URL(url)
+        host, port = target.raw_host or "", target.port or 0
+        try:
+            address = self._guard.allowed([str(ipaddress.ip_address(host))])[0]
+        except ValueError:  # a name
+            address = str(ipaddress.ip_address((await self._resolver.resolve(host, port))[0]["host"]))
+        await self._hops.reach(address, deadline)
+        _PINNED.set((bare_host(host), address))
+        return address
+
+    def _part(self, address: str | None) -> None:
+        """The request to ``address`` ended: unpin, and give its slot back."""
+        if address is not None and self._hops is not None:
+            _PINNED.set(None)
+            self._hops.part(address)
 
     async def _enter(self, url: str) -> Turn | None:
         return await self._robots.enter(url, self.fetch_robots) if self._robots is not None else None

@@ -89,6 +89,7 @@ class AsyncEngine:
         dns_cache: DnsCache | None,
         engine_loop: str = "asyncio",
         robots: AsyncRobotsGate | None = None,
+        ips: FleetSlots[Parked] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.policy = policy
@@ -96,7 +97,7 @@ class AsyncEngine:
         self.done = done
         self.slots = slots
         slots.start = self._granted_elsewhere
-        self.hops = AsyncHops(slots)
+        self.hops = AsyncHops(slots, ips)
         self.max_inflight_bytes = max_inflight_bytes
         self.tls = tls
         self.dns_cache = dns_cache
@@ -239,6 +240,7 @@ class AsyncEngine:
             unstarted.append(raw)
         self._ready.clear()
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
+        self.hops.stop_waiting()
         return unstarted
 
     async def _stop(self, timeout: float) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from laion5b.keys import Keys
+from laion5b.objectstore import Location, is_remote
 from laion5b.tasks import HASH_DIGITS, METADATA_FIELDS
 
 ENV_PREFIX = "LAION_"
@@ -22,6 +23,8 @@ _FALSE = {"0", "false", "no", "off"}
 ENGINES = ("threads", "async")
 ENGINE_LOOPS = ("uvloop", "asyncio")
 OUTPUT_FORMATS = ("files", "webdataset")
+S3_ADDRESSING = ("path", "virtual")
+S3_PART_MB = (5, 5120)  # the smallest and largest part S3 takes
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "txt")
@@ -43,6 +46,9 @@ class Config:
     redis_pass: str = field(repr=False)
     redis_tls: bool
     redis_tls_ca: str
+    redis_sentinels: list[str]
+    redis_master_name: str
+    redis_min_replicas: int
     parquet_dir: str
     addtask_threshold: int
     addtask_batch: int
@@ -57,6 +63,11 @@ class Config:
     save_columns: list[str]
     status_dir: str
     store_dir: str
+    staging_dir: str
+    s3_endpoint_url: str
+    s3_region: str
+    s3_addressing: str
+    s3_part_mb: int
     engine: str
     engine_loop: str
     thread_num: int
@@ -64,6 +75,7 @@ class Config:
     max_inflight_bytes: int
     max_per_host: int
     host_start_concurrency: int
+    max_per_ip: int
     host_id: str
     heartbeat_ttl: int
     max_attempts: int
@@ -144,8 +156,10 @@ _POSITIVE = (
 )
 _NOT_NEGATIVE = (
     "redis_db",
+    "redis_min_replicas",
     "max_redirects",
     "max_per_host",
+    "max_per_ip",
     "retry_backoff",
     "max_retry_after",
     "dns_cache_ttl",
@@ -196,6 +210,7 @@ def _validate(config: Config) -> None:
         )
     _validate_processing(config)
     _validate_inputs(config)
+    _validate_object_store(config)
     if config.max_inflight_bytes < config.max_image_bytes:
         raise ConfigError(
             f"{_named('max_inflight_bytes')} must be at least max_image_bytes ({config.max_image_bytes}), "
@@ -208,6 +223,46 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{_named(name)} must not be empty")
     _validate_user_agent(config)
     _validate_robots(config)
+    _validate_sentinels(config)
+
+
+def _validate_sentinels(config: Config) -> None:
+    for address in config.redis_sentinels:
+        if sentinel_address(address) is None:
+            raise ConfigError(f"{_named('redis_sentinels')}: {address!r} is not host:port (port 1-65535)")
+    if config.redis_sentinels and not config.redis_master_name:
+        raise ConfigError(f"{_named('redis_master_name')} must not be empty when redis_sentinels is set")
+
+
+def sentinel_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as (host, port), or None when it is not one."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _validate_object_store(config: Config) -> None:
+    if config.s3_addressing not in S3_ADDRESSING:
+        raise ConfigError(
+            f"{_named('s3_addressing')} must be one of {', '.join(S3_ADDRESSING)}, got {config.s3_addressing!r}"
+        )
+    low, high = S3_PART_MB
+    if not low <= config.s3_part_mb <= high:
+        raise ConfigError(f"{_named('s3_part_mb')} must be {low}-{high}, got {config.s3_part_mb!r}")
+    for name in ("store_dir", "parquet_dir"):
+        try:
+            if is_remote(getattr(config, name)):
+                Location.parse(getattr(config, name))
+        except ValueError as error:
+            raise ConfigError(f"{_named(name)}: {error}; use s3://bucket/prefix") from None
+    if not is_remote(config.store_dir):
+        return
+    if not config.staging_dir or is_remote(config.staging_dir):
+        raise ConfigError(
+            f"{_named('staging_dir')} must be a local folder with an s3:// store_dir, got {config.staging_dir!r}"
+        )
 
 
 def _validate_user_agent(config: Config) -> None:

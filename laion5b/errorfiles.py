@@ -62,7 +62,7 @@ def append(path: Path, lines: Sequence[str]) -> None:
     finally:
         os.close(fd)
     if size == 0:
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
 
 
 def lines_from(path: Path, start: int = 0) -> Iterator[tuple[int, int, bytes]]:
@@ -144,10 +144,11 @@ def write_marks(path: Path, marks: dict[str, int]) -> None:
         file.flush()
         os.fsync(file.fileno())
     temporary.replace(target)
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make the entries of ``folder`` (a rename, a new file) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -27,6 +27,7 @@ from laion5b import errorfiles
 from laion5b.keys import Keys
 from laion5b.leases import Owner
 from laion5b.redisconn import retrying
+from laion5b.replicas import Replicas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,8 +108,11 @@ class Saver:
     batch_size: int
     stop: threading.Event = field(default_factory=threading.Event)
     tally: Tally = field(default_factory=Tally)
+    min_replicas: int = 0
+    """Replicas that must hold a batch's move to the processing list before it is written (redis_min_replicas)."""
 
     def __post_init__(self) -> None:
+        self._replicas = Replicas(self.min_replicas)
         self.token = Owner.this_process(self.host_id).token()
         self.processing = self.keys.error_processing(self.name)
         self.owner_key = self.keys.error_saver(self.name)
@@ -148,11 +152,8 @@ class Saver:
 
     def save_batch(self) -> int:
         """Save one batch; return how many records it held (0 when there was nothing to save)."""
-        reply = self._call(
-            lambda: self._take(
-                keys=[self.keys.error, self.processing, self.owner_key], args=[self.batch_size, self.token, NAME_TTL]
-            )
-        )
+        keys, args = [self.keys.error, self.processing, self.owner_key], [self.batch_size, self.token, NAME_TTL]
+        reply = self._call(lambda: self._replicas.run(self._take, keys, args))
         if reply is None:
             raise NameInUse(f"save_error_task {self.name} was taken over by another process")
         held_over, records = reply[0] == 1, reply[1:]

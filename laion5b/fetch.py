@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
+import ipaddress
 import socket
 import ssl
 import time
@@ -17,6 +18,7 @@ import requests
 import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
+from urllib3.util import parse_url
 
 from laion5b.fetchpolicy import (
     BUDGET_MESSAGE,
@@ -39,7 +41,7 @@ from laion5b.fetchpolicy import (
     redirect_target,
     tls_context,
 )
-from laion5b.guard import DEADLINE, AddressGuard, BlockedAddress, GuardedAdapter, system_resolver
+from laion5b.guard import DEADLINE, PINNED, AddressGuard, BlockedAddress, GuardedAdapter, bare_host, system_resolver
 from laion5b.limits import ByteBudget
 from laion5b.robots import ROBOTS_REDIRECTS, RobotsGate, RobotsText, Turn
 
@@ -85,8 +87,8 @@ class Fetcher:
         self._budget = budget
         self._robots = robots
         self._hops = hops
-        guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
-        adapter = GuardedAdapter(guard, tls or tls_context(policy.tls_ca_file))
+        self._guard = AddressGuard(policy.allowed_networks, policy.resolver or system_resolver)
+        adapter = GuardedAdapter(self._guard, tls or tls_context(policy.tls_ca_file))
         self._session = requests.Session()
         self._session.trust_env = False  # no proxies, netrc or CA bundle from the environment
         self._session.headers = CaseInsensitiveDict(policy.headers())
@@ -146,7 +148,9 @@ class Fetcher:
         seen = {url}
         gated = max_redirects is None
         while True:
+            address = None
             try:
+                address = self._reach(url, deadline) if gated else None
                 response = self._send(url, deadline)
                 try:
                     location = redirect_location(response.status_code, response.headers)
@@ -156,11 +160,31 @@ class Fetcher:
                 finally:
                     response.close()
             finally:
+                self._part(address)
                 self._leave(turn)
             url = redirect_target(url, location, seen, self._policy.max_redirects if gated else max_redirects)
             if gated and self._hops is not None:  # the target's host counts too
                 self._hops.enter(url, deadline)
             turn = self._enter(url) if gated else None
+
+    def _reach(self, url: str, deadline: float) -> str | None:
+        """With max_per_ip: resolve the host of ``url`` once (through the DNS cache), hold a fleet slot of its first
+        allowed address and pin the request's connection to it; return that address."""
+        if self._hops is None or self._hops.ips is None:
+            return None
+        check_url(url, deadline, self._policy)
+        parsed = parse_url(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        address = str(ipaddress.ip_address(self._guard.addresses(parsed.host or "", port)[0]))
+        self._hops.reach(address, deadline)
+        PINNED.value = (bare_host(parsed.host or ""), address)
+        return address
+
+    def _part(self, address: str | None) -> None:
+        """The request to ``address`` ended: unpin, and give its slot back."""
+        if address is not None and self._hops is not None:
+            PINNED.value = None
+            self._hops.part(address)
 
     def _enter(self, url: str) -> Turn | None:
         return self._robots.enter(url, self.fetch_robots) if self._robots is not None else None

@@ -57,6 +57,24 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def bare_host(host: str) -> str:
+    """A host as resolvers are asked about it, for comparing: no IPv6 brackets, no final dot, lower case."""
+    return host.strip("[]").rstrip(".").lower()
+
+
+PINNED = threading.local()
+"""``PINNED.value``: (bare host, address) that the calling thread's request must connect to (max_per_ip: the address
+whose fleet slot it holds), or None."""
+
+
+def _peer_address(sock: socket.socket | None) -> str | None:
+    """The normalised address ``sock`` is connected to (None: not connected)."""
+    try:
+        return str(ipaddress.ip_address(sock.getpeername()[0])) if sock is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def _ip_literal(host: str) -> str | None:
     """The normalised address if ``host`` is an IP literal, else None."""
     try:
@@ -78,6 +96,9 @@ class AddressGuard:
         literal = _ip_literal(host)
         if literal is not None:
             return self.allowed([literal])
+        pinned = getattr(PINNED, "value", None)
+        if pinned is not None and pinned[0] == bare_host(host):
+            return [pinned[1]]  # resolved and allowed for this request already
         check_host_name(host)
         return self.allowed(self._resolver(host, port))
 
@@ -201,11 +222,23 @@ class _GuardedHTTPSConnection(_Guarded, HTTPSConnection):
     """An HTTPS connection that only connects to addresses its guard allows; SNI and the cert use the URL host."""
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
+class _PinnedPool:
+    """Mixed into urllib3's pools: a kept-alive connection to another address than the one pinned for the request
+    (the host's DNS answer changed since) is closed, so that the request connects to the pinned address."""
+
+    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
+        conn: HTTPConnection = super()._get_conn(timeout)  # type: ignore[misc]
+        pinned = getattr(PINNED, "value", None)
+        if pinned is not None and conn.sock is not None and _peer_address(conn.sock) != pinned[1]:
+            conn.close()
+        return conn
+
+
+class _GuardedHTTPPool(_PinnedPool, HTTPConnectionPool):
     ConnectionCls = _GuardedHTTPConnection
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
+class _GuardedHTTPSPool(_PinnedPool, HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 

@@ -5,6 +5,11 @@ leads elsewhere). Its task keeps the slot of the host it started from meanwhile.
 A download that would wait for the target's slot past its deadline, or whose target is paused, ends as POSTPONED:
 its task is tried again later without using an attempt. The engines call ``begin`` before and ``end`` after each
 download; the fetchers call ``enter`` for each redirect target.
+
+With ``max_per_ip``, every request of a download (each hop) also holds a slot of the server address it connects to,
+from just before it is sent until its response is read or dropped (``reach`` and ``part``, in a second FleetSlots
+whose keys are addresses); a request never waits for it while holding another address's slot, so waits cannot
+form a cycle. A wait too long postpones the task the same way.
 """
 
 from __future__ import annotations
@@ -23,19 +28,29 @@ Held = list[str]
 
 
 class _Hops:
-    """What both engines share: the slot held for a redirect target, given back at the end."""
+    """What both engines share: the slot held for a redirect target, given back at the end; the address slots."""
 
-    def __init__(self, slots: FleetSlots[Parked]) -> None:
+    def __init__(self, slots: FleetSlots[Parked], ips: FleetSlots[Parked] | None = None) -> None:
         self.slots = slots
+        self.ips = ips if ips is not None and ips.limit else None
+        """Slots per server address (max_per_ip), None when off."""
+
+    def part(self, address: str) -> None:
+        """A request to ``address`` ended: its slot goes back."""
+        assert self.ips is not None
+        _give_back(self.ips, address)
+
+    def stop_waiting(self) -> None:
+        """The engine stops: requests waiting for an address slot give up (their tasks are postponed)."""
+        if self.ips is not None:
+            self.ips.take_waiting()
 
     def _held(self) -> Held | None:
         raise NotImplementedError
 
     def _leave(self, held: Held) -> None:
         if held[1]:
-            item = self.slots.release(held[1])
-            if item is not None:
-                self.slots.start([(held[1], item)])
+            _give_back(self.slots, held[1])
             held[1] = ""
 
     def _needs(self, url: str) -> tuple[Held, str] | None:
@@ -58,14 +73,21 @@ class _Hops:
             self._leave(held)
 
 
+def _give_back(slots: FleetSlots[Parked], host: str) -> None:
+    """Release a slot of ``host``; a parked task it passes to is started."""
+    item = slots.release(host)
+    if item is not None:
+        slots.start([(host, item)])
+
+
 def _patience(deadline: float) -> float:
     """Seconds a redirected download waits for its target's slot: half the time it has left, so that a long wait
     postpones its task rather than time it out (the wait is not the URL's fault)."""
     return max(0.0, (deadline - time.monotonic()) / 2)
 
 
-def _postponed(host: str, hop: Hop) -> FetchFailure:
-    return FetchFailure(POSTPONED, f"redirect target {host} is paused or busy", hop.delay or PARK_DELAY)
+def _postponed(host: str, hop: Hop, what: str = "redirect target") -> FetchFailure:
+    return FetchFailure(POSTPONED, f"{what} {host} is paused or busy", hop.delay or PARK_DELAY)
 
 
 class _AsyncHop(Hop):
@@ -84,8 +106,8 @@ class _AsyncHop(Hop):
 class AsyncHops(_Hops):
     """The async engine's: each download is an asyncio task, its state a context variable."""
 
-    def __init__(self, slots: FleetSlots[Parked]) -> None:
-        super().__init__(slots)
+    def __init__(self, slots: FleetSlots[Parked], ips: FleetSlots[Parked] | None = None) -> None:
+        super().__init__(slots, ips)
         self._state: contextvars.ContextVar[Held | None] = contextvars.ContextVar("hops", default=None)
 
     def begin(self, host: str) -> None:
@@ -100,22 +122,33 @@ class AsyncHops(_Hops):
         if needed is None:
             return
         held, host = needed
-        hop = _AsyncHop(asyncio.get_running_loop())
-        if not self.slots.acquire(host, hop):
-            try:
-                async with asyncio.timeout(_patience(deadline)):
-                    await hop.done
-            except TimeoutError:
-                if self.slots.withdraw(host, hop):
-                    raise _postponed(host, hop) from None
-                await hop.done  # woken meanwhile: its answer is set
-            except asyncio.CancelledError:
-                if not self.slots.withdraw(host, hop) and hop.granted:
-                    held[1] = host  # granted just as the wait was given up: given back by end()
-                raise
-            if not hop.granted:
-                raise _postponed(host, hop)
+        await _take_async(self.slots, host, deadline, "redirect target")
         held[1] = host
+
+    async def reach(self, address: str, deadline: float) -> None:
+        """Before a request to ``address``: hold one of its slots (the caller bounds the wait)."""
+        assert self.ips is not None
+        await _take_async(self.ips, address, deadline, "server address")
+
+
+async def _take_async(slots: FleetSlots[Parked], host: str, deadline: float, what: str) -> None:
+    """Hold a slot of ``host``, waiting on the event loop; POSTPONED when it is paused or the wait too long."""
+    hop = _AsyncHop(asyncio.get_running_loop())
+    if slots.acquire(host, hop):
+        return
+    try:
+        async with asyncio.timeout(_patience(deadline)):
+            await hop.done
+    except TimeoutError:
+        if slots.withdraw(host, hop):
+            raise _postponed(host, hop, what) from None
+        await hop.done  # woken meanwhile: its answer is set
+    except asyncio.CancelledError:
+        if not slots.withdraw(host, hop) and hop.granted:
+            _give_back(slots, host)  # granted just as the wait was given up
+        raise
+    if not hop.granted:
+        raise _postponed(host, hop, what)
 
 
 class _ThreadHop(Hop):
@@ -129,8 +162,8 @@ class _ThreadHop(Hop):
 class ThreadHops(_Hops):
     """The threads engine's: a download is its thread's until it ends."""
 
-    def __init__(self, slots: FleetSlots[Parked]) -> None:
-        super().__init__(slots)
+    def __init__(self, slots: FleetSlots[Parked], ips: FleetSlots[Parked] | None = None) -> None:
+        super().__init__(slots, ips)
         self._local = threading.local()
 
     def begin(self, host: str) -> None:
@@ -145,11 +178,22 @@ class ThreadHops(_Hops):
         if needed is None:
             return
         held, host = needed
-        hop = _ThreadHop()
-        if not self.slots.acquire(host, hop):
-            if not hop.done.wait(_patience(deadline)) and self.slots.withdraw(host, hop):
-                raise _postponed(host, hop)
-            hop.done.wait()  # woken meanwhile: its answer is set
-            if not hop.granted:
-                raise _postponed(host, hop)
+        _take(self.slots, host, deadline, "redirect target")
         held[1] = host
+
+    def reach(self, address: str, deadline: float) -> None:
+        """Before a request to ``address``: hold one of its slots, waiting at most until ``deadline``."""
+        assert self.ips is not None
+        _take(self.ips, address, deadline, "server address")
+
+
+def _take(slots: FleetSlots[Parked], host: str, deadline: float, what: str) -> None:
+    """Hold a slot of ``host``, waiting on this thread; POSTPONED when it is paused or the wait too long."""
+    hop = _ThreadHop()
+    if slots.acquire(host, hop):
+        return
+    if not hop.done.wait(_patience(deadline)) and slots.withdraw(host, hop):
+        raise _postponed(host, hop, what)
+    hop.done.wait()  # woken meanwhile: its answer is set
+    if not hop.granted:
+        raise _postponed(host, hop, what)

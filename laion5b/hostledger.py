@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import redis
 
 from laion5b.keys import Keys
+from laion5b.leases import CLOCK_LUA
 
 CUT_SECONDS = 1.0
 """A host's limit is halved at most once per this many seconds (for the whole fleet)."""
@@ -54,11 +55,9 @@ EXPIRE_BATCH = 1000
 FIELDS = 8
 """ARGV fields per host in ``sync``: host, known, held, want, good, throttles, timeouts, retry_after."""
 
-_COMMON = """
-local function clock()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) + tonumber(time[2]) / 1000000
-end
+_COMMON = (
+    CLOCK_LUA
+    + """
 local function chunked(command, key, list, step)
   local out = {}
   for first = 1, #list, step do
@@ -108,6 +107,7 @@ local function drop(hosts, holds, start, now)
   return dropped
 end
 """
+)
 
 # KEYS: web hosts, this worker's holds, expiry, throttled, holders. ARGV: worker, start, max, register (1: add the
 # worker to the holders set), the worker's clock (Unix seconds), check (1: read the holds hash, the last reply may
@@ -346,9 +346,14 @@ class ThrottledHost:
 class HostLedger:
     """One worker's side of the ledger (main thread only)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, worker: str, start: int, limit: int, ttl: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, worker: str, start: int, limit: int, ttl: int, kind: str = "web"
+    ) -> None:
+        """``kind``: "web" (host names, AIMD from ``start`` to ``limit``) or "ip" (server addresses, max_per_ip:
+        ``start`` = ``limit``, and no answers are reported, so the limit stays fixed), each in keys of its own."""
         self.client = client
         self.keys = keys
+        self.kind = kind
         self.worker = worker
         self.start = min(start, limit)
         self.limit = limit
@@ -375,7 +380,14 @@ class HostLedger:
         ]
         for r in reports:
             argv += [r.host, r.known, r.held, r.want, r.good, r.throttles, r.timeouts, f"{r.retry_after:.3f}"]
-        names = [keys.web_hosts, keys.web_holds(self.worker), keys.web_expiry, keys.web_throttled, keys.web_holders]
+        kind = self.kind
+        names = [
+            keys.ledger_hosts(kind),
+            keys.ledger_holds(kind, self.worker),
+            keys.ledger_expiry(kind),
+            keys.ledger_throttled(kind),
+            keys.ledger_holders(kind),
+        ]
         self._uncertain = True
         reply = self._sync(keys=names, args=argv)
         self._uncertain = False
@@ -388,18 +400,24 @@ class HostLedger:
     def reap(self) -> tuple[int, int]:
         """Drop the slots of dead workers and forget expired host states, unless another worker just did; return
         (slots dropped, states forgotten), (-1, -1) when another worker holds the turn."""
-        keys = self.keys
+        keys, kind = self.keys, self.kind
+        names = [
+            keys.ledger_reap_lock(kind),
+            keys.ledger_holders(kind),
+            keys.ledger_hosts(kind),
+            keys.ledger_expiry(kind),
+            keys.ledger_throttled(kind),
+        ]
         reply = self._reap(
-            keys=[keys.web_reap_lock, keys.web_holders, keys.web_hosts, keys.web_expiry, keys.web_throttled],
-            args=[self.reap_seconds, keys.heartbeat(""), keys.web_holds(""), self.start],
+            keys=names, args=[self.reap_seconds, keys.heartbeat(""), keys.ledger_holds(kind, ""), self.start]
         )
         return int(reply[0]), int(reply[1])
 
     def drop(self) -> int:
         """Give back every slot this worker identity holds (at start: a predecessor's; at exit: its own)."""
-        keys = self.keys
+        keys, kind = self.keys, self.kind
         self._registered = False
-        names = [keys.web_hosts, keys.web_holds(self.worker), keys.web_holders]
+        names = [keys.ledger_hosts(kind), keys.ledger_holds(kind, self.worker), keys.ledger_holders(kind)]
         return int(self._drop(keys=names, args=[self.worker, self.start]))
 
 

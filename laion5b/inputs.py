@@ -6,10 +6,11 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from laion5b import parquet, textinput
 from laion5b.config import Config
+from laion5b.objectstore import Bucket, Location, RemotePath
 from laion5b.rows import Columns, Picked, Row, pick
 from laion5b.tasks import safe_id
 
@@ -53,37 +54,53 @@ class Spec:
 class SourceFile:
     """An input file, its format, and the names its rows' tasks carry."""
 
-    path: Path
+    path: Path | RemotePath
     key: str
     subset: str
     part: str
     format: str = "parquet"
 
 
-def find_files(folder: Path, input_format: str = "auto") -> list[SourceFile]:
-    """Every input file below ``folder`` (hidden ones aside), sorted, with its format and subset and part names."""
+def find_files(folder: Path | str, input_format: str = "auto", bucket: Bucket | None = None) -> list[SourceFile]:
+    """Every input file below ``folder`` (hidden ones aside), sorted, with its format and subset and part names;
+    ``folder`` is an s3:// URL in ``bucket`` when that is given."""
     formats = [name for name in EXTENSIONS if name != "txt"] if input_format == "auto" else [input_format]
-    found: dict[Path, str] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        file_format = next((name for name in formats if path.name.endswith(EXTENSIONS[name])), None)
-        if file_format is not None:
-            found[path] = file_format
-    names = {path: _part_name(path.name, file_format) for path, file_format in found.items()}
-    clashes = Counter((path.parent, name) for path, name in names.items())
+    found: dict[PurePosixPath, tuple[Path | RemotePath, str]] = {}
+    for relative, path in sorted(_listing(folder, bucket), key=lambda item: item[0]):
+        file_format = next((name for name in formats if relative.name.endswith(EXTENSIONS[name])), None)
+        if file_format is not None and not relative.name.startswith("."):
+            found[relative] = (path, file_format)
+    names = {relative: _part_name(relative.name, file_format) for relative, (_, file_format) in found.items()}
+    clashes = Counter((relative.parent, name) for relative, name in names.items())
     files = []
-    for path, file_format in found.items():
-        relative = path.parent.relative_to(folder).as_posix()
-        part = names[path] if clashes[path.parent, names[path]] == 1 else path.name.removesuffix(".parquet")
+    for relative, (path, file_format) in found.items():
+        folder_name = relative.parent.as_posix()
+        unique = clashes[relative.parent, names[relative]] == 1
+        part = names[relative] if unique else relative.name.removesuffix(".parquet")
         files.append(
             SourceFile(
                 path=path,
-                key=path.relative_to(folder).as_posix(),
-                subset="/".join(safe_id(name) for name in relative.split("/")) if relative != "." else ROOT_SUBSET,
+                key=relative.as_posix(),
+                subset="/".join(safe_id(n) for n in folder_name.split("/")) if folder_name != "." else ROOT_SUBSET,
                 part=safe_id(part),
                 format=file_format,
             )
         )
     return files
+
+
+def _listing(folder: Path | str, bucket: Bucket | None) -> Iterator[tuple[PurePosixPath, Path | RemotePath]]:
+    """(path relative to ``folder``, the file) of every file below it: on disk, or objects under a bucket's prefix."""
+    if bucket is None:
+        folder = Path(folder)
+        for path in folder.rglob("*"):
+            if path.is_file():
+                yield PurePosixPath(path.relative_to(folder).as_posix()), path
+        return
+    location = Location.parse(str(folder))
+    prefix = f"{location.prefix}/" if location.prefix else ""
+    for key, size in bucket.list_keys(prefix):
+        yield PurePosixPath(key[len(prefix) :]), RemotePath(f"s3://{location.bucket}/{key}", size, bucket)
 
 
 def _part_name(file_name: str, file_format: str) -> str:

@@ -178,31 +178,52 @@ class Keys:
     def web_hosts(self) -> str:
         """Hash: web host name -> its fleet-wide state (slots held, AIMD limit, pause; laion5b/hostledger.py), only
         for hosts that hold a slot or left their start state."""
-        return f"{self.task}:web:hosts"
+        return self.ledger_hosts("web")
 
     def web_holds(self, worker: str) -> str:
         """Hash: web host name -> download slots of that host one worker holds (dropped when the worker dies)."""
-        return f"{self.task}:web:holds:{worker}"
+        return self.ledger_holds("web", worker)
 
     @property
     def web_holders(self) -> str:
         """Set: workers that may hold web host slots (checked for a live heartbeat by the ledger's reaper)."""
-        return f"{self.task}:web:holders"
+        return self.ledger_holders("web")
 
     @property
     def web_expiry(self) -> str:
         """Sorted set: web host -> Redis time its throttled state is forgotten (bounds ``web_hosts``)."""
-        return f"{self.task}:web:expiry"
+        return self.ledger_expiry("web")
 
     @property
     def web_throttled(self) -> str:
         """Sorted set: web host -> times it answered 429/503 or timed out in bursts; the most throttled, trimmed."""
-        return f"{self.task}:web:throttled"
+        return self.ledger_throttled("web")
 
     @property
     def web_reap_lock(self) -> str:
         """Short lock taken by the worker that drops dead workers' web host slots and forgets expired states."""
-        return f"{self.task}:web:reap_lock"
+        return self.ledger_reap_lock("web")
+
+    # The same six keys for each ledger of fleet-wide download slots (laion5b/hostledger.py): kind "web" (host
+    # names, the keys above) or "ip" (server addresses, max_per_ip).
+
+    def ledger_hosts(self, kind: str) -> str:
+        return f"{self.task}:{kind}:hosts"
+
+    def ledger_holds(self, kind: str, worker: str) -> str:
+        return f"{self.task}:{kind}:holds:{worker}"
+
+    def ledger_holders(self, kind: str) -> str:
+        return f"{self.task}:{kind}:holders"
+
+    def ledger_expiry(self, kind: str) -> str:
+        return f"{self.task}:{kind}:expiry"
+
+    def ledger_throttled(self, kind: str) -> str:
+        return f"{self.task}:{kind}:throttled"
+
+    def ledger_reap_lock(self, kind: str) -> str:
+        return f"{self.task}:{kind}:reap_lock"
 
     @property
     def requeued(self) -> str:

@@ -17,6 +17,11 @@ its open shard, and is counted as succeeded only when its shard is finished (doc
 - a dead worker's kept tasks return to the queue with its leases; a shard it left prepared is finished (or, when its
   files are gone, released) by a worker of its host (``laion5b.shards.recover``).
 
+With ``redis_min_replicas`` set, ``exchange`` and the shard steps return only once that many replicas hold their
+writes (``laion5b.replicas``): a download, a shard's rename or the next step never depends on a write a failover can
+lose. A worker's open shards that Redis holds and the worker does not know (a failover brought them back) are
+returned with ``stray_shards`` and ``release_kept``, as its stray leases are.
+
 Fencing: each process makes a random incarnation when it starts, and its token (the heartbeat's value) carries it.
 Every script that records, counts or returns tasks for a worker first checks that the identity's heartbeat holds
 this token (``exchange`` also takes a heartbeat that expired while nobody took the identity over); a stale process
@@ -39,6 +44,7 @@ import psutil
 import redis
 
 from laion5b.keys import Keys
+from laion5b.replicas import Replicas
 
 STORED, FAILED, RETRY, RETURN, KEPT = "s", "e", "r", "q", "k"
 """Outcome kinds: stored (payload: bytes), failed (payload: see ``failed_outcome``; a bare error record is read for
@@ -47,13 +53,13 @@ shard (payload: the shard)."""
 PROMOTE_BATCH = 1000
 """Due tasks moved from the delayed set to the queue by one script run at most."""
 
-# The Redis clock (TIME) as Unix seconds: every delay is measured on it, never on a worker's clock.
-_CLOCK = """
+CLOCK_LUA = """
 local function clock()
   local time = redis.call('TIME')
   return tonumber(time[1]) + tonumber(time[2]) / 1000000
 end
 """
+"""The Redis clock (TIME) as Unix seconds, for Lua scripts: every delay is measured on it, never on a worker's clock."""
 
 # Moves up to PROMOTE_BATCH members due by ``now`` from the delayed set to the queue's right end (claimed next, the
 # longest overdue first), each without its ``<nonce>|`` prefix. Returns how many moved.
@@ -200,7 +206,7 @@ end
 # their outcomes are then not recorded (LREM finds nothing).
 _EXCHANGE = (
     _TOUCH
-    + _CLOCK
+    + CLOCK_LUA
     + _PROMOTE
     + _RECORD
     + """
@@ -228,7 +234,7 @@ return reply
 # while no worker claims), then returns 1, or 0 when another process owns the identity.
 _HEARTBEAT = (
     _TOUCH
-    + _CLOCK
+    + CLOCK_LUA
     + _PROMOTE
     + """
 if not touch(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
@@ -469,8 +475,12 @@ class Lock:
 class Leases:
     """One worker's side of the reliable queue."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, host_id: str, worker: str, ttl: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, host_id: str, worker: str, ttl: int, min_replicas: int = 0
+    ) -> None:
         self.client = client
+        self.replicas = Replicas(min_replicas)
+        """Replicas that hold an exchange's and a shard step's writes before they return (redis_min_replicas)."""
         self.keys = keys
         self.host_id = host_id
         self.worker = worker
@@ -556,7 +566,7 @@ class Leases:
         args: list[str | int] = [self.host_id, self.token, self.ttl, self.worker, count]
         for outcome in outcomes:
             args.extend(outcome)
-        reply = self._exchange(keys=self._finish_keys, args=args)
+        reply = self.replicas.run(self._exchange, self._finish_keys, args)
         if not reply[1]:
             raise IdentityLost(f"worker {self.worker} was taken over by another process")
         return int(reply[0]), reply[2:]
@@ -574,6 +584,11 @@ class Leases:
         leased.subtract(Counter(held))
         return [task for task, count in leased.items() for _ in range(count) if count > 0]
 
+    def stray_shards(self, known: Iterable[str]) -> list[str]:
+        """This worker's open shards in Redis that it does not know (a failover brought back a shard it finished on a
+        master whose last writes were lost): their kept tasks are to be returned with ``release_kept``."""
+        return sorted(set(self.client.hkeys(self.kept_key)) - set(known))
+
     def prepare_shard(self, shard: str, samples: int, field: str, record: str) -> bool:
         """Move the tasks kept for ``shard`` to the list of the shard being finished (``field`` in the shards hash,
         holding ``record``), if all ``samples`` of its files are there; False when some are not (a lease was lost) or
@@ -581,34 +596,34 @@ class Leases:
         owns the identity, or its heartbeat expired."""
         keys = [self.kept_key, self.keys.kept_tasks(self.worker, shard), self.keys.shards, self.keys.shard_tasks(field)]
         keys.append(self.heartbeat_key)
-        return self._fenced(self._prepare(keys=keys, args=[shard, samples, field, record, self.token])) == -1
+        return self._fenced(self.replicas.run(self._prepare, keys, [shard, samples, field, record, self.token])) == -1
 
     def commit_shard(self, field: str, host_id: str, stored_bytes: int) -> int:
         """Count this process's prepared shard's tasks as succeeded; return how many (-1: not prepared, or counted
         already). Raise IdentityLost (nothing counted) when this incarnation no longer owns the identity."""
         keys = self._commit_keys(field, self.heartbeat_key, self.heartbeat_key)
-        return self._fenced(self._commit(keys=keys, args=[field, host_id, stored_bytes, self.token, ""]))
+        return self._fenced(self.replicas.run(self._commit, keys, [field, host_id, stored_bytes, self.token, ""]))
 
     def release_kept(self, shard: str) -> int:
         """Return the tasks kept for one of this worker's open shards to the queue (the shard is discarded). Raise
         IdentityLost (nothing returned) when this incarnation no longer owns the identity."""
         keys = [self.keys.kept_tasks(self.worker, shard), self.keys.task, self.kept_key, self.keys.host_counters]
         keys += [self.heartbeat_key, self.heartbeat_key]
-        return self._fenced(self._release_shard(keys=keys, args=[shard, self.host_id, self.token, ""]))
+        return self._fenced(self.replicas.run(self._release_shard, keys, [shard, self.host_id, self.token, ""]))
 
     def commit_recovered(self, field: str, host_id: str, stored_bytes: int, lock: Lock, owner: str, worker: str) -> int:
         """Count a dead worker's prepared shard (``owner`` the token of the incarnation that prepared it, ``worker``
         its identity): only while ``lock`` is held and that incarnation does not hold its identity; return how many,
         -1 when it is no longer prepared, FENCED (nothing done) otherwise."""
         keys = self._commit_keys(field, lock.key, self.keys.heartbeat(worker))
-        return int(self._commit(keys=keys, args=[field, host_id, stored_bytes, lock.token, owner]))
+        return int(self.replicas.run(self._commit, keys, [field, host_id, stored_bytes, lock.token, owner]))
 
     def release_recovered(self, field: str, host_id: str, lock: Lock, owner: str, worker: str) -> int:
         """Return a dead worker's prepared shard's tasks to the queue (its files are gone), fenced as
         ``commit_recovered``: how many, -1 when it is no longer prepared (counted meanwhile), or FENCED."""
         keys = [self.keys.shard_tasks(field), self.keys.task, self.keys.shards, self.keys.host_counters]
         keys += [lock.key, self.keys.heartbeat(worker)]
-        return int(self._release_shard(keys=keys, args=[field, host_id, lock.token, owner]))
+        return int(self.replicas.run(self._release_shard, keys, [field, host_id, lock.token, owner]))
 
     def _commit_keys(self, field: str, fence: str, owner_heartbeat: str) -> list[str]:
         keys = self.keys

@@ -75,7 +75,7 @@ def rewrite_shard(tar: Path, drop: set[str]) -> None:
         os.fsync(file.fileno())
     new_index.replace(index)
     new_tar.replace(tar)
-    _fsync_folder(tar.parent)
+    errorfiles.fsync_folder(tar.parent)
     log.info("shard_rewritten shard=%s dropped=%d samples=%d", tar, len(drop), table.num_rows)
 
 
@@ -204,11 +204,3 @@ def _index_bytes(index: str) -> int:
 def _now(client: redis.Redis) -> float:
     seconds, micros = client.time()
     return seconds + micros / 1e6
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

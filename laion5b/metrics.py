@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from laion5b import control
 from laion5b.stats import Snapshot
 from laion5b.storehealth import STORE_FAILING, STORE_STALLED
+from laion5b.uploads import UPLOAD_FAILING
 
 
 def families(snapshot: Snapshot) -> Iterator[Metric]:
@@ -103,13 +104,19 @@ def _store_families(snapshot: Snapshot) -> Iterator[Metric]:
         "1 while a write to a host's store has not returned for store_stall_seconds.",
         labels=["host"],
     )
+    uploads = GaugeMetricFamily("laion5b_host_upload_failing", "1 while uploads of a host's shards to object storage "
+                                "fail (the store's error: SlowDown, AccessDenied, 500, a network error); they are "
+                                "tried again.", labels=["host", "error"])  # fmt: skip
     for host in snapshot.hosts:
         if host.state == STORE_FAILING:
             failing.add_metric([host.host, host.store_errno or ""], 1)
         elif host.state == STORE_STALLED:
             stalled.add_metric([host.host], 1)
+        elif host.state == UPLOAD_FAILING:
+            uploads.add_metric([host.host, host.store_errno or ""], 1)
     yield failing
     yield stalled
+    yield uploads
 
 
 def _control_families(snapshot: Snapshot) -> Iterator[Metric]:

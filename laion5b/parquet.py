@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from laion5b.objectstore import RemotePath
 from laion5b.rows import InputError, Picked, Row, meta_of, text
 
 
@@ -17,17 +18,17 @@ class ParquetError(InputError):
     """A parquet file that cannot be used; the message is one line."""
 
 
-def count_rows(path: Path) -> int:
+def count_rows(path: Path | RemotePath) -> int:
     """Rows in a parquet file, read from its footer."""
     return _open(path).metadata.num_rows
 
 
-def column_names(path: Path) -> list[str]:
+def column_names(path: Path | RemotePath) -> list[str]:
     """The file's column names, read from its footer."""
     return _open(path).schema_arrow.names
 
 
-def read_rows(path: Path, picked: Picked, start: int, batch_size: int) -> Iterator[list[Row]]:
+def read_rows(path: Path | RemotePath, picked: Picked, start: int, batch_size: int) -> Iterator[list[Row]]:
     """Rows from position ``start`` on, in lists of at most ``batch_size``; never loads the whole file."""
     parquet = _open(path)
     groups, first_row = _groups_from(parquet.metadata, start)
@@ -78,14 +79,18 @@ def _plain(kind: pa.DataType) -> bool:
     )
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def _open(path: Path | RemotePath) -> pq.ParquetFile:
+    """The file's reader; one in a bucket is read through ranged GETs (its footer, then the column chunks of each row
+    group as it is read: not pre-buffered, which would fetch every row group asked for at once)."""
     try:
+        if isinstance(path, RemotePath):
+            return pq.ParquetFile(path.open(), pre_buffer=False)
         return pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as error:
         raise ParquetError(f"{path}: not a readable parquet file: {_one_line(error)}") from None
 
 
-def _read_or_raise(batches: Iterator[pa.RecordBatch], path: Path) -> Iterator[pa.RecordBatch]:
+def _read_or_raise(batches: Iterator[pa.RecordBatch], path: Path | RemotePath) -> Iterator[pa.RecordBatch]:
     try:
         yield from batches
     except (OSError, pa.ArrowException) as error:

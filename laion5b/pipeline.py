@@ -9,6 +9,7 @@ import queue
 import threading
 from urllib.parse import urlsplit
 
+from laion5b.bucketstore import BucketStore
 from laion5b.fetchpolicy import GAVE_WAY, POSTPONED, Fetched
 from laion5b.fleetslots import FleetSlots
 from laion5b.imaging import Processed, ProcessPolicy, process
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 
 Outcome = tuple[str, str, str | int]
 """(kind, task as queued, payload): see leases.STORED, FAILED, RETRY, RETURN, KEPT."""
-Sink = Store | ShardSink
-"""Where stored images go: files (``Store``) or webdataset shards (``ShardSink``), as ``output_format`` says."""
+Sink = Store | ShardSink | BucketStore
+"""Where stored images go: files (``Store``, or ``BucketStore`` in a bucket) or webdataset shards (``ShardSink``), as
+``output_format`` says."""
 Parked = tuple[str, Task]
 """(task as queued, task): a task waiting for a slot of its host."""
 

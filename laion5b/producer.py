@@ -17,7 +17,9 @@ import redis
 from laion5b import control, inputs
 from laion5b.inputs import Picked, Row, SourceFile, Spec
 from laion5b.keys import Keys
+from laion5b.objectstore import Bucket
 from laion5b.redisconn import retrying
+from laion5b.replicas import Replicas
 from laion5b.rows import InputError
 from laion5b.tasks import BAD_ROW, BAD_URL, HASH_DIGITS, Task, safe_id, url_problem
 
@@ -80,7 +82,7 @@ class Producer:
 
     client: redis.Redis
     keys: Keys
-    parquet_dir: Path
+    parquet_dir: Path | str
     done_path: Path
     threshold: int
     batch_size: int
@@ -88,9 +90,14 @@ class Producer:
     stop: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     on_batch: Callable[[Progress, SourceFile], None] = lambda progress, source: None
+    min_replicas: int = 0
+    """Replicas that must hold a batch before the next one is pushed (redis_min_replicas)."""
+    bucket: Bucket | None = None
+    """The bucket of an s3:// parquet_dir."""
 
     def __post_init__(self) -> None:
         self._push = self.client.register_script(_PUSH_BATCH)
+        self._replicas = Replicas(self.min_replicas)
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
         self._heartbeat_at = 0.0
         self._columns: dict[SourceFile, Picked] = {}
@@ -98,7 +105,7 @@ class Producer:
     def run(self) -> Progress:
         """Queue everything; return what was done (``failed_files`` lists files that could not be read)."""
         positions = self._call(lambda: self.client.hgetall(self.keys.positions), "read_positions")
-        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format), positions)
+        sizes = self._sizes(inputs.find_files(self.parquet_dir, self.spec.input_format, self.bucket), positions)
         self._record_total(sizes, positions)
         for source in sizes:
             if self.stop.is_set():
@@ -196,7 +203,7 @@ class Producer:
         args = [source.key, batch.start, batch.end, len(batch.tasks), *batch.tasks, *batch.errors]
         keys = [self.keys.task, self.keys.error, self.keys.tongji_all, self.keys.tongji_error, self.keys.positions,
                 self.keys.failures]  # fmt: skip
-        position = int(self._call(lambda: self._push(keys=keys, args=args), "push_batch"))
+        position = int(self._call(lambda: self._replicas.run(self._push, keys, args), "push_batch"))
         if position < batch.start:
             raise Rewind(position)
         if position != batch.end:

@@ -34,14 +34,11 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio
 from protego import Protego
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from laion5b.config import Config
 from laion5b.fetchpolicy import GAVE_WAY, POSTPONED, Fetched, FetchFailure
 from laion5b.keys import Keys
-from laion5b.redisconn import client_options
+from laion5b.redisconn import async_client, blocking_client
 
 log = logging.getLogger(__name__)
 
@@ -659,7 +656,7 @@ def robots_gate(config: Config) -> RobotsGate | None:
     inside the client: a task whose question Redis does not answer is postponed at once)."""
     if not config.robots:
         return None
-    client = redis.Redis(**client_options(config, 5.0), decode_responses=False, retry=Retry(NoBackoff(), 0))
+    client = blocking_client(config, 5.0, decode_responses=False)
     return RobotsGate(RobotsSettings.of(config), client, config.keys)
 
 
@@ -667,9 +664,7 @@ def async_robots_gate(config: Config) -> AsyncRobotsGate | None:
     """The async engine's gate when ``robots`` is on; its client connects on first use, from the engine's loop."""
     if not config.robots:
         return None
-    client = redis.asyncio.Redis(
-        **client_options(config, 5.0), decode_responses=False, retry=AsyncRetry(NoBackoff(), 0)
-    )
+    client = async_client(config, 5.0, decode_responses=False)
     return AsyncRobotsGate(RobotsSettings.of(config), client, config.keys)
 
 

@@ -1,6 +1,6 @@
 """Where the samples of a webdataset output are, for report.py: read from the indexes of the finished shards
-(``store_dir/<subset>/<name>.tar`` with ``<name>.parquet`` beside; temporary shards under ``.tmp`` and an index
-without its tar are not finished, and not read)."""
+(``store_dir/<subset>/<name>.tar`` with ``<name>.parquet`` beside, on disk or in a bucket; temporary shards under
+``.tmp`` and an index without its tar are not finished, and not read)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import botocore.exceptions
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from laion5b.objectstore import Bucket
 from laion5b.rowstatus import FileLocator, Location, Locator
 from laion5b.tasks import Task
 
 log = logging.getLogger(__name__)
 
-UNREADABLE = (OSError, pa.ArrowException, KeyError)
-"""What reading an index that is damaged, or lacks a column, raises."""
+UNREADABLE = (OSError, pa.ArrowException, KeyError, botocore.exceptions.ClientError)
+"""What reading an index that is damaged, lacks a column, or is gone from the bucket, raises."""
 SAMPLES = pa.schema([("row", pa.int64()), ("shard", pa.int32()), ("key", pa.string())])
 """One part's stored samples: the row, the shard's number in its subset's survey, the members' key."""
 EMPTY_SHARDS = pa.array([], pa.int32())
@@ -48,8 +50,10 @@ class ShardLocator:
 
     by_id = False
 
-    def __init__(self, store_dir: str) -> None:
+    def __init__(self, store_dir: str, bucket: Bucket | None = None) -> None:
         self.store_dir = store_dir
+        self.bucket = bucket
+        """The bucket of an s3:// store_dir: its indexes are read from there."""
         self.duplicates = 0
         """Rows located so far that are stored in more than one shard (each reported once)."""
         self._surveys: dict[str, Survey] = {}
@@ -113,7 +117,7 @@ class ShardLocator:
         for number in survey.parts.get(part, ()):
             path = f"{survey.folder}/{survey.names[number]}.parquet"
             try:
-                tables.append(_part_samples(path, part, number))
+                tables.append(_part_samples(self._open(path), part, number))
             except UNREADABLE as error:
                 log.warning("shard_index_unreadable index=%s error=%s", path, error)
         return pa.concat_tables([SAMPLES.empty_table(), *tables]), len(tables)
@@ -121,11 +125,7 @@ class ShardLocator:
     def _survey(self, subset: str) -> Survey:
         """Number the subset's finished shards and note the parts each holds."""
         survey = Survey(f"{self.store_dir}/{subset}")
-        try:
-            with os.scandir(survey.folder) as entries:
-                present = {entry.name for entry in entries if entry.is_file() and not entry.name.startswith(".")}
-        except (FileNotFoundError, NotADirectoryError):
-            present = set()
+        present = {name for name in self._names(survey.folder) if not name.startswith(".")}
         finished = sorted(n.removesuffix(".tar") for n in present if n.endswith(".tar"))
         for name in finished:
             path = f"{survey.folder}/{name}.parquet"
@@ -133,7 +133,7 @@ class ShardLocator:
                 log.warning("shard_index_missing shard=%s/%s.tar", survey.folder, name)
                 continue
             try:
-                parts = pc.unique(_read(path, ["part"])["part"]).to_pylist()
+                parts = pc.unique(_read(self._open(path), ["part"])["part"]).to_pylist()
             except UNREADABLE as error:
                 log.warning("shard_index_unreadable index=%s error=%s", path, error)
                 continue
@@ -144,18 +144,32 @@ class ShardLocator:
         log.info("shards_surveyed subset=%s shards=%d", subset, len(survey.names))
         return survey
 
+    def _names(self, folder: str) -> set[str]:
+        """The names of the files in a subset's folder (objects under its prefix in a bucket)."""
+        if self.bucket is not None:
+            return self.bucket.names(folder)
+        try:
+            with os.scandir(folder) as entries:
+                return {entry.name for entry in entries if entry.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
 
-def _part_samples(path: str, part: str, number: int) -> pa.Table:
-    """The samples of one part in the shard numbered ``number`` whose index is ``path``."""
-    table = _read(path, ["part", "row", "key"])
+    def _open(self, path: str) -> str | pa.BufferReader:
+        """An index to read: its path, or its bytes fetched from the bucket."""
+        return pa.BufferReader(self.bucket.read(path)) if self.bucket is not None else path
+
+
+def _part_samples(source: str | pa.BufferReader, part: str, number: int) -> pa.Table:
+    """The samples of one part in the shard numbered ``number`` whose index is ``source``."""
+    table = _read(source, ["part", "row", "key"])
     table = table.filter(pc.and_(pc.equal(table["part"], part), pc.is_valid(table["row"])))
     shard = pa.repeat(pa.scalar(number, pa.int32()), table.num_rows)
     return pa.table([table["row"].cast(pa.int64()), shard, table["key"].cast(pa.string())], schema=SAMPLES)
 
 
-def _read(path: str, columns: list[str]) -> pa.Table:
+def _read(source: str | pa.BufferReader, columns: list[str]) -> pa.Table:
     """Some columns of an index (ParquetFile: a few times quicker than read_table on small files)."""
-    with pq.ParquetFile(path) as file:
+    with pq.ParquetFile(source) as file:
         return file.read(columns=columns)
 
 

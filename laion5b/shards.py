@@ -25,10 +25,12 @@ import pyarrow.parquet as pq
 
 from laion5b.imaging import Processed
 from laion5b.leases import FENCED, KEPT, RETURN, Leases, Lock, Owner
+from laion5b.objectstore import Bucket, is_remote
 from laion5b.sidecars import Sidecars, caption_file, metadata_file
 from laion5b.store import Claimed, file_safe, fresh_temp_folder, worker_temp_folder
 from laion5b.storehealth import StoreHealth, write_all
 from laion5b.tasks import Task, one_line
+from laion5b.uploads import STORE_ERRORS, Uploader, describe, drop_objects, recover_files, remove_local
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class Shard:
     """Bytes of its tar's members so far (where the tar end goes)."""
     error: Exception | None = None
     """Why it could not be sealed: it is discarded, its tasks queued again (unless the store refused it for now)."""
+    uploaded: bool = False
+    """Object storage: both its objects are in the bucket."""
 
     @property
     def id(self) -> str:
@@ -103,8 +107,9 @@ class Shard:
         return len(self.rows)
 
     def paths(self) -> dict[str, str]:
-        """Temporary and final paths of its tar and its index, absolute."""
-        temp, final = os.path.abspath(self.temp_dir), os.path.abspath(self.final_dir)
+        """Temporary and final paths of its tar and its index, absolute (final ones are URLs in object storage)."""
+        temp = os.path.abspath(self.temp_dir)
+        final = self.final_dir if is_remote(self.final_dir) else os.path.abspath(self.final_dir)
         return {
             "temp_tar": f"{temp}/{self.name}.tar",
             "temp_index": f"{temp}/{self.name}.parquet",
@@ -116,20 +121,24 @@ class Shard:
 class ShardSink:
     """Webdataset output of one worker process: ``put`` appends a sample to the open shard of its subset (any
     thread); a full or old shard is sealed by a thread of its own (tar end, index, fsync); the worker's main thread
-    takes sealed shards from ``ready`` and finishes them in Redis and on disk (``finish``)."""
+    takes sealed shards from ``ready`` and finishes them in Redis and on disk (``finish``). With a ``bucket`` (an
+    s3:// store_dir), shards are written under ``staging_dir`` and a finished shard is uploaded by an ``Uploader``
+    thread, then counted by the main thread (``commit_uploaded``)."""
 
     fsync = False
     """``put`` only appends to an open file: the fsync is the sealer's, once per shard."""
 
     def __init__(
         self,
-        store_dir: Path,
+        store_dir: Path | str,
         host_id: str,
         worker_name: str,
         identity: str,
         shard_size: int,
         max_seconds: float,
         incarnation: str,
+        staging_dir: Path | None = None,
+        bucket: Bucket | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.host_id = host_id
@@ -138,7 +147,9 @@ class ShardSink:
         self.shard_size = shard_size
         self.max_seconds = max_seconds
         self.sidecars = Sidecars(True, True, host_id, identity)
-        self.temp_dir = worker_temp_folder(store_dir, host_id, worker_name)
+        self.temp_dir = worker_temp_folder(staging_dir or Path(store_dir), host_id, worker_name)
+        self.bucket = bucket
+        self.uploader = Uploader(bucket) if bucket is not None else None
         self.health = StoreHealth()
         self.closing = False
         """Set once the worker stops: a put then returns its task (a shard opened now would never be sealed)."""
@@ -160,6 +171,8 @@ class ShardSink:
         see ``remove_dead_temp_folders``)."""
         fresh_temp_folder(self.temp_dir, claimed)
         self._sealer.start()
+        if self.uploader is not None:
+            self.uploader.start()
 
     def abandon(self) -> None:
         """This process lost its identity: drop its open shards (files removed, nothing asked of Redis), then close."""
@@ -170,9 +183,13 @@ class ShardSink:
         self.close()
 
     def close(self) -> None:
-        """Stop the sealer and remove the temporary folder, unless it holds shards left prepared."""
+        """Stop the sealer (and the uploader) and remove the temporary folder, unless it holds shards left
+        prepared."""
         self._sealing.put(None)
         self._sealer.join()
+        if self.uploader is not None:
+            self.uploader.stop(0)
+            self.left_prepared += self.uploader.waiting  # prepared, not counted: recovered by the host's next worker
         if self.left_prepared:
             log.warning("shards_left_prepared folder=%s shards=%d: a worker of this host finishes them",
                         self.temp_dir, self.left_prepared)  # fmt: skip
@@ -251,9 +268,16 @@ class ShardSink:
         another incarnation owns the identity."""
         field_name = shard_field(self.host_id, shard.id)
         paths = shard.paths()
-        record = shard_record(shard, leases.owner, leases.worker)
+        try:
+            record = shard_record(shard, leases.owner, leases.worker)
+        except OSError as error:
+            shard.error = shard.error or error
+            record = ""
         try:
             if shard.error is None and retry(lambda: leases.prepare_shard(shard.id, shard.samples, field_name, record)):
+                if self.uploader is not None:
+                    self.uploader.submit(shard)
+                    return 0
                 try:
                     move_into_place(paths)
                 except OSError:
@@ -261,15 +285,42 @@ class ShardSink:
                     raise
                 counted = retry(lambda: leases.commit_shard(field_name, self.host_id, shard.bytes))
                 log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
+                self._forget()
                 return counted
             returned = retry(lambda: leases.release_kept(shard.id))
             for path in (paths["temp_tar"], paths["temp_index"]):
                 _remove(path)
-        finally:
             self._forget()
+        except BaseException:
+            self._forget()
+            raise
         log.warning("shard_discarded shard=%s samples=%d returned=%d error=%s", shard.id, shard.samples, returned,
                     shard.error or "a task was no longer held, or the name was taken")  # fmt: skip
         return -1
+
+    def uploads_waiting(self) -> int:
+        """Shards handed to the uploader and not counted yet (0 without object storage)."""
+        return self.uploader.waiting if self.uploader is not None else 0
+
+    def commit_uploaded(self, leases: Leases, retry: Retry) -> tuple[Shard, int] | None:
+        """Count one shard whose upload ended and delete its local copy: (shard, samples counted), or None when no
+        upload ended. A shard not uploaded (the worker stops) stays prepared for the host's next worker (0)."""
+        assert self.uploader is not None
+        shard = self.uploader.take()
+        if shard is None:
+            return None
+        assert isinstance(shard, Shard)
+        try:
+            if not shard.uploaded:
+                self.left_prepared += 1
+                return shard, 0
+            paths = shard.paths()
+            counted = retry(lambda: leases.commit_shard(shard_field(self.host_id, shard.id), self.host_id, shard.bytes))
+            remove_local(paths)
+            log.info("shard_finished shard=%s samples=%d bytes=%d", paths["tar"], shard.samples, shard.bytes)
+            return shard, counted
+        finally:
+            self._forget()
 
     def _forget(self) -> None:
         with self._count_lock:
@@ -305,11 +356,13 @@ class ShardSink:
             self._seal(shard)
 
     def _new_shard(self, subset: str) -> Shard:
-        final_dir = os.path.join(self.store_dir, subset)
+        final_dir = f"{self.store_dir}/{subset}"
         temp_dir = os.path.join(self.temp_dir, subset)  # shards of two subsets may have the same name
         with self.health.watch(temp_dir):
             seq = self._next_seq.get(subset)
-            if seq is None:
+            if seq is None and is_remote(final_dir):
+                seq = 0  # the incarnation in its name keeps it apart from every other process's shards
+            elif seq is None:
                 os.makedirs(final_dir, exist_ok=True)
                 seq = next_sequence(final_dir, self.prefix)
             self._next_seq[subset] = seq + 1
@@ -425,7 +478,10 @@ def shard_record(shard: Shard, owner: Owner, worker: str) -> str:
     ``owner`` (the incarnation's token) and ``worker`` (the identity) tell whether the process that prepared it still
     holds its identity."""
     fields = {"owner": owner.token(), "worker": worker, "samples": shard.samples, "bytes": shard.bytes}
-    return json.dumps({**fields, **shard.paths()})
+    paths = shard.paths()
+    if is_remote(paths["tar"]):  # what recovery checks the objects against when the local copy is gone
+        fields.update(tar_size=os.path.getsize(paths["temp_tar"]), index_size=os.path.getsize(paths["temp_index"]))
+    return json.dumps({**fields, **paths})
 
 
 def shard_field(host_id: str, shard_id: str) -> str:
@@ -462,11 +518,12 @@ def _move(temp: str, final: str) -> None:
             raise FileNotFoundError(f"{final}: neither it nor its temporary file exists") from None
 
 
-def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
-    """Finish the shards that dead workers of this host left prepared: renamed and counted when their files are
-    there, else their tasks go back to the queue. One worker of a host does it at a time, under a lock it renews
-    before each shard and that fences each step in Redis; ``wait`` seconds for that lock. Return how many shards
-    were recovered."""
+def recover(leases: Leases, host_id: str, wait: float = 0.0, bucket: Bucket | None = None) -> int:
+    """Finish the shards that dead workers of this host left prepared: renamed (or uploaded to ``bucket``) and
+    counted when their files are there, else their tasks go back to the queue. One worker of a host does it at a
+    time, under a lock it renews before each shard and that fences each step in Redis; ``wait`` seconds for that
+    lock. With a bucket, the recovering worker's own heartbeat is kept alive before each shard too (uploads take
+    seconds each). Return how many shards were recovered."""
     if not _orphans(leases, host_id):
         return 0
     lock = Lock(leases.client, leases.keys.shard_lock(host_id), RECOVERY_LOCK_SECONDS)
@@ -478,10 +535,33 @@ def recover(leases: Leases, host_id: str, wait: float = 0.0) -> int:
             if not lock.renew():
                 log.warning("shard_recovery_lock_lost host=%s: another worker of the host goes on", host_id)
                 break
-            recovered += _recover_one(leases, host_id, field_name, record, lock)
+            if bucket is not None:
+                leases.heartbeat()
+            recovered += _recover_one(leases, host_id, field_name, record, lock, bucket)
     finally:
         lock.release()
     return recovered
+
+
+def count_own_prepared(leases: Leases, host_id: str, retry: Retry) -> int:
+    """Count the shards this process prepared whose files are under their final names but that Redis still holds as
+    being finished (a failover lost their commit: ``finish`` never leaves one so while it runs). A shard whose files
+    cannot be moved into place is left to ``recover`` once this process is gone. Return how many were counted."""
+    token, counted = leases.owner.token(), 0
+    for field_name, text in retry(lambda: leases.client.hgetall(leases.keys.shards)).items():
+        record = json.loads(text)
+        if not field_name.startswith(f"{host_id}|") or record.get("owner") != token:
+            continue
+        try:
+            state = settle_files(record)
+        except OSError:
+            continue
+        if state == FINISHED:
+            size = int(record["bytes"])
+            count = retry(lambda field_name=field_name, size=size: leases.commit_shard(field_name, host_id, size))
+            log.warning("shard_commit_redone shard=%s counted=%d", record["tar"], count)
+            counted += max(count, 0)
+    return counted
 
 
 def _orphans(leases: Leases, host_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -507,11 +587,15 @@ def _worker_of(host_id: str, field_name: str) -> str:
     return f"{host_id}:{name.rpartition('-')[0]}"
 
 
-def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str, Any], lock: Lock) -> int:
+def _recover_one(
+    leases: Leases, host_id: str, field_name: str, record: dict[str, Any], lock: Lock, bucket: Bucket | None
+) -> int:
     """Finish one orphaned shard; 1 when this call settled it (counted, or its tasks queued again), else 0. Safe
     when another recoverer races it: renames only go forward, the decision is the Redis record's (counted or
     released once, fenced by the lock), and files are removed only after this call released the shard."""
     owner, worker = record["owner"], record["worker"]
+    if is_remote(record["tar"]):
+        return _recover_remote(leases, host_id, field_name, record, lock, bucket)
     try:
         state = settle_files(record)
     except OSError as error:
@@ -529,6 +613,41 @@ def _recover_one(leases: Leases, host_id: str, field_name: str, record: dict[str
     drop_leftovers(record, state)
     log.warning("shard_lost shard=%s returned=%d state=%s: its files are gone or its name is taken, its tasks are "
                 "queued again", record["tar"], returned, state)  # fmt: skip
+    return 1
+
+
+def _recover_remote(
+    leases: Leases, host_id: str, field_name: str, record: dict[str, Any], lock: Lock, bucket: Bucket | None
+) -> int:
+    """Finish one orphaned shard of object storage: its unfinished uploads aborted, its local files uploaded, then
+    counted; when neither its local files nor both whole objects are there, its objects are removed and its tasks
+    queued again."""
+    owner, worker = record["owner"], record["worker"]
+    if bucket is None:
+        log.warning("shard_recovery_skipped shard=%s reason=no_bucket: store_dir is no longer s3://", record["tar"])
+        return 0
+    try:
+        whole = recover_files(bucket, record)
+    except STORE_ERRORS as error:
+        log.warning("shard_recovery_failed field=%s error=%s: tried again later", field_name, describe(error))
+        return 0
+    if whole:
+        counted = leases.commit_recovered(field_name, host_id, int(record["bytes"]), lock, owner, worker)
+        if counted < 0:
+            return _skipped(record, counted)
+        remove_local(record)
+        log.info("shard_recovered shard=%s counted=%d", record["tar"], counted)
+        return 1
+    returned = leases.release_recovered(field_name, host_id, lock, owner, worker)
+    if returned < 0:
+        return _skipped(record, returned)
+    remove_local(record)
+    try:
+        drop_objects(bucket, record)
+    except STORE_ERRORS as error:  # never counted: a reader sees an index without its tar at most
+        log.warning("shard_objects_left shard=%s error=%s", record["tar"], describe(error))
+    log.warning("shard_lost shard=%s returned=%d: its local files are gone, its tasks are queued again",
+                record["tar"], returned)  # fmt: skip
     return 1
 
 

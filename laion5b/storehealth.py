@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -74,7 +74,10 @@ def probe_write(folder: Path, size: int) -> None:
 class StoreHealth:
     """Shared by a sink's writers (``watch``, ``failed``; any thread) and the worker's main thread (``check``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[int], None] | None = None) -> None:
+        self.probe = probe
+        """Writes ``size`` bytes to the store and removes them (an object store's own); None: a file in the folder
+        ``check`` is given."""
         self._writes: dict[object, tuple[float, str]] = {}
         """Writes under way: token -> (monotonic start, path)."""
         self._lock = threading.Lock()
@@ -154,7 +157,10 @@ class StoreHealth:
     def _run_probe(self, folder: Path, size: int, failures: int) -> None:
         try:
             with self.watch(str(folder / PROBE_NAME)):
-                probe_write(folder, size)
+                if self.probe is not None:
+                    self.probe(size)
+                else:
+                    probe_write(folder, size)
         except OSError as error:
             self._probe_error = error
             return

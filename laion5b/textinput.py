@@ -16,6 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
+from laion5b.objectstore import RemotePath
 from laion5b.rows import Columns, InputError, Picked, Row, json_safe
 
 TEXT_FORMATS = ("csv", "tsv", "jsonl", "txt")
@@ -28,14 +29,16 @@ class Unreadable(str):
     """A record that could not be parsed; the text says why."""
 
 
-def open_text(path: Path) -> TextIO:
-    """The file as UTF-8 text (undecodable bytes replaced), through gzip when its name ends in ``.gz``."""
+def open_text(path: Path | RemotePath) -> TextIO:
+    """The file as UTF-8 text (undecodable bytes replaced), through gzip when its name ends in ``.gz``; a file in a
+    bucket is streamed through ranged GETs."""
+    raw = path.open() if isinstance(path, RemotePath) else path.open("rb")
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return path.open(encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(raw, "rb"), encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
 
 
-def column_names(path: Path, file_format: str, columns: Columns) -> list[str]:
+def column_names(path: Path | RemotePath, file_format: str, columns: Columns) -> list[str]:
     """The file's column names: ``input_columns``, the header row, the first JSON object's keys, or ``url``."""
     if file_format == "txt":
         return [TXT_COLUMN]
@@ -52,14 +55,14 @@ def column_names(path: Path, file_format: str, columns: Columns) -> list[str]:
         return [] if header is None or isinstance(header, Unreadable) else header
 
 
-def count_rows(path: Path, file_format: str, columns: Columns) -> int:
+def count_rows(path: Path | RemotePath, file_format: str, columns: Columns) -> int:
     """Rows in the file: one pass through it (a compressed file is decompressed on the way)."""
     with _opened(path) as file:
         return sum(1 for _ in _records(file, path, file_format, columns))
 
 
 def read_rows(
-    path: Path, file_format: str, columns: Columns, picked: Picked, start: int, batch_size: int
+    path: Path | RemotePath, file_format: str, columns: Columns, picked: Picked, start: int, batch_size: int
 ) -> Iterator[list[Row]]:
     """Rows from position ``start`` on (the rows before it are parsed and skipped), in lists of ``batch_size``."""
     names = column_names(path, file_format, columns)
@@ -80,14 +83,14 @@ def read_rows(
             yield rows
 
 
-def _opened(path: Path) -> TextIO:
+def _opened(path: Path | RemotePath) -> TextIO:
     try:
         return open_text(path)
     except OSError as error:
         raise InputError(f"{path}: cannot be read: {error}") from None
 
 
-def _records(file: TextIO, path: Path, file_format: str, columns: Columns) -> Iterator[Any]:
+def _records(file: TextIO, path: Path | RemotePath, file_format: str, columns: Columns) -> Iterator[Any]:
     """The file's rows as raw records: field lists (csv, tsv, txt), lines (jsonl); Unreadable for broken ones."""
     try:
         if file_format == "txt":

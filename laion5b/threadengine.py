@@ -34,6 +34,7 @@ class ThreadEngine:
         max_inflight_bytes: int,
         tls: ssl.SSLContext,
         robots: RobotsGate | None = None,
+        ips: FleetSlots[Parked] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.policy = policy
@@ -41,7 +42,7 @@ class ThreadEngine:
         self.done = done
         self.slots = slots
         slots.start = self._granted
-        self.hops = ThreadHops(slots)
+        self.hops = ThreadHops(slots, ips)
         self.budget = ByteBudget(max_inflight_bytes)
         self.tls = tls
         self.robots = robots
@@ -84,6 +85,7 @@ class ThreadEngine:
             self.slots.give_back(host)
             unstarted.append(raw)
         unstarted.extend(raw for raw, _ in self.slots.take_waiting())
+        self.hops.stop_waiting()
         return unstarted
 
     def stop(self, timeout: float) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import queue
@@ -15,6 +16,7 @@ import redis
 
 from laion5b.aiofetch import MAX_IDLE_CONNECTIONS
 from laion5b.asyncengine import AsyncEngine
+from laion5b.bucketstore import BucketStore
 from laion5b.config import Config
 from laion5b.control import DRAINED, DRAINING, PAUSED, PAUSING, RUNNING, WorkerControl
 from laion5b.disk import DiskGuard
@@ -26,14 +28,16 @@ from laion5b.hostledger import HostLedger
 from laion5b.imaging import process_policy
 from laion5b.leases import FAILED, KEPT, RETRY, RETURN, STORED, IdentityLost, Leases
 from laion5b.limits import raise_open_files_limit
+from laion5b.objectstore import bucket_of
 from laion5b.pipeline import Outcome, Parked, Pipeline, Sink
 from laion5b.redisconn import retrying
 from laion5b.robots import async_robots_gate, robots_gate
-from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, recover
+from laion5b.shards import RECOVERY_LOCK_SECONDS, Shard, ShardSink, count_own_prepared, recover
 from laion5b.sidecars import Sidecars
 from laion5b.store import Store
 from laion5b.storehealth import STORE_STALLED, WRITTEN_STANDS, StoreProblem
 from laion5b.threadengine import ThreadEngine
+from laion5b.uploads import STORE_ERRORS, describe
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +68,29 @@ EXIT_RESERVE = 5.0
 """Seconds of EXIT_SECONDS kept for the last steps: recording outcomes, retiring, removing the temporary folder."""
 CLOSE_STALLED_SECONDS = 1.0
 """Seconds given to removing the temporary folder on a store that does not answer (the next worker removes it)."""
+UPLOADS_WAITING_MAX = 2
+"""Object storage: shards waiting for their upload past which the worker stops claiming (uploads slower than
+downloads, or a store that refuses): its staging area holds at most its open shards + this many."""
 
 Engine = ThreadEngine | AsyncEngine
+
+
+class StoreRefused(RuntimeError):
+    """The object store refuses this worker's writes at start (credentials, permissions, bucket, endpoint)."""
 
 
 def make_sink(config: Config, name: str, identity: str, incarnation: str) -> Sink:
     """Where this worker stores images, as ``config.output_format`` says (shards named with the incarnation)."""
     if config.output_format == "webdataset":
-        store_dir, size, seconds = Path(config.store_dir), config.shard_size, config.shard_max_seconds
-        return ShardSink(store_dir, config.host_id, name, identity, size, seconds, incarnation)
+        size, seconds, bucket = config.shard_size, config.shard_max_seconds, bucket_of(config)
+        if bucket is not None:
+            return ShardSink(config.store_dir, config.host_id, name, identity, size, seconds, incarnation,
+                             Path(config.staging_dir), bucket)  # fmt: skip
+        return ShardSink(Path(config.store_dir), config.host_id, name, identity, size, seconds, incarnation)
     sidecars = Sidecars(config.save_caption, config.save_metadata, config.host_id, identity)
+    bucket = bucket_of(config)
+    if bucket is not None:
+        return BucketStore(bucket, config.store_dir, Path(config.staging_dir), config.host_id, name, sidecars)
     return Store(Path(config.store_dir), config.host_id, name, config.fsync_images, sidecars)
 
 
@@ -101,8 +118,10 @@ def make_engine(
     done: queue.SimpleQueue[Outcome],
     resolver: Resolver | None,
     slots: FleetSlots[Parked],
+    ips: FleetSlots[Parked] | None = None,
 ) -> Engine:
-    """The download engine that ``config.engine`` names, with the process's TLS context, DNS cache and host slots."""
+    """The download engine that ``config.engine`` names, with the process's TLS context, DNS cache, host slots and
+    server address slots (max_per_ip)."""
     cache = DnsCache(config.dns_cache_ttl) if config.dns_cache_ttl > 0 else None
     tls = tls_context(config.tls_ca_file)
     if config.engine == "async":
@@ -118,13 +137,14 @@ def make_engine(
             cache,
             config.engine_loop,
             async_robots_gate(config),
+            ips,
         )
     resolver = BlockingLookups(resolver or system_resolver, config.dns_timeout, config.thread_num + SPARE_THREADS)
     if cache is not None:
         resolver = CachedResolver(resolver, cache)
     policy = fetch_policy(config, resolver)
     return ThreadEngine(
-        pipeline, policy, config.thread_num, done, slots, config.max_inflight_bytes, tls, robots_gate(config)
+        pipeline, policy, config.thread_num, done, slots, config.max_inflight_bytes, tls, robots_gate(config), ips
     )
 
 
@@ -180,7 +200,9 @@ class Worker:
         self.identity = f"{config.host_id}:{name}"
         self.stop = stop
         self.until_empty = until_empty
-        self.leases = Leases(client, config.keys, config.host_id, self.identity, config.heartbeat_ttl)
+        self.leases = Leases(
+            client, config.keys, config.host_id, self.identity, config.heartbeat_ttl, config.redis_min_replicas
+        )
         self.sink = make_sink(config, name, self.identity, self.leases.incarnation)
         self.shards = self.sink if isinstance(self.sink, ShardSink) else None
         self.guard = DiskGuard(
@@ -207,7 +229,13 @@ class Worker:
         self.ledger = HostLedger(
             client, config.keys, self.identity, config.host_start_concurrency, config.max_per_host, config.heartbeat_ttl
         )
-        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver, self.slots)
+        self.ip_slots: FleetSlots[Parked] = FleetSlots(config.max_per_ip, postpone, in_flight)
+        self.ip_ledger = HostLedger(
+            client, config.keys, self.identity, config.max_per_ip, config.max_per_ip, config.heartbeat_ttl, kind="ip"
+        )
+        self.fleets = [(self.slots, self.ledger), (self.ip_slots, self.ip_ledger)]
+        """Each kind of fleet-wide slots with its ledger; a kind whose limit is 0 costs nothing."""
+        self.engine: Engine = make_engine(config, self.pipeline, self.done, resolver, self.slots, self.ip_slots)
         self.held: Counter[str] = Counter()
         self.held_count = 0
         self.kept: Counter[str] = Counter()
@@ -242,16 +270,20 @@ class Worker:
         if config.engine == "threads" and config.thread_num > THREADS_KNEE:
             log.warning("threads_past_knee worker=%s threads=%d knee=%d: use engine=async (LAION_ENGINE=async) for "
                         "this many downloads in flight", self.identity, config.thread_num, THREADS_KNEE)  # fmt: skip
+        self._check_bucket()
         returned = self._redis(self.leases.register, "register")
         loop = self.engine.loop_name if isinstance(self.engine, AsyncEngine) else "-"
         log.info("worker_start worker=%s engine=%s loop=%s in_flight=%d open_files=%d returned_from_predecessor=%d",
                  self.identity, config.engine, loop, in_flight, open_files, returned)  # fmt: skip
         if self.shards is not None:
-            recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS), "shard")
+            bucket = self.shards.bucket
+            recovered = self._redis(lambda: recover(self.leases, config.host_id, 2 * RECOVERY_LOCK_SECONDS, bucket),
+                                    "shard")  # fmt: skip
             log.info("shards_recovered worker=%s shards=%d", self.identity, recovered)
         self._redis(lambda: self.sink.open(self.leases.claimed_folders), "temp_folders")
-        if config.max_per_host:
-            self._redis(self.ledger.drop, "host_slots")  # a predecessor's, should it have died holding some
+        for slots, ledger in self.fleets:
+            if slots.limit:
+                self._redis(ledger.drop, "host_slots")  # a predecessor's, should it have died holding some
         self.engine.start()
         try:
             self._main_loop()
@@ -260,6 +292,20 @@ class Worker:
             raise
         finally:
             self._shut_down()
+
+    def _check_bucket(self) -> None:
+        """Raise StoreRefused when an s3:// store_dir refuses a small write (and its delete) now."""
+        bucket = self.sink.bucket if isinstance(self.sink, ShardSink | BucketStore) else None
+        if bucket is None:
+            return
+        try:
+            bucket.check_writable(self.config.host_id)
+        except STORE_ERRORS as error:
+            raise StoreRefused(
+                f"store_dir (LAION_STORE_DIR) {self.config.store_dir} refuses writes: {describe(error)} (credentials: "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or the instance role; endpoint: s3_endpoint_url "
+                f"{self.config.s3_endpoint_url or '(AWS)'}, s3_region {self.config.s3_region or '(default)'})"
+            ) from None
 
     def _main_loop(self) -> None:
         capacity = self.engine.capacity
@@ -309,8 +355,9 @@ class Worker:
                 self._finish_last_shards(deadline - EXIT_RESERVE)
             if self.pending:
                 self._record()
-            if self.config.max_per_host:
-                self._redis(self.ledger.drop, "retire")
+            for slots, ledger in self.fleets:
+                if slots.limit:
+                    self._redis(ledger.drop, "retire")
             returned = self._redis(self.leases.retire, "retire")
             self._acknowledge_exit()
         except IdentityLost:
@@ -350,9 +397,15 @@ class Worker:
         return retrying(call, what, self.stop if what not in ("retire", "finish", "shard") else None)
 
     def _exchange(self, count: int) -> int:
-        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came."""
+        """Record the pending outcomes and claim up to ``count`` tasks in one round trip; return how many came.
+
+        Sent again (a lost reply, replicas that did not confirm the write), the call claims nothing: what the first
+        one claimed is returned as strays, and replicas that stay behind do not drain the queue into the lease list.
+        """
         batch, self.pending = self.pending, []
-        applied, tasks = self._redis(lambda: self.leases.exchange(batch, count), "finish" if batch else "claim")
+        counts = iter((count,))
+        what = "finish" if batch else "claim"
+        applied, tasks = self._redis(lambda: self.leases.exchange(batch, next(counts, 0)), what)
         self._heartbeat_sent(time.monotonic())
         self._settle(batch, applied)
         for raw in tasks:
@@ -362,12 +415,13 @@ class Worker:
         return len(tasks)
 
     def _sync_hosts(self, now: float) -> None:
-        """Tell the fleet's ledger what changed for this worker's web hosts; hand out the slots it grants."""
-        if not self.slots.due(now):
-            return
-        reports = self.slots.reports(now)
-        grants = self._redis(lambda: self.ledger.sync(reports), "host_slots") if reports else []
-        self.slots.apply(reports, grants, time.monotonic())
+        """Tell the fleet's ledgers what changed for this worker's web hosts and server addresses; hand out the slots
+        they grant."""
+        for slots, ledger in self.fleets:
+            if slots.due(now):
+                reports = slots.reports(now)
+                grants = self._redis(functools.partial(ledger.sync, reports), "host_slots") if reports else []
+                slots.apply(reports, grants, time.monotonic())
 
     def _collect(self, wait: float) -> None:
         """Wait ``wait`` seconds (less when stopped), then move every finished outcome into the pending batch.
@@ -412,15 +466,16 @@ class Worker:
         if self._due("heartbeat", now, ttl / 3):
             self._redis(self.leases.heartbeat, "heartbeat")
             self._heartbeat_sent(time.monotonic())
-        if self.config.max_per_host and self._due("host_reap", now, ttl / 6):
-            dropped, _ = self._redis(self.ledger.reap, "host_reap")
-            if dropped > 0:
-                log.info("host_slots_recovered worker=%s slots=%d", self.identity, dropped)
+        if self._due("host_reap", now, ttl / 6):
+            for slots, ledger in self.fleets:
+                dropped, _ = self._redis(ledger.reap, "host_reap") if slots.limit else (0, 0)
+                if dropped > 0:
+                    log.info("host_slots_recovered worker=%s kind=%s slots=%d", self.identity, ledger.kind, dropped)
         if self._due("reap", now, ttl / 2):
             self._return_strays()
             self._reap()
             if self.shards is not None:
-                self._redis(lambda: recover(self.leases, self.config.host_id), "shard")
+                self._redis(lambda: recover(self.leases, self.config.host_id, bucket=self.shards.bucket), "shard")
         if self._due("store", now, STORE_CHECK_EVERY):
             self._check_store(now)
         if now >= self._next.get("disk", 0.0):
@@ -474,9 +529,17 @@ class Worker:
             self.sealed.remove(shard)
             del self.kept[shard.id]
             counted = self.shards.finish(shard, self.leases, lambda call: self._redis(call, "shard"))
-            if counted > 0:
-                self.tally.stored += counted
-                self.tally.bytes += shard.bytes
+            self._tally_shard(shard, counted)
+        while self.shards.uploader is not None:
+            ended = self.shards.commit_uploaded(self.leases, lambda call: self._redis(call, "shard"))
+            if ended is None:
+                break
+            self._tally_shard(*ended)
+
+    def _tally_shard(self, shard: Shard, counted: int) -> None:
+        if counted > 0:
+            self.tally.stored += counted
+            self.tally.bytes += shard.bytes
 
     def _sealed(self, shard: Shard) -> None:
         """Take a shard from the sealer: to be finished, or kept aside when the store refused to seal it."""
@@ -521,7 +584,16 @@ class Worker:
     # --- remote control (control.py) ---
 
     def _may_claim(self) -> bool:
-        return self.pause_reason is None and self.store_problem is None and not self.paused and not self.draining
+        return (self.pause_reason is None and self.store_problem is None and not self.paused and not self.draining
+                and not self._uploads_behind())  # fmt: skip
+
+    def _uploads_behind(self) -> bool:
+        """Object storage: too many shards wait for their upload (the store is slow or refuses)."""
+        return self.shards is not None and self.shards.uploads_waiting() >= UPLOADS_WAITING_MAX
+
+    def _upload_problem(self) -> StoreProblem | None:
+        uploader = self.shards.uploader if self.shards is not None else None
+        return uploader.problem if uploader is not None else None
 
     def _drained(self) -> bool:
         """Whether a draining worker may exit: it holds nothing, or only what the store keeps (the writes of a
@@ -545,15 +617,16 @@ class Worker:
             self.paused = asked.paused
             if self.paused:
                 self._return_unstarted()
+        problem = self.store_problem or self._upload_problem()
         if self.draining:
             state = DRAINING
-        elif self.store_problem is not None:
-            state = self.store_problem.state
+        elif problem is not None:
+            state = problem.state
         elif self.paused:
             state = PAUSED if self._holding() == 0 else PAUSING
         else:
             state = RUNNING
-        detail = self.store_problem.to_json() if self.store_problem is not None else None
+        detail = problem.to_json() if problem is not None else None
         self._redis(lambda: self.control.ack(state, detail), "control")
 
     def _return_unstarted(self) -> None:
@@ -581,6 +654,14 @@ class Worker:
         if strays:
             returned = self._redis(lambda: self.leases.finish([(RETURN, raw, "") for raw in strays]), "finish")
             log.warning("strays_returned worker=%s tasks=%d", self.identity, returned)
+        if self.shards is None:
+            return
+        for shard in self._redis(lambda: self.leases.stray_shards(self.kept), "strays"):
+            returned = self._redis(lambda shard=shard: self.leases.release_kept(shard), "shard")
+            log.warning("stray_shard_returned worker=%s shard=%s tasks=%d", self.identity, shard, returned)
+        self.tally.stored += count_own_prepared(
+            self.leases, self.config.host_id, lambda call: self._redis(call, "shard")
+        )
 
     def _check_store(self, now: float) -> None:
         """Stop claiming while the store fails or stalls, returning the tasks not started; resume once it is healthy

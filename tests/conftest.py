@@ -13,6 +13,10 @@ import pytest
 from tests.helpers import ROOT
 from tests.http_fixtures import image_server  # noqa: F401
 from tests.redis_server import RedisServer
+from tests.s3_server import S3Server
+
+SESSION_SERVICES: set[int] = set()
+"""PIDs of the servers that live for the whole run (the S3 server), spared by ``no_leftover_processes``."""
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +24,8 @@ def no_leftover_processes() -> Iterator[None]:
     """Kill whatever a test started and left running (a failed assertion must not leave workers behind)."""
     yield
     for child in psutil.Process().children(recursive=True):
+        if child.pid in SESSION_SERVICES:
+            continue
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
 
@@ -33,6 +39,27 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3 server (moto) for the whole run, started on first use (2-4 s), stopped by PID at the end."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    assert server.process is not None
+    SESSION_SERVICES.add(server.process.pid)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_service: S3Server) -> Iterator[S3Server]:
+    """The S3 server with a fresh bucket of this test's own; thawed and its user's permission given back after."""
+    server = s3_service.with_new_bucket()
+    yield server
+    server.thaw()
+    if server.revoked:
+        server.grant()
 
 
 @pytest.fixture

@@ -25,10 +25,11 @@ def free_port() -> int:
 class RedisServer:
     """One private redis-server process with AOF persistence; restartable on the same port and data."""
 
-    def __init__(self, folder: Path, *extra: str) -> None:
+    def __init__(self, folder: Path, *extra: str, password: str = "") -> None:
         self.folder = folder
         self.port = free_port()
-        self.extra = extra
+        self.password = password
+        self.extra = (*extra, "--requirepass", password, "--masterauth", password) if password else extra
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -67,6 +68,7 @@ class RedisServer:
         self.start()
 
     def client(self, **options) -> redis.Redis:
+        options.setdefault("password", self.password or None)
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, **options)
 
     def environ(self) -> dict[str, str]:

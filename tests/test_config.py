@@ -67,6 +67,8 @@ def test_redis_key_names_are_pinned():
         ("LAION_HONOUR_TDM_RESERVATION", "no", "honour_tdm_reservation", False),
         ("LAION_STORE_DIR", "/data/laion", "store_dir", "/data/laion"),
         ("LAION_ENGINE_LOOP", "asyncio", "engine_loop", "asyncio"),
+        ("LAION_REDIS_SENTINELS", "10.0.0.1:26379, [::1]:26380", "redis_sentinels", ["10.0.0.1:26379", "[::1]:26380"]),
+        ("LAION_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ],
 )
 def test_environment_overrides(variable, value, field, expected):
@@ -99,6 +101,9 @@ def test_environment_overrides(variable, value, field, expected):
         ("LAION_ROBOTS_AGENTS", "img2dataset,my bot", "robots_agents (LAION_ROBOTS_AGENTS): 'my bot' is not a token"),
         ("LAION_ROBOTS_TTL", "0", "robots_ttl (LAION_ROBOTS_TTL) must be at least 1"),
         ("LAION_MAX_CRAWL_DELAY", "-1", "max_crawl_delay (LAION_MAX_CRAWL_DELAY) must not be negative"),
+        ("LAION_REDIS_SENTINELS", "10.0.0.1", "redis_sentinels (LAION_REDIS_SENTINELS): '10.0.0.1' is not host:port"),
+        ("LAION_REDIS_SENTINELS", "s1:0", "redis_sentinels (LAION_REDIS_SENTINELS): 's1:0' is not host:port"),
+        ("LAION_REDIS_MIN_REPLICAS", "-1", "redis_min_replicas (LAION_REDIS_MIN_REPLICAS) must not be negative"),
     ],
 )
 def test_bad_values_are_one_line_errors(variable, value, message):

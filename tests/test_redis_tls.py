@@ -61,3 +61,38 @@ def test_a_server_not_signed_by_the_ca_is_refused(tls_redis, script_env):
     result = subprocess.run([*run_script("speed.py"), "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "certificate verify failed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sentinels_are_asked_over_tls_too(tls_redis, script_env, tmp_path):
+    """With redis_sentinels and redis_tls, the sentinel (TLS only) and the master it names are both reached over
+    TLS with the password, the certificates checked against redis_tls_ca."""
+    port, ca, client = tls_redis
+    sentinel_port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port 0\ntls-port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\ntls-cert-file {tmp_path / 'server.crt'}\n"
+        f"tls-key-file {tmp_path / 'server.key'}\ntls-ca-cert-file {ca}\ntls-auth-clients no\ntls-replication yes\n"
+        f"requirepass tls-secret\nsentinel monitor laion5b 127.0.0.1 {port} 1\n"
+        "sentinel auth-pass laion5b tls-secret\n"
+    )
+    sentinel = subprocess.Popen([REDIS_SERVER, str(config), "--sentinel"], stdout=subprocess.DEVNULL)
+    try:
+        asked = redis.Redis(host="127.0.0.1", port=sentinel_port, ssl=True, ssl_ca_certs=str(ca), password="tls-secret")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if asked.sentinel_master("laion5b")["port"] == port:
+                    break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the sentinel did not come up"
+            time.sleep(0.05)
+        env = {**script_env, "LAION_REDIS_SENTINELS": f"127.0.0.1:{sentinel_port}", "LAION_REDIS_PORT": "1",
+               "LAION_REDIS_TLS": "yes", "LAION_REDIS_TLS_CA": str(ca), "LAION_REDIS_PASS": "tls-secret"}  # fmt: skip
+        result = subprocess.run([*run_script("monitor_disk.py"), "--once"], env=env, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert client.hget("tongji_worker_disk", "testhost") is not None
+    finally:
+        sentinel.terminate()
+        sentinel.wait(timeout=10)

@@ -136,19 +136,31 @@ def test_held_tasks_and_dead_workers(redis_server, script_env):
     assert "queued 7 | delayed 2 | added 20 of 100 expected | succeeded 4 | failed 1 | held by workers 6" in text
 
 
+def read_blocks(process: subprocess.Popen, blocks: int) -> str:
+    """Read ``process``'s output until it has begun ``blocks`` more progress blocks; return what was read."""
+    assert process.stdout is not None
+    lines = []
+    while blocks:
+        line = process.stdout.readline()
+        assert line, "speed.py ended early"
+        lines.append(line)
+        blocks -= line.startswith("laion5b progress at")
+    return "".join(lines)
+
+
 def test_live_view_prints_plain_blocks_when_not_a_terminal(redis_server, script_env):
     process = subprocess.Popen(
         [*run_script("speed.py"), "--interval", "0.3"], env=script_env, stdout=subprocess.PIPE, text=True
     )
     client = redis_server.client()
-    time.sleep(1.2)
+    seen = read_blocks(process, 2)  # counted by the blocks printed, not by the clock: the start may take seconds
     client.set(KEYS.tongji_succ, 5)
     client.set(KEYS.tongji_error, 15)
-    time.sleep(0.8)
+    seen += read_blocks(process, 3)
     process.send_signal(signal.SIGINT)
-    output = process.communicate(timeout=10)[0]
+    output = seen + process.communicate(timeout=10)[0]
     assert process.returncode == 0
-    assert output.count("laion5b progress at") >= 4 and "\x1b[" not in output
+    assert output.count("laion5b progress at") >= 5 and "\x1b[" not in output
     assert re.search(r"last 0\.\d s: +0\.0 img/s", output)
     assert re.search(r"!! success ratio 25% over the last 0\.\d s is under 50%", output)
 

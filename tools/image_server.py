@@ -225,6 +225,8 @@ class _Server(ThreadingHTTPServer):
         self.sockets: set[socket.socket] = set()
         self.in_progress: Counter[str] = Counter()
         self.most_in_progress: Counter[str] = Counter()
+        self.at_once = 0  # requests in progress, all host names together
+        self.most_at_once = 0
         self.started: dict[str, list[float]] = {}
         self.overloaded: Counter[str] = Counter()
         self.busy: Counter[str] = Counter()  # requests of /busy/ not answered yet, per host
@@ -273,6 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.requests += 1
             self.server.in_progress[host] += 1
             self.server.most_in_progress[host] = max(self.server.most_in_progress[host], self.server.in_progress[host])
+            self.server.at_once += 1
+            self.server.most_at_once = max(self.server.most_at_once, self.server.at_once)
             self.server.started.setdefault(host, []).append(time.monotonic())
             self.server.paths.append(self.path)
         try:
@@ -280,6 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with self.server.lock:
                 self.server.in_progress[host] -= 1
+                self.server.at_once -= 1
 
     def _answer(self) -> None:
         parts = urlsplit(self.path)
@@ -540,6 +545,11 @@ class ImageServer:
         """The most requests to ``host`` (the Host header's name) that were ever in progress at once."""
         with self._server.lock:
             return self._server.most_in_progress[host]
+
+    def most_at_once(self) -> int:
+        """The most requests (to any host name) that were ever in progress at once."""
+        with self._server.lock:
+            return self._server.most_at_once
 
     def started(self, host: str) -> list[float]:
         """When each request to ``host`` arrived (monotonic clock)."""
