@@ -77,29 +77,37 @@ class WebService(speed.ServerProcess):
     def __init__(self, web: Web, by_name: bool, folder: Path, procs: int) -> None:
         addresses = [host.address for host in web.hosts if host.https]
         self.ca_file, certs, wildcard = ensure_tls(TLS_DIR, [] if by_name else addresses)
-        for attempt in range(20):
-            self.http_port, self.https_port = (80, 443) if by_name else (speed.free_port(),) * 2
-            spec = {
-                "seed": web.seed,
-                "http_port": self.http_port,
-                "https_port": self.https_port,
-                "hosts": [
-                    [host.address, host.https, host.kind, str(wildcard if by_name else certs.get(host.address, ""))]
-                    for host in web.hosts
-                ],
-            }
-            spec_file = folder / "web.json"
-            spec_file.write_text(json.dumps(spec))
-            command = [sys.executable, str(BENCH / "webserve.py"), "--spec", str(spec_file), "--procs", str(procs)]
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-            line = self.process.stdout.readline() if self.process.stdout else ""
-            if line.startswith("ready"):
-                break
-            self.process.wait()
-            if by_name or attempt == 19:
-                raise RuntimeError(f"web server did not start: {line.strip()}")
+        spec = {
+            "seed": web.seed,
+            "hosts": [
+                [host.address, host.https, host.kind, str(wildcard if by_name else certs.get(host.address, ""))]
+                for host in web.hosts
+            ],
+        }
+        self.process, self.http_port, self.https_port = launch_web(
+            "webserve.py", spec, folder, procs, (80, 443) if by_name else None
+        )
         self.ps = psutil.Process(self.process.pid)
         self.urls = web.urls(self.http_port, self.https_port, by_name)
+
+
+def launch_web(
+    script: str, spec: dict, folder: Path, procs: int, ports: tuple[int, int] | None = None
+) -> tuple[subprocess.Popen, int, int]:
+    """Start ``script`` (bench/webserve.py, or a web built on it) serving ``spec`` on ``ports`` (http, https), else on
+    one free port, tried again while another process takes it first; return it once ready, with its ports."""
+    line = ""
+    for _ in range(1 if ports else 20):
+        http_port, https_port = ports or (speed.free_port(),) * 2
+        spec_file = folder / "web.json"
+        spec_file.write_text(json.dumps({**spec, "http_port": http_port, "https_port": https_port}))
+        command = [sys.executable, str(BENCH / script), "--spec", str(spec_file), "--procs", str(procs)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = process.stdout.readline() if process.stdout else ""
+        if line.startswith("ready"):
+            return process, http_port, https_port
+        process.wait()
+    raise RuntimeError(f"web server did not start: {line.strip()}")
 
 
 # --- one measured point ---------------------------------------------------------------------------------------

@@ -43,12 +43,12 @@ from urllib.parse import urlsplit
 
 import psutil
 import pyarrow.parquet as pq
-from openweb import CONNECT_TIMEOUT, READ_TIMEOUT, SAMPLE, TLS_DIR, check_books, image_times, steady_rate
+from openweb import CONNECT_TIMEOUT, READ_TIMEOUT, SAMPLE, TLS_DIR, check_books, image_times, launch_web, steady_rate
 from politeweb import PoliteWeb, polite_web, read_events, traffic
 from webserve import build_web, ensure_tls, sample_hosts
 
 import speed
-from speed import BENCH, ROOT, WORK, RedisService, Setup
+from speed import ROOT, WORK, RedisService, Setup
 
 SETTINGS = runpy.run_path(str(ROOT / "setting.py"))
 FEATURES = ("robots", "host_start_concurrency", "max_per_ip", "max_crawl_delay")
@@ -66,27 +66,14 @@ class PoliteService(speed.ServerProcess):
         web = pweb.web
         self.ca_file, certs, _ = ensure_tls(TLS_DIR, [host.address for host in web.hosts if host.https])
         self.events = folder / "events"
-        for attempt in range(20):
-            port = speed.free_port()
-            spec = {
-                "seed": web.seed,
-                "http_port": port,
-                "https_port": port,
-                "hosts": [[h.address, h.https, h.kind, str(certs.get(h.address, ""))] for h in web.hosts],
-                "manners": [m.__dict__ for m in pweb.manners],
-                "events": str(self.events),
-                "ratelimit_retry_after": retry_after,
-            }
-            spec_file = folder / "web.json"
-            spec_file.write_text(json.dumps(spec))
-            command = [sys.executable, str(BENCH / "politeweb.py"), "--spec", str(spec_file), "--procs", str(procs)]
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-            line = self.process.stdout.readline() if self.process.stdout else ""
-            if line.startswith("ready"):
-                break
-            self.process.wait()
-            if attempt == 19:
-                raise RuntimeError(f"web server did not start: {line.strip()}")
+        spec = {
+            "seed": web.seed,
+            "hosts": [[h.address, h.https, h.kind, str(certs.get(h.address, ""))] for h in web.hosts],
+            "manners": [m.__dict__ for m in pweb.manners],
+            "events": str(self.events),
+            "ratelimit_retry_after": retry_after,
+        }
+        self.process, port, _ = launch_web("politeweb.py", spec, folder, procs)
         self.ps = psutil.Process(self.process.pid)
         self.urls = pweb.urls(port, port, False)
 
