@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webserve
-from imgserve import supervise
 from webserve import ALWAYS_OK_TOP, Web, _response
 
 from tools.image_server import image_bytes
@@ -444,19 +443,7 @@ def main() -> None:
     inflight = multiprocessing.get_context("fork").Array("i", len(spec["hosts"]))
     folder = Path(spec["events"])
     folder.mkdir(parents=True, exist_ok=True)
-    children = []
-    for _ in range(args.procs):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                serve(indexed, spec, inflight, folder)
-            finally:
-                os._exit(0)
-        children.append(pid)
-    for listener in listeners:
-        listener.sock.close()
-    print(f"ready listeners={len(listeners)}", flush=True)
-    supervise(children)
+    webserve.serve_forked(listeners, args.procs, lambda: serve(indexed, spec, inflight, folder))
 
 
 if __name__ == "__main__":

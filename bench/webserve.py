@@ -42,6 +42,7 @@ import struct
 import sys
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -433,19 +434,23 @@ def main() -> None:
     except OSError as error:
         print(f"bind failed: {error}", flush=True)
         sys.exit(3)
+    serve_forked(listeners, args.procs, lambda: serve(listeners, spec["seed"]))
+
+
+def serve_forked(listeners: list[Listener], procs: int, serve_here: Callable[[], None]) -> None:
+    """Run ``serve_here`` in ``procs`` forked children that share ``listeners``; say ready, then supervise them."""
     children = []
-    for _ in range(args.procs):
+    for _ in range(procs):
         pid = os.fork()
         if pid == 0:
             try:
-                serve(listeners, spec["seed"])
+                serve_here()
             finally:
                 os._exit(0)
         children.append(pid)
     for listener in listeners:
         listener.sock.close()
     print(f"ready listeners={len(listeners)}", flush=True)
-
     supervise(children)
 
 
