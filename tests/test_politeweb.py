@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import requests
 
 from tests.helpers import ROOT
+from tests.redis_server import free_port
 
 
 def _load(name: str):
@@ -59,9 +59,7 @@ def polite_server(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
     an always-429 one."""
     manners, kinds = SERVED, ["ok", "ok", "ok", "ratelimit"]
     addresses = [webserve._address(6000 + index) for index in range(len(manners))]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     spec = {
         "seed": 1,
         "http_port": port,

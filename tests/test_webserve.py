@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 import requests
 
 from tests.helpers import ROOT
+from tests.redis_server import free_port
 
 _SPEC = importlib.util.spec_from_file_location("webserve", ROOT / "bench" / "webserve.py")
 assert _SPEC is not None and _SPEC.loader is not None
@@ -46,9 +46,7 @@ def web_server(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
              ("reset", False), ("never", True), ("refused", False)]  # fmt: skip
     addresses = [webserve._address(5000 + index) for index in range(len(kinds))]
     ca_file, certs, _ = webserve.ensure_tls(tmp_path / "tls", addresses)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     spec = {
         "seed": 1,
         "http_port": port,
