@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import redis
 
 from laion5b import errorfiles
+from laion5b.control import redis_time
 from laion5b.imageformat import EXTENSIONS
 from laion5b.inputs import SourceFile, Spec
 from laion5b.keys import Keys
@@ -172,7 +173,7 @@ def set_counters(client: redis.Redis, keys: Keys, states: dict[str, int], status
     pipe.set(keys.tongji_all, added)
     pipe.set(keys.tongji_bytes, stored_bytes)
     pipe.set(keys.tongji_total, total)
-    pipe.set(keys.started, f"{_now(client):.3f}", nx=True)
+    pipe.set(keys.started, f"{redis_time(client):.3f}", nx=True)
     pipe.delete(keys.failures)
     if statuses:
         pipe.hset(keys.failures, mapping={status: count for status, count in statuses.items() if count})
@@ -199,8 +200,3 @@ def _index_bytes(index: str) -> int:
         return pc.sum(pq.read_table(index, columns=["bytes"])["bytes"]).as_py() or 0
     except FileNotFoundError:
         return 0
-
-
-def _now(client: redis.Redis) -> float:
-    seconds, micros = client.time()
-    return seconds + micros / 1e6
